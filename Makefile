@@ -1,0 +1,48 @@
+# dask-rag — the two commands: `make demo` and `make test`.
+#
+# torch is installed *first* and pinned: this machine has a local CPU wheel of torch 2.13.0;
+# letting pip resolve torch through sentence-transformers would download multi-GB CUDA wheels.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.dask-rag-installed
+TORCH  := torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo lint typecheck bench bench-quick clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## run the whole test suite (slow tests included; gpu/vllm tests skip without a GPU)
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## the fast suite only
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## ingest the built-in demo corpus (Python stdlib docs), answer sample questions, serve HTTP
+demo: install
+	$(BIN)/dask-rag demo $(DEMO_ARGS)
+
+lint: install
+	$(BIN)/ruff check dask_rag tests benchmarks
+	$(BIN)/mypy dask_rag
+
+bench: install
+	$(BIN)/dask-rag bench
+
+bench-quick: install
+	$(BIN)/dask-rag bench --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo-index

@@ -1,0 +1,137 @@
+"""The dask-rag exception tree, and the one table that maps it to HTTP status codes.
+
+Every error a caller can act on has its own class; everything derives from
+:class:`DaskRagError` so ``except DaskRagError`` catches all of them::
+
+    DaskRagError                  base class, never raised directly
+    ├── InvalidInput              the caller sent something unusable (shape, NaN, k, JSON, ...);
+    │   │                         raised before any work is scheduled, nothing stored is changed
+    │   ├── MalformedRequest      the request body is not valid JSON / UTF-8 (HTTP 400)
+    │   ├── PayloadTooLarge       the request body is over the configured size limit
+    │   └── Unauthorized          missing or wrong API key
+    ├── IndexNotFound             no index at the given path (or the path is not a directory)
+    │   └── CorruptIndex          an index directory exists but a file in it is unreadable,
+    │                             inconsistent with the manifest or belongs to another index
+    ├── Overloaded                too much work in flight; retry after ``retry_after`` seconds
+    ├── RequestTimeout            the request did not finish within its deadline
+    ├── ShardUnavailable          a shard could not be searched (worker lost, cluster gone)
+    └── ModelLoadError            a model path is not a loadable model
+
+HTTP handlers never choose status codes themselves: they call :func:`http_status`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CorruptIndex",
+    "DaskRagError",
+    "IndexNotFound",
+    "InvalidInput",
+    "MalformedRequest",
+    "ModelLoadError",
+    "Overloaded",
+    "PayloadTooLarge",
+    "RequestTimeout",
+    "ShardUnavailable",
+    "Unauthorized",
+    "http_status",
+]
+
+
+class DaskRagError(Exception):
+    """Base class of every error raised on purpose by dask-rag."""
+
+    #: short machine-readable name used in JSON error bodies
+    type_name: str = "dask_rag_error"
+
+
+class InvalidInput(DaskRagError, ValueError):
+    """The caller's input cannot be used; the message names the field and the reason."""
+
+    type_name = "invalid_input"
+
+
+class MalformedRequest(InvalidInput):
+    """A request body could not be parsed at all (invalid JSON or invalid UTF-8)."""
+
+    type_name = "malformed_request"
+
+
+class PayloadTooLarge(InvalidInput):
+    """A request body is larger than the server accepts."""
+
+    type_name = "payload_too_large"
+
+
+class Unauthorized(InvalidInput):
+    """A request lacks a valid API key."""
+
+    type_name = "unauthorized"
+
+
+class IndexNotFound(DaskRagError, FileNotFoundError):
+    """There is no dask-rag index at the given location."""
+
+    type_name = "index_not_found"
+
+
+class CorruptIndex(IndexNotFound):
+    """An index directory exists but cannot be used as is; the message names the file."""
+
+    type_name = "corrupt_index"
+
+
+class Overloaded(DaskRagError):
+    """Too much work is in flight; the caller should retry after ``retry_after`` seconds."""
+
+    type_name = "overloaded"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = float(retry_after)
+
+    def __reduce__(self) -> tuple[type, tuple[str, float]]:
+        # keep retry_after when the error crosses a process boundary (Dask pickles it)
+        return (type(self), (str(self), self.retry_after))
+
+
+class RequestTimeout(DaskRagError, TimeoutError):
+    """A request did not complete within its deadline."""
+
+    type_name = "timeout"
+
+
+class ShardUnavailable(DaskRagError):
+    """A shard could not be searched: its worker is gone and it could not be reloaded."""
+
+    type_name = "shard_unavailable"
+
+
+class ModelLoadError(DaskRagError):
+    """A model (encoder, cross-encoder, generator) could not be loaded from its path."""
+
+    type_name = "model_load_error"
+
+
+# Ordered most specific first: the first matching class decides the status.
+_HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (PayloadTooLarge, 413),
+    (Unauthorized, 401),
+    (MalformedRequest, 400),
+    (InvalidInput, 422),
+    (CorruptIndex, 503),
+    (IndexNotFound, 404),
+    (Overloaded, 429),
+    (RequestTimeout, 504),
+    (ShardUnavailable, 503),
+    (ModelLoadError, 503),
+    (DaskRagError, 500),
+)
+
+
+def http_status(exc: BaseException) -> int:
+    """Return the HTTP status code for ``exc`` (500 for anything unexpected)."""
+    for cls, status in _HTTP_STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500

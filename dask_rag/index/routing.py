@@ -1,0 +1,168 @@
+"""Which shard owns a vector, and which shards a query batch must visit.
+
+Three sharding schemes:
+
+``ivf``
+    One coarse quantizer is trained once for the whole index; every shard owns a set of its
+    inverted lists (balanced by list size).  A vector lives on the shard owning its list; a query
+    batch is coarse-quantized *once*, centrally, and each shard receives only the query rows that
+    probe one of its lists, together with those probes — so the union of the shards' answers is
+    exactly what a single IVF index with the same quantizer and ``nprobe`` would return.
+``hash``
+    ``id % n_shards``; every query visits every shard.
+``range``
+    Contiguous id ranges (boundaries fixed at build time); every query visits every shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dask_rag.errors import InvalidInput
+
+__all__ = [
+    "RoutedRows",
+    "Router",
+    "balance_lists",
+    "coarse_assign",
+    "range_boundaries",
+]
+
+# faiss's IndexIVF::add_with_ids assigns in blocks of this many vectors; using the same block
+# size makes our central assignment bit-identical to what a single IVF index computes.
+_ASSIGN_BLOCK = 65_536
+
+
+def balance_lists(list_sizes: npt.NDArray[np.int64], n_shards: int) -> npt.NDArray[np.int32]:
+    """Map each inverted list to a shard so that shards hold similar numbers of vectors.
+
+    Greedy longest-processing-time: lists in decreasing size go to the currently lightest shard
+    (ties: fewest lists, then lowest shard number).  Deterministic.
+    """
+    nlist = int(list_sizes.shape[0])
+    if n_shards > nlist:
+        raise InvalidInput(
+            f"n_shards={n_shards} is larger than the number of inverted lists ({nlist}); "
+            "every IVF shard must own at least one list"
+        )
+    order = np.lexsort((np.arange(nlist), -list_sizes.astype(np.int64)))
+    load = np.zeros(n_shards, dtype=np.int64)
+    count = np.zeros(n_shards, dtype=np.int64)
+    owner = np.empty(nlist, dtype=np.int32)
+    for lst in order:
+        s = int(np.lexsort((np.arange(n_shards), count, load))[0])
+        owner[lst] = s
+        load[s] += int(list_sizes[lst])
+        count[s] += 1
+    return owner
+
+
+def coarse_assign(quantizer: Any, xb: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
+    """Nearest coarse centroid of every vector, computed in faiss's own block size."""
+    out = np.empty(xb.shape[0], dtype=np.int64)
+    for start in range(0, xb.shape[0], _ASSIGN_BLOCK):
+        block = xb[start:start + _ASSIGN_BLOCK]
+        _, idx = quantizer.search(block, 1)
+        out[start:start + block.shape[0]] = idx[:, 0]
+    return out
+
+
+def range_boundaries(ids: npt.NDArray[np.int64], n_shards: int) -> npt.NDArray[np.int64]:
+    """Lower id bound of shards 1..S-1, at the quantiles of ``ids`` (so shards start balanced)."""
+    if ids.size == 0:
+        return np.zeros(n_shards - 1, dtype=np.int64)
+    srt = np.sort(ids)
+    cuts = [srt[min(len(srt) - 1, (len(srt) * s) // n_shards)] for s in range(1, n_shards)]
+    return np.asarray(cuts, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class RoutedRows:
+    """The part of a query batch one shard must answer.
+
+    ``rows`` index into the batch; ``Iq``/``Dq`` are the coarse probes of those rows with lists
+    owned by other shards replaced by ``-1`` (faiss skips them), or ``None`` for non-IVF shards.
+    """
+
+    shard: int
+    rows: npt.NDArray[np.int64]
+    Iq: npt.NDArray[np.int64] | None
+    Dq: npt.NDArray[np.float32] | None
+
+
+class Router:
+    """Shard assignment for vectors and shard selection for query batches."""
+
+    def __init__(self, sharding: str, n_shards: int, *, quantizer: Any = None,
+                 list_to_shard: npt.NDArray[np.int32] | None = None,
+                 boundaries: npt.NDArray[np.int64] | None = None) -> None:
+        if sharding not in ("ivf", "hash", "range"):
+            raise InvalidInput(f"sharding={sharding!r} is invalid: must be 'ivf', 'hash' or 'range'")
+        if sharding == "ivf" and (quantizer is None or list_to_shard is None):
+            raise InvalidInput("ivf sharding needs a trained quantizer and a list-to-shard map")
+        if sharding == "range" and boundaries is None:
+            raise InvalidInput("range sharding needs shard boundaries")
+        self.sharding = sharding
+        self.n_shards = n_shards
+        self.quantizer = quantizer
+        self.list_to_shard = None if list_to_shard is None else np.asarray(list_to_shard, np.int32)
+        self.boundaries = None if boundaries is None else np.asarray(boundaries, np.int64)
+
+    # ---- vectors -> shards ---------------------------------------------------------------
+
+    def assign(self, xb: npt.NDArray[np.float32], ids: npt.NDArray[np.int64]
+               ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64] | None]:
+        """Shard number of every vector, and its inverted list (ivf sharding) or None."""
+        if self.sharding == "ivf":
+            assert self.list_to_shard is not None
+            lists = coarse_assign(self.quantizer, xb)
+            return self.list_to_shard[lists], lists
+        if self.sharding == "hash":
+            return (ids % self.n_shards).astype(np.int32), None
+        assert self.boundaries is not None
+        return np.searchsorted(self.boundaries, ids, side="right").astype(np.int32), None
+
+    # ---- queries -> shards ---------------------------------------------------------------
+
+    def probe(self, xq: npt.NDArray[np.float32], nprobe: int
+              ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Coarse-quantize a query batch once: ``(Dq, Iq)`` of shape ``(nq, nprobe)``."""
+        assert self.quantizer is not None
+        nprobe = min(nprobe, int(self.quantizer.ntotal))
+        Dq, Iq = self.quantizer.search(xq, nprobe)
+        return Dq, Iq
+
+    def route(self, xq: npt.NDArray[np.float32], nprobe: int | None) -> list[RoutedRows]:
+        """Split a query batch into the per-shard work it needs (shards with no work omitted).
+
+        With a quantizer (IVF factories, any sharding) the batch is coarse-quantized here once;
+        with ``ivf`` sharding a shard receives only the rows probing its lists.
+        """
+        nq = xq.shape[0]
+        all_rows = np.arange(nq, dtype=np.int64)
+        if self.quantizer is None or nprobe is None:
+            return [RoutedRows(s, all_rows, None, None) for s in range(self.n_shards)]
+        Dq, Iq = self.probe(xq, nprobe)
+        if self.sharding != "ivf":
+            return [RoutedRows(s, all_rows, Iq, Dq) for s in range(self.n_shards)]
+        assert self.list_to_shard is not None
+        owner = np.where(Iq >= 0, self.list_to_shard[np.maximum(Iq, 0)], -1)
+        routed = []
+        for s in np.unique(owner[owner >= 0]):
+            mine = owner == s
+            rows = np.flatnonzero(mine.any(axis=1)).astype(np.int64)
+            Iq_s = np.where(mine[rows], Iq[rows], -1)
+            routed.append(RoutedRows(int(s), rows, Iq_s, Dq[rows]))
+        return routed
+
+    def to_manifest(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"sharding": self.sharding}
+        if self.list_to_shard is not None:
+            data["list_to_shard"] = self.list_to_shard.tolist()
+        if self.boundaries is not None:
+            data["boundaries"] = self.boundaries.tolist()
+        return data

@@ -1,0 +1,746 @@
+"""One shard of a distributed index: a faiss (or ScaNN / torch) index plus its chunk records.
+
+A :class:`Shard` is the *value of a Dask future* that lives on one worker.  It is created by
+:func:`load_shard` — a re-runnable task that reads the index directory — so if its worker dies the
+scheduler simply runs the load again elsewhere.  Search and mutation tasks take the shard future
+as a dependency and therefore run where the shard is.
+
+Two guards keep shards from travelling between workers:
+
+* ``dask.sizeof`` reports a shard's real size, so the scheduler's cost model never prefers
+  moving one over running next to it;
+* pickling a shard yields a *reload handle* (``load_shard(ref)``), never its bytes: if Dask ever
+  did move or spill one, the receiver reloads it from disk (with the write-ahead log), which is
+  both consistent and cheap on the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from dask.sizeof import sizeof
+
+from dask_rag.config import IndexSpec
+from dask_rag.errors import CorruptIndex, InvalidInput
+from dask_rag.index import store
+from dask_rag.index.merge import empty_result, merge_topk
+
+__all__ = [
+    "SearchFilter",
+    "Shard",
+    "ShardRef",
+    "ShardResult",
+    "build_shard_files",
+    "load_shard",
+    "make_records_table",
+]
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """Where a shard comes from: enough to (re)load it on any worker."""
+
+    index_dir: str
+    shard_no: int
+    index_uuid: str
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    """Metadata filter applied inside each shard *during* the search.
+
+    ``source_prefix`` keeps chunks whose source starts with it; ``metadata`` keeps chunks whose
+    metadata contains every given key with the given value.  Because the filter becomes a faiss
+    ID selector, a filtered search still returns ``k`` hits when ``k`` matching chunks exist.
+    """
+
+    source_prefix: str | None = None
+    metadata: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> SearchFilter | None:
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise InvalidInput("filter must be an object with 'source_prefix' and/or 'metadata'")
+        unknown = set(data) - {"source_prefix", "metadata"}
+        if unknown:
+            raise InvalidInput(f"filter has unknown field(s) {sorted(unknown)}; "
+                               "allowed: 'source_prefix', 'metadata'")
+        prefix = data.get("source_prefix")
+        if prefix is not None and not isinstance(prefix, str):
+            raise InvalidInput("filter.source_prefix must be a string")
+        meta = data.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise InvalidInput("filter.metadata must be an object of key: value")
+        for key, value in meta.items():
+            if not isinstance(value, (str, int, float, bool)) or value is None:
+                raise InvalidInput(f"filter.metadata[{key!r}] must be a string, number or bool")
+        return cls(source_prefix=prefix, metadata=tuple(sorted(meta.items())))
+
+    def matches(self, source: str | None, metadata_json: str | None) -> bool:
+        if self.source_prefix is not None and not (source or "").startswith(self.source_prefix):
+            return False
+        if self.metadata:
+            meta = json.loads(metadata_json) if metadata_json else {}
+            return all(meta.get(key) == value for key, value in self.metadata)
+        return True
+
+
+@dataclass
+class ShardResult:
+    """A (partial) search answer: rows of the query batch and their top-k.
+
+    ``payload`` optionally carries one record dict (or None) per hit, aligned with ``I``, so
+    that chunk text travels with the hits from the worker that found them.
+    """
+
+    rows: npt.NDArray[np.int64]
+    D: npt.NDArray[np.float32]
+    I: npt.NDArray[np.int64]
+    payload: list[list[dict[str, Any] | None]] | None = None
+    sparse: Any = None
+    shards: tuple[int, ...] = field(default_factory=tuple)
+
+
+def make_records_table(ids: npt.NDArray[np.int64],
+                       records: Sequence[dict[str, Any]] | None = None) -> Any:
+    """A records table (sorted by id) for ``ids``; ``records`` hold text/source/metadata."""
+    import pyarrow as pa
+
+    n = len(ids)
+    if records is not None and len(records) != n:
+        raise InvalidInput(f"records has {len(records)} entries for {n} ids")
+
+    def col(name: str) -> list[Any]:
+        if records is None:
+            return [None] * n
+        values = []
+        for r in records:
+            v = r.get(name)
+            if name == "metadata" and v is not None and not isinstance(v, str):
+                v = json.dumps(v, sort_keys=True)
+            values.append(v)
+        return values
+
+    table = pa.table({
+        "id": pa.array(np.asarray(ids, dtype=np.int64), type=pa.int64()),
+        "text": pa.array(col("text"), type=pa.string()),
+        "source": pa.array(col("source"), type=pa.string()),
+        "metadata": pa.array(col("metadata"), type=pa.string()),
+        "doc_hash": pa.array(col("doc_hash"), type=pa.string()),
+    })
+    return table.sort_by("id")
+
+
+class _RWLock:
+    """Many concurrent searches, exclusive mutations (faiss indexes are not safe to mutate
+    while being searched)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _faiss_metric(metric: str) -> int:
+    import faiss
+
+    return int(faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2)
+
+
+def new_shard_index(spec: IndexSpec, dim: int, template: Any | None) -> Any:
+    """An empty faiss index for one shard (a clone of the trained template for IVF)."""
+    import faiss
+
+    kind = spec.info.kind
+    if kind == "ivf":
+        assert template is not None
+        return faiss.clone_index(template)
+    if kind == "hnsw":
+        return faiss.IndexIDMap2(faiss.IndexHNSWFlat(dim, spec.info.hnsw_m, _faiss_metric(spec.metric)))
+    # flat, and the vector store behind ScaNN / torch shards
+    return faiss.IndexIDMap2(faiss.IndexFlat(dim, _faiss_metric(spec.metric)))
+
+
+def _new_refine_store(dim: int, metric: str) -> Any:
+    import faiss
+
+    return faiss.IndexIDMap2(faiss.IndexFlat(dim, _faiss_metric(metric)))
+
+
+class Shard:
+    """A searchable, mutable shard.  Created by :func:`load_shard` on a worker."""
+
+    def __init__(self, ref: ShardRef, spec: IndexSpec, dim: int, index: Any, records: Any,
+                 refine: Any | None = None, nbytes_on_disk: int = 0) -> None:
+        self.ref = ref
+        self.spec = spec
+        self.dim = dim
+        self.kind = spec.info.kind
+        self.index = index
+        self.refine = refine
+        self.records = records
+        self.deleted: set[int] = set()
+        #: sequence number of the last write-ahead-log entry reflected in memory
+        self.applied_seq = 0
+        self._lock = _RWLock()
+        self._nbytes_disk = nbytes_on_disk
+        self._accelerated: Any = None  # torch / ScaNN / faiss-gpu view, rebuilt after mutation
+        self._prepare()
+
+    # ---- size and pickling --------------------------------------------------------------
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal) - len(self.deleted)
+
+    @property
+    def nbytes(self) -> int:
+        n = int(self.index.ntotal)
+        per_vec = self.dim * 4 if self.kind != "ivf" else 8 + int(
+            getattr(self.index, "code_size", self.dim * 4))
+        if self.kind == "hnsw":
+            per_vec += 8 * 2 * self.spec.info.hnsw_m
+        total = n * per_vec + int(self.records.nbytes) + 1024
+        if self.refine is not None:
+            total += n * (self.dim * 4 + 8)
+        return max(total, self._nbytes_disk)
+
+    def __reduce__(self) -> tuple[Any, tuple[ShardRef]]:
+        # never ship a shard's bytes: the receiver reloads it (index files + WAL) from disk
+        return (load_shard, (self.ref,))
+
+    def __repr__(self) -> str:
+        return (f"<Shard {self.ref.shard_no} of {self.ref.index_dir!r}: {self.spec.factory}, "
+                f"{self.ntotal} vectors>")
+
+    # ---- accelerated views ----------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """(Re)build the search structure that is derived from the stored index."""
+        if self.kind == "scann":
+            self._accelerated = _ScannView.build(self)
+        elif self.spec.backend == "torch":
+            from dask_rag.index.gpu import TorchFlatIndex
+
+            ids, vecs = _all_vectors(self.index)
+            self._accelerated = TorchFlatIndex(vecs, ids, self.spec.metric)
+        elif self.spec.backend == "faiss-gpu":
+            from dask_rag.index.gpu import to_faiss_gpu
+
+            self._accelerated = to_faiss_gpu(self.index)
+        else:
+            self._accelerated = None
+
+    # ---- search ---------------------------------------------------------------------------
+
+    def _selector(self, flt: SearchFilter | None) -> Any | None:
+        import faiss
+
+        parts = []
+        if self.deleted:
+            gone = np.fromiter(self.deleted, dtype=np.int64, count=len(self.deleted))
+            parts.append(faiss.IDSelectorNot(faiss.IDSelectorBatch(gone)))
+        if flt is not None:
+            allowed = self.filter_ids(flt)
+            parts.append(faiss.IDSelectorBatch(allowed))
+        if not parts:
+            return None
+        sel = parts[0]
+        for other in parts[1:]:
+            sel = faiss.IDSelectorAnd(sel, other)
+        # keep the python wrappers (and the arrays they point to) alive with the selector
+        sel._keep = parts  # type: ignore[attr-defined]
+        return sel
+
+    def filter_ids(self, flt: SearchFilter) -> npt.NDArray[np.int64]:
+        """Ids of this shard's chunks that pass ``flt``."""
+        ids = self.records.column("id").to_numpy()
+        sources = self.records.column("source").to_pylist()
+        metas = self.records.column("metadata").to_pylist()
+        keep = [i for i, s, m in zip(ids, sources, metas, strict=True) if flt.matches(s, m)]
+        out = np.asarray(keep, dtype=np.int64)
+        if self.deleted and out.size:
+            out = out[~np.isin(out, np.fromiter(self.deleted, np.int64))]
+        return out
+
+    def search(self, xq: npt.NDArray[np.float32], k: int, *,
+               Iq: npt.NDArray[np.int64] | None = None, Dq: npt.NDArray[np.float32] | None = None,
+               nprobe: int | None = None, ef_search: int | None = None,
+               flt: SearchFilter | None = None) -> tuple[npt.NDArray[np.float32],
+                                                         npt.NDArray[np.int64]]:
+        """Top-``k`` of this shard for each query row (faiss conventions, -1 padding)."""
+        with self._lock.read():
+            return self._search_locked(xq, k, Iq=Iq, Dq=Dq, nprobe=nprobe, ef_search=ef_search,
+                                       flt=flt)
+
+    def _search_locked(self, xq: npt.NDArray[np.float32], k: int, *, Iq: Any, Dq: Any,
+                       nprobe: int | None, ef_search: int | None,
+                       flt: SearchFilter | None) -> tuple[npt.NDArray[np.float32],
+                                                          npt.NDArray[np.int64]]:
+        import faiss
+
+        nq = xq.shape[0]
+        if nq == 0 or self.index.ntotal == 0:
+            return empty_result(nq, k, self.spec.metric)
+        sel = self._selector(flt)
+        if flt is not None and sel is not None and self.filter_ids(flt).size == 0:
+            return empty_result(nq, k, self.spec.metric)
+        if self.kind == "scann" or self.spec.backend == "torch":
+            return self._accelerated.search(xq, k, self, sel_ids=self._allowed_ids(flt))
+        # faiss-gpu shards search their GPU copy; CPU shards the index itself
+        index = self._accelerated if self._accelerated is not None else self.index
+        k_base = k * self.spec.refine_k_factor if self.refine is not None else k
+        if self.kind == "ivf":
+            if Iq is not None:
+                params = faiss.SearchParametersIVF(nprobe=int(Iq.shape[1]), sel=sel)
+                D = np.empty((nq, k_base), dtype=np.float32)
+                I = np.empty((nq, k_base), dtype=np.int64)
+                Iq = np.ascontiguousarray(Iq, dtype=np.int64)
+                Dq = np.ascontiguousarray(Dq, dtype=np.float32)
+                xq = np.ascontiguousarray(xq, dtype=np.float32)
+                with _gpu_guard(self._accelerated):
+                    index.search_preassigned_c(
+                        nq, faiss.swig_ptr(xq), k_base, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq),
+                        faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
+            else:
+                params = faiss.SearchParametersIVF(nprobe=int(nprobe or self.spec.nprobe), sel=sel)
+                with _gpu_guard(self._accelerated):
+                    D, I = index.search(xq, k_base, params=params)
+        elif self.kind == "hnsw":
+            ef = max(int(ef_search or self.spec.ef_search), k)
+            D, I = self.index.search(xq, k, params=faiss.SearchParametersHNSW(efSearch=ef, sel=sel))
+        else:
+            params = faiss.SearchParameters(sel=sel) if sel is not None else None
+            with _gpu_guard(self._accelerated):
+                D, I = index.search(xq, k, params=params)
+        if self.refine is not None:
+            D, I = self._refine(xq, D, I, k)
+        return D, I
+
+    def _allowed_ids(self, flt: SearchFilter | None) -> npt.NDArray[np.int64] | None:
+        if flt is None and not self.deleted:
+            return None
+        if flt is not None:
+            return self.filter_ids(flt)
+        ids = self.records.column("id").to_numpy()
+        return ids[~np.isin(ids, np.fromiter(self.deleted, np.int64))]
+
+    def _refine(self, xq: npt.NDArray[np.float32], D: npt.NDArray[np.float32],
+                I: npt.NDArray[np.int64], k: int) -> tuple[npt.NDArray[np.float32],
+                                                          npt.NDArray[np.int64]]:
+        """Re-score approximate candidates with exact distances (IndexRefineFlat semantics)."""
+        nq, kk = I.shape
+        valid = I >= 0
+        flat_ids = np.where(valid, I, I[valid][0] if valid.any() else 0).ravel()
+        if not valid.any():
+            return empty_result(nq, k, self.spec.metric)
+        vecs = self.refine.reconstruct_batch(flat_ids).reshape(nq, kk, self.dim)
+        if self.spec.metric == "ip":
+            exact = np.einsum("qd,qkd->qk", xq, vecs)
+        else:
+            diff = vecs - xq[:, None, :]
+            exact = np.einsum("qkd,qkd->qk", diff, diff)
+        exact = exact.astype(np.float32)
+        return merge_topk([exact], [np.where(valid, I, -1)], k, self.spec.metric)
+
+    # ---- records ----------------------------------------------------------------------------
+
+    def fetch(self, ids: npt.NDArray[np.int64]) -> list[dict[str, Any] | None]:
+        """Records of ``ids`` (None for ids this shard does not hold)."""
+        with self._lock.read():
+            return self._fetch_locked(ids)
+
+    def _fetch_locked(self, ids: npt.NDArray[np.int64]) -> list[dict[str, Any] | None]:
+        table_ids = self.records.column("id").to_numpy()
+        pos = np.searchsorted(table_ids, ids)
+        pos = np.minimum(pos, max(len(table_ids) - 1, 0))
+        found = (len(table_ids) > 0) & (table_ids[pos] == ids) if len(table_ids) else np.zeros(
+            len(ids), bool)
+        out: list[dict[str, Any] | None] = [None] * len(ids)
+        if not np.any(found):
+            return out
+        sub = self.records.take(pos[found]).to_pylist()
+        for slot, rec in zip(np.flatnonzero(found), sub, strict=True):
+            if int(rec["id"]) not in self.deleted:
+                out[slot] = rec
+        return out
+
+    def contains(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """The subset of ``ids`` stored in this shard."""
+        with self._lock.read():
+            table_ids = self.records.column("id").to_numpy()
+            present = ids[np.isin(ids, table_ids)]
+            if self.deleted:
+                present = present[~np.isin(present, np.fromiter(self.deleted, np.int64))]
+            return present
+
+    def doc_index(self) -> list[tuple[int, str | None, str | None]]:
+        """(id, source, doc_hash) of every live chunk: what incremental ingestion diffs against."""
+        with self._lock.read():
+            ids = self.records.column("id").to_pylist()
+            src = self.records.column("source").to_pylist()
+            dh = self.records.column("doc_hash").to_pylist()
+            return [(i, s, h) for i, s, h in zip(ids, src, dh, strict=True)
+                    if i not in self.deleted]
+
+    # ---- mutation ---------------------------------------------------------------------------
+
+    def add(self, xb: npt.NDArray[np.float32], ids: npt.NDArray[np.int64],
+            records: list[dict[str, Any]] | None = None,
+            lists: npt.NDArray[np.int64] | None = None) -> int:
+        """Add vectors (with their records); ``lists`` are precomputed IVF assignments."""
+        import pyarrow as pa
+
+        if len(ids) == 0:
+            return 0
+        with self._lock.write():
+            _add_to_index(self.index, xb, ids, lists)
+            if self.refine is not None:
+                self.refine.add_with_ids(xb, ids)
+            revived = [int(i) for i in ids if int(i) in self.deleted]
+            for i in revived:  # an id removed earlier and added again (tombstoned kinds)
+                self.deleted.discard(i)
+            self.records = pa.concat_tables(
+                [self._drop_records(ids), make_records_table(ids, records)]).sort_by("id")
+            self._prepare()
+        return len(ids)
+
+    def _drop_records(self, ids: npt.NDArray[np.int64]) -> Any:
+        import pyarrow.compute as pc
+
+        mask = pc.invert(pc.is_in(self.records.column("id"), value_set=_pa_ids(ids)))
+        return self.records.filter(mask)
+
+    def remove(self, ids: npt.NDArray[np.int64]) -> int:
+        """Remove ids held by this shard; returns how many were removed."""
+        import faiss
+
+        with self._lock.write():
+            table_ids = self.records.column("id").to_numpy()
+            mine = ids[np.isin(ids, table_ids)]
+            if self.deleted:
+                mine = mine[~np.isin(mine, np.fromiter(self.deleted, np.int64))]
+            if mine.size == 0:
+                return 0
+            if self.kind == "hnsw":
+                # HNSW graphs cannot drop nodes: tombstone now, compact on the next save
+                self.deleted.update(int(i) for i in mine)
+            else:
+                self.index.remove_ids(faiss.IDSelectorBatch(mine))
+                self.records = self._drop_records(mine)
+            if self.refine is not None:
+                self.refine.remove_ids(faiss.IDSelectorBatch(mine))
+            self._prepare()
+            return int(mine.size)
+
+    def compact(self) -> None:
+        """Rebuild a tombstoned HNSW shard without its deleted nodes."""
+        if not self.deleted:
+            return
+        with self._lock.write():
+            ids, vecs = _all_vectors(self.index)
+            keep = ~np.isin(ids, np.fromiter(self.deleted, np.int64))
+            fresh = new_shard_index(self.spec, self.dim, None)
+            fresh.add_with_ids(vecs[keep], ids[keep])
+            self.index = fresh
+            self.records = self._drop_records(np.fromiter(self.deleted, np.int64))
+            self.deleted.clear()
+            self._prepare()
+
+    # ---- persistence ------------------------------------------------------------------------
+
+    def write(self, index_dir: str, generation: int, index_uuid: str) -> dict[str, Any]:
+        """Write this shard's files for ``generation``; returns its manifest entry."""
+        self.compact()
+        with self._lock.read():
+            return write_shard_files(Path(index_dir), self.ref.shard_no, generation, index_uuid,
+                                     self.index, self.records, self.refine)
+
+
+def _pa_ids(ids: npt.NDArray[np.int64]) -> Any:
+    import pyarrow as pa
+
+    return pa.array(np.asarray(ids, dtype=np.int64), type=pa.int64())
+
+
+def _add_to_index(index: Any, xb: npt.NDArray[np.float32], ids: npt.NDArray[np.int64],
+                  lists: npt.NDArray[np.int64] | None) -> None:
+    import faiss
+
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if lists is not None and isinstance(index, faiss.IndexIVF):
+        # use the central coarse assignment so each vector lands in exactly the list (and thus
+        # the shard) the router expects, bit-for-bit
+        lists = np.ascontiguousarray(lists, dtype=np.int64)
+        index.add_core(len(ids), faiss.swig_ptr(xb), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+    else:
+        index.add_with_ids(xb, ids)
+
+
+def _all_vectors(index: Any) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """(ids, vectors) stored in an IndexIDMap2-wrapped flat or HNSW index."""
+    import faiss
+
+    n = int(index.ntotal)
+    ids = faiss.vector_to_array(index.id_map).astype(np.int64) if n else np.zeros(0, np.int64)
+    vecs = index.index.reconstruct_n(0, n) if n else np.zeros((0, index.d), np.float32)
+    return ids, np.asarray(vecs, dtype=np.float32)
+
+
+class _gpu_guard:
+    """Serialise calls into a faiss-gpu index (they are not thread-safe)."""
+
+    def __init__(self, accelerated: Any) -> None:
+        self._lock = getattr(accelerated, "_dask_rag_lock", None)
+
+    def __enter__(self) -> None:
+        if self._lock is not None:
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+
+class _ScannView:
+    """A ScaNN searcher over a shard's vectors (ScaNN shards are rebuilt after mutations)."""
+
+    def __init__(self, searcher: Any, ids: npt.NDArray[np.int64], vecs: npt.NDArray[np.float32],
+                 metric: str) -> None:
+        self.searcher = searcher
+        self.ids = ids
+        self.vecs = vecs
+        self.metric = metric
+
+    @classmethod
+    def build(cls, shard: Shard) -> _ScannView:
+        try:
+            import scann
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise InvalidInput("ScaNN shards need the 'scann' extra: pip install dask-rag[scann]"
+                               ) from exc
+        ids, vecs = _all_vectors(shard.index)
+        n = len(ids)
+        if n == 0:
+            return cls(None, ids, vecs, shard.spec.metric)
+        distance = "dot_product" if shard.spec.metric == "ip" else "squared_l2"
+        leaves = shard.spec.info.scann_leaves or max(1, int(np.sqrt(n)))
+        leaves = min(leaves, n)
+        to_search = max(1, min(leaves, shard.spec.nprobe))
+        builder = scann.scann_ops_pybind.builder(vecs, 10, distance)
+        if n >= 64 and leaves > 1:
+            builder = builder.tree(num_leaves=leaves, num_leaves_to_search=to_search,
+                                   training_sample_size=min(n, 100_000))
+        if n >= 256 and vecs.shape[1] >= 2:
+            builder = builder.score_ah(2, anisotropic_quantization_threshold=0.2).reorder(
+                min(n, 100))
+        else:
+            builder = builder.score_brute_force()
+        return cls(builder.build(), ids, vecs, shard.spec.metric)
+
+    def search(self, xq: npt.NDArray[np.float32], k: int, shard: Shard,
+               sel_ids: npt.NDArray[np.int64] | None = None
+               ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        nq = xq.shape[0]
+        if self.searcher is None:
+            return empty_result(nq, k, self.metric)
+        if sel_ids is not None:
+            # filtered or tombstoned: exact search over the allowed subset (ScaNN has no
+            # selectors); correct, and the allowed subset is usually small
+            keep = np.isin(self.ids, sel_ids)
+            vecs, ids = self.vecs[keep], self.ids[keep]
+            scores = xq @ vecs.T if self.metric == "ip" else (
+                (xq * xq).sum(1)[:, None] - 2 * xq @ vecs.T + (vecs * vecs).sum(1)[None, :])
+            cand = np.broadcast_to(ids, scores.shape)
+            return merge_topk([scores.astype(np.float32)], [cand], k, self.metric)
+        kk = min(k, len(self.ids))
+        pos, dist = self.searcher.search_batched(np.ascontiguousarray(xq), final_num_neighbors=kk)
+        pos = np.asarray(pos, dtype=np.int64)
+        dist = np.asarray(dist, dtype=np.float32)
+        I = np.where(pos >= 0, self.ids[np.maximum(pos, 0)], -1)
+        D_out, I_out = empty_result(nq, k, self.metric)
+        D_out[:, :kk] = dist
+        I_out[:, :kk] = I
+        return D_out, I_out
+
+
+# ------------------------------------------------------------------------------------------------
+# files
+# ------------------------------------------------------------------------------------------------
+
+
+def shard_file_names(shard_no: int, generation: int) -> tuple[str, str, str]:
+    suffix = "" if generation == 0 else f".g{generation}"
+    base = f"shards/{shard_no:05d}{suffix}"
+    return f"{base}.faiss", f"{base}.parquet", f"{base}.refine.faiss"
+
+
+def write_shard_files(index_dir: Path, shard_no: int, generation: int, index_uuid: str,
+                      index: Any, records: Any, refine: Any | None) -> dict[str, Any]:
+    import faiss
+
+    faiss_name, meta_name, refine_name = shard_file_names(shard_no, generation)
+    data = faiss.serialize_index(index).tobytes()
+    store.atomic_write_bytes(index_dir / faiss_name, data)
+    store.write_records(index_dir / meta_name, records, index_uuid, shard_no)
+    entry: dict[str, Any] = {
+        "file": faiss_name,
+        "meta": meta_name,
+        "count": int(index.ntotal),
+        "bytes": len(data),
+        "checksum": store.file_checksum(index_dir / faiss_name),
+        "meta_checksum": store.file_checksum(index_dir / meta_name),
+    }
+    if refine is not None:
+        rdata = faiss.serialize_index(refine).tobytes()
+        store.atomic_write_bytes(index_dir / refine_name, rdata)
+        entry["refine_file"] = refine_name
+        entry["refine_checksum"] = store.file_checksum(index_dir / refine_name)
+    return entry
+
+
+def build_shard_files(index_dir: str, shard_no: int, generation: int, index_uuid: str,
+                      spec: IndexSpec, dim: int, template_bytes: bytes | None,
+                      xb: npt.NDArray[np.float32], ids: npt.NDArray[np.int64],
+                      lists: npt.NDArray[np.int64] | None,
+                      records: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Build one shard from its vectors and write its files (runs as a task on a worker)."""
+    import faiss
+
+    template = None
+    if template_bytes is not None:
+        template = faiss.deserialize_index(np.frombuffer(template_bytes, dtype=np.uint8))
+    index = new_shard_index(spec, dim, template)
+    if len(ids):
+        _add_to_index(index, xb, ids, lists)
+    refine = None
+    if spec.info.refine:
+        refine = _new_refine_store(dim, spec.metric)
+        if len(ids):
+            refine.add_with_ids(np.ascontiguousarray(xb, np.float32), ids)
+    table = make_records_table(ids, records)
+    return write_shard_files(Path(index_dir), shard_no, generation, index_uuid, index, table,
+                             refine)
+
+
+def _read_faiss_file(path: Path, expected_checksum: str | None, what: str) -> tuple[Any, int]:
+    import faiss
+
+    if not path.is_file():
+        raise CorruptIndex(f"{path}: {what} file is missing")
+    data = path.read_bytes()
+    if expected_checksum is not None:
+        import hashlib
+
+        got = hashlib.blake2b(data, digest_size=16).hexdigest()
+        if got != expected_checksum:
+            raise CorruptIndex(
+                f"{path}: {what} checksum mismatch (file truncated, modified, or from another "
+                "index)")
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as exc:
+        raise CorruptIndex(f"{path}: not a readable faiss index ({str(exc).splitlines()[0]})"
+                           ) from None
+    return index, len(data)
+
+
+def load_shard(ref: ShardRef) -> Shard:
+    """Load shard ``ref.shard_no`` of the index at ``ref.index_dir``, replaying its WAL.
+
+    This is the task behind every shard future; it is pure with respect to the directory's
+    committed state, so the scheduler can re-run it anywhere after a worker dies.
+    """
+    import faiss
+
+    manifest = store.read_manifest(ref.index_dir)
+    where = str(Path(ref.index_dir) / store.MANIFEST)
+    if manifest["index_uuid"] != ref.index_uuid:
+        raise CorruptIndex(f"{where}: the directory now holds a different index")
+    if not 0 <= ref.shard_no < manifest["n_shards"]:
+        raise CorruptIndex(f"{where}: no shard {ref.shard_no}")
+    spec = IndexSpec.from_dict(manifest["spec"])
+    dim = int(manifest["dim"])
+    entry = manifest["shards"][ref.shard_no]
+    path = store.resolve_index_file(ref.index_dir, entry["file"])
+    index, nbytes = _read_faiss_file(path, entry["checksum"], "shard")
+    if index.d != dim:
+        raise CorruptIndex(f"{path}: shard dimension {index.d} != manifest dim {dim}")
+    if int(index.ntotal) != entry["count"]:
+        raise CorruptIndex(f"{path}: shard holds {index.ntotal} vectors, manifest says "
+                           f"{entry['count']}")
+    refine = None
+    if spec.info.refine:
+        rpath = store.resolve_index_file(ref.index_dir, entry.get("refine_file", ""))
+        refine, _ = _read_faiss_file(rpath, entry.get("refine_checksum"), "refine store")
+    meta_path = store.resolve_index_file(ref.index_dir, entry["meta"])
+    if not meta_path.is_file():
+        raise CorruptIndex(f"{meta_path}: shard records file is missing")
+    if store.file_checksum(meta_path) != entry["meta_checksum"]:
+        raise CorruptIndex(f"{meta_path}: shard records checksum mismatch")
+    records = store.read_records(meta_path, manifest["index_uuid"], ref.shard_no)
+    shard = Shard(ref, spec, dim, index, records, refine=refine, nbytes_on_disk=nbytes)
+    _replay_wal(shard, ref.index_dir, int(manifest["wal_seq"]))
+    return shard
+
+
+def _replay_wal(shard: Shard, index_dir: str, after_seq: int) -> None:
+    shard.applied_seq = after_seq
+    for entry in store.read_wal(index_dir, after_seq):
+        shard.applied_seq = entry.seq
+        if entry.op == "add":
+            assert entry.shards is not None and entry.vectors is not None
+            mine = entry.shards == shard.ref.shard_no
+            if not mine.any():
+                continue
+            recs = entry.records()
+            lists = entry.lists[mine] if entry.lists is not None else None
+            shard.add(entry.vectors[mine], entry.ids[mine],
+                      None if recs is None else [r for r, m in zip(recs, mine, strict=True) if m],
+                      lists)
+        elif entry.op == "remove":
+            shard.remove(entry.ids)
+        else:
+            raise CorruptIndex(f"{index_dir}/wal: unknown operation {entry.op!r}")
+
+
+@sizeof.register(Shard)
+def _sizeof_shard(shard: Shard) -> int:
+    return shard.nbytes

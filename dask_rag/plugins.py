@@ -1,0 +1,102 @@
+"""Dask plugins that make small search graphs cheap and keep shards where they are.
+
+distributed batches messages on every link with hard-coded intervals (client → scheduler 10 ms,
+scheduler → worker 5 ms, scheduler → client 2 ms, worker → scheduler 2 ms).  For a graph of a few
+millisecond-long tasks those waits dominate the round trip, so dask-rag lowers them:
+
+* :class:`CommTuningSchedulerPlugin` sets the interval of each scheduler → worker stream when the
+  worker registers and of each scheduler → client stream when the client connects;
+* :class:`CommTuningWorkerPlugin` sets the worker → scheduler stream on every (re)started worker;
+* :func:`tune_comms` installs both and sets the client's own stream.
+
+The scheduler plugin also tells the work stealer never to move shard searches (their data
+dependency is a whole shard, which must not travel).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from distributed import Client
+from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
+
+from dask_rag.config import CommConfig
+
+__all__ = [
+    "NEVER_STEAL_PREFIXES",
+    "CommTuningSchedulerPlugin",
+    "CommTuningWorkerPlugin",
+    "tune_comms",
+]
+
+logger = logging.getLogger(__name__)
+
+#: task-name prefixes whose tasks must run next to a shard
+NEVER_STEAL_PREFIXES = ("dask-rag-search", "dask-rag-apply", "dask-rag-fetch", "dask-rag-write")
+
+
+class CommTuningSchedulerPlugin(SchedulerPlugin):
+    """Lower the scheduler's batched-send intervals to workers and clients."""
+
+    name = "dask-rag-comms"
+
+    def __init__(self, config: CommConfig) -> None:
+        self.to_worker_s = config.scheduler_to_worker_ms / 1000.0
+        self.to_client_s = config.scheduler_to_client_ms / 1000.0
+        self._scheduler: Any = None
+
+    async def start(self, scheduler: Any) -> None:
+        self._scheduler = scheduler
+        for bcomm in scheduler.stream_comms.values():
+            bcomm.interval = self.to_worker_s
+        for bcomm in scheduler.client_comms.values():
+            bcomm.interval = self.to_client_s
+        try:
+            from distributed import stealing
+
+            stealing.fast_tasks.update(NEVER_STEAL_PREFIXES)
+        except (ImportError, AttributeError):  # pragma: no cover - distributed internals moved
+            logger.warning("could not exempt shard searches from work stealing")
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        bcomm = scheduler.stream_comms.get(worker)
+        if bcomm is not None:
+            bcomm.interval = self.to_worker_s
+
+    def add_client(self, scheduler: Any, client: str) -> None:
+        # the client's stream is created right after this hook runs
+        def _set() -> None:
+            bcomm = scheduler.client_comms.get(client)
+            if bcomm is not None:
+                bcomm.interval = self.to_client_s
+
+        scheduler.loop.add_callback(_set)
+
+
+class CommTuningWorkerPlugin(WorkerPlugin):
+    """Lower a worker's batched-send interval to the scheduler."""
+
+    name = "dask-rag-comms"
+
+    def __init__(self, config: CommConfig) -> None:
+        self.interval_s = config.worker_to_scheduler_ms / 1000.0
+
+    def setup(self, worker: Any) -> None:
+        worker.batched_stream.interval = self.interval_s
+
+
+def tune_comms(client: Client, config: CommConfig | None = None) -> None:
+    """Apply ``config`` (default: dask-rag's tuned intervals) to the whole cluster.
+
+    Idempotent: the plugins are registered under fixed names, so calling it again replaces
+    them.  ``CommConfig.distributed_defaults()`` restores distributed's own values.
+    """
+    config = config or CommConfig()
+    if getattr(client, "_dask_rag_comms", None) == (config, client.scheduler.address):
+        return  # already applied through this client
+    client.register_plugin(CommTuningSchedulerPlugin(config))
+    client.register_plugin(CommTuningWorkerPlugin(config))
+    client._dask_rag_comms = (config, client.scheduler.address)  # type: ignore[attr-defined]
+    if client.scheduler_comm is not None:
+        client.scheduler_comm.interval = config.client_to_scheduler_ms / 1000.0

@@ -1,0 +1,47 @@
+"""Shared fixtures: one real LocalCluster of 2 single-threaded worker processes per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    from dask_rag.index.gpu import cuda_available
+
+    has_gpu = cuda_available()
+    try:
+        import vllm  # noqa: F401
+
+        has_vllm = has_gpu
+    except ImportError:
+        has_vllm = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_vllm = pytest.mark.skip(reason="needs vLLM and a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+        if "vllm" in item.keywords and not has_vllm:
+            item.add_marker(skip_vllm)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0", memory_limit="6GiB") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def client(cluster):
+    from distributed import Client
+
+    with Client(cluster) as client:
+        yield client

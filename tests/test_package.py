@@ -1,0 +1,102 @@
+"""Package-level guarantees: light import, config validation, error mapping."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dask_rag import errors
+from dask_rag.config import BatchConfig, EmbedConfig, IndexSpec, RagConfig, ServeConfig, parse_factory
+
+
+def test_import_pulls_no_heavy_modules():
+    code = (
+        "import sys, dask_rag\n"
+        "from dask_rag import DistributedIndex, IndexSpec\n"
+        "heavy = ['torch', 'faiss', 'sentence_transformers', 'cupy', 'vllm', 'bm25s',"
+        " 'transformers', 'scann']\n"
+        "print(','.join(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("factory,kind", [
+    ("Flat", "flat"), ("IVF256,Flat", "ivf"), ("IVF64,PQ16", "ivf"), ("IVF64,PQ16x8,RFlat", "ivf"),
+    ("IVF64,PQ8,Refine(Flat)", "ivf"), ("HNSW32", "hnsw"), ("ScaNN", "scann"), ("ScaNN200", "scann"),
+])
+def test_parse_factory(factory, kind):
+    assert parse_factory(factory).kind == kind
+
+
+def test_refine_detected():
+    info = parse_factory("IVF64,PQ16,RFlat")
+    assert info.refine and info.base_factory == "IVF64,PQ16"
+
+
+@pytest.mark.parametrize("factory", ["IVF,Flat", "LSH", "Flat,IVF", "", "HNSW", "IVF0,Flat"])
+def test_unknown_factory_rejected(factory):
+    with pytest.raises(errors.InvalidInput, match="factory"):
+        IndexSpec(factory=factory)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"n_shards": 0}, "n_shards"),
+    ({"metric": "cosine"}, "metric"),
+    ({"sharding": "ivf", "factory": "Flat"}, "sharding"),
+    ({"max_k": 0}, "max_k"),
+    ({"nprobe": -1}, "nprobe"),
+    ({"backend": "torch", "factory": "HNSW32"}, "backend"),
+    ({"sharding": "ivf", "factory": "ScaNN"}, "sharding"),
+])
+def test_index_spec_validation_names_field(kwargs, field):
+    with pytest.raises(errors.InvalidInput, match=field):
+        IndexSpec(**kwargs)
+
+
+def test_sharding_auto():
+    assert IndexSpec(factory="IVF16,Flat").resolved_sharding == "ivf"
+    assert IndexSpec(factory="Flat").resolved_sharding == "hash"
+
+
+def test_other_configs_validate():
+    with pytest.raises(errors.InvalidInput, match="precision"):
+        EmbedConfig(precision="fp8")
+    with pytest.raises(errors.InvalidInput, match="max_batch"):
+        BatchConfig(max_batch=0)
+    with pytest.raises(errors.InvalidInput, match="mode"):
+        RagConfig(mode="magic")
+    with pytest.raises(errors.InvalidInput, match="port"):
+        ServeConfig(port=70000)
+    # frozen and hashable: usable as a per-worker cache key
+    assert hash(EmbedConfig()) == hash(EmbedConfig())
+    with pytest.raises(AttributeError):
+        EmbedConfig().model = "x"  # type: ignore[misc]
+
+
+def test_spec_round_trip():
+    spec = IndexSpec(factory="IVF32,PQ8", n_shards=3, metric="l2")
+    assert IndexSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(errors.InvalidInput, match="unknown"):
+        IndexSpec.from_dict({"bogus": 1})
+
+
+def test_http_status_table():
+    assert errors.http_status(errors.InvalidInput("x")) == 422
+    assert errors.http_status(errors.MalformedRequest("x")) == 400
+    assert errors.http_status(errors.PayloadTooLarge("x")) == 413
+    assert errors.http_status(errors.Unauthorized("x")) == 401
+    assert errors.http_status(errors.IndexNotFound("x")) == 404
+    assert errors.http_status(errors.Overloaded("x", 2)) == 429
+    assert errors.http_status(errors.RequestTimeout("x")) == 504
+    assert errors.http_status(errors.ShardUnavailable("x")) == 503
+    assert errors.http_status(RuntimeError("x")) == 500
+
+
+def test_overloaded_keeps_retry_after_when_pickled():
+    import pickle
+
+    exc = pickle.loads(pickle.dumps(errors.Overloaded("busy", retry_after=3.5)))
+    assert exc.retry_after == 3.5 and str(exc) == "busy"
