@@ -68,7 +68,8 @@ def _check_choice(obj: object, name: str, choices: tuple[str, ...]) -> None:
 # Index
 # --------------------------------------------------------------------------------------------
 
-_IVF_RE = re.compile(r"^IVF(?P<nlist>\d+),(?P<codec>Flat|PQ(?P<m>\d+)(?:x(?P<nbits>\d+))?|SQ8|SQfp16)"
+_IVF_RE = re.compile(r"^IVF(?P<nlist>\d+),"
+                     r"(?P<codec>Flat|PQ(?P<m>\d+)(?:x(?P<nbits>\d+))?|SQ8|SQfp16)"
                      r"(?P<refine>,RFlat|,Refine\(Flat\))?$")
 _HNSW_RE = re.compile(r"^HNSW(?P<M>\d+)(?:,Flat)?$")
 _SCANN_RE = re.compile(r"^ScaNN(?P<leaves>\d+)?$")
@@ -128,7 +129,8 @@ def parse_factory(factory: str) -> FactoryInfo:
     if m:
         return FactoryInfo(kind="scann", factory=text, scann_leaves=int(m.group("leaves") or 0))
     raise InvalidInput(
-        f"IndexSpec.factory={factory!r} is not a supported index factory; use one of {FACTORY_FORMS}"
+        f"IndexSpec.factory={factory!r} is not a supported index factory; "
+        f"use one of {FACTORY_FORMS}"
     )
 
 
@@ -173,7 +175,8 @@ class IndexSpec:
         if info.kind == "scann" and self.resolved_sharding == "ivf":
             raise _fail(self, "sharding", self.sharding, "ScaNN shards use 'hash' or 'range'")
         if self.backend == "torch" and info.kind != "flat":
-            raise _fail(self, "backend", self.backend, "the torch backend serves 'Flat' shards only")
+            raise _fail(self, "backend", self.backend,
+                        "the torch backend serves 'Flat' shards only")
         if self.backend == "faiss-gpu" and info.kind in ("hnsw", "scann"):
             raise _fail(self, "backend", self.backend, "faiss-gpu serves Flat and IVF shards only")
 

@@ -35,5 +35,6 @@ def exact_search(xb: npt.NDArray[np.float32], xq: npt.NDArray[np.float32], k: in
 
 def recall_at_k(I: npt.NDArray[np.int64], I_true: npt.NDArray[np.int64], k: int) -> float:
     """Mean fraction of the true top-k found in the returned top-k."""
-    hits = [len(set(a[:k].tolist()) & set(b[:k].tolist()) - {-1}) for a, b in zip(I, I_true)]
+    hits = [len(set(a[:k].tolist()) & set(b[:k].tolist()) - {-1})
+            for a, b in zip(I, I_true, strict=True)]
     return float(np.mean(hits) / k)

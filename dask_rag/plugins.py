@@ -93,10 +93,11 @@ def tune_comms(client: Client, config: CommConfig | None = None) -> None:
     them.  ``CommConfig.distributed_defaults()`` restores distributed's own values.
     """
     config = config or CommConfig()
-    if getattr(client, "_dask_rag_comms", None) == (config, client.scheduler.address):
+    applied = (config, getattr(client.scheduler, "address", None))
+    if getattr(client, "_dask_rag_comms", None) == applied:
         return  # already applied through this client
     client.register_plugin(CommTuningSchedulerPlugin(config))
     client.register_plugin(CommTuningWorkerPlugin(config))
-    client._dask_rag_comms = (config, client.scheduler.address)  # type: ignore[attr-defined]
+    client._dask_rag_comms = applied  # type: ignore[attr-defined]
     if client.scheduler_comm is not None:
         client.scheduler_comm.interval = config.client_to_scheduler_ms / 1000.0

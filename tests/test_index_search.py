@@ -110,11 +110,18 @@ def test_tree_merge_with_more_than_four_shards(client):
     spec = IndexSpec(factory="Flat", n_shards=9)
     with DistributedIndex.build(client, xb, spec=spec) as index:
         with get_task_stream(client) as ts:
-            _, I = index.search(xq, k=8)
+            res = index.submit_search(xq, k=8).result()
         merges = [t["key"] for t in ts.data if "dask-rag-merge" in str(t["key"])]
         # 9 parts -> 3 level-0 merges (fan-in 4) -> 1 final merge
         assert sorted(k[1] for k in merges) == [0, 0, 0, 1]
-        np.testing.assert_array_equal(I, exact_search(xb, xq, 8)[1])
+        truth = exact_search(xb, xq, 8)[1]
+        np.testing.assert_array_equal(res.I, truth)
+        # search() runs the same tree but does the last merge in the client
+        with get_task_stream(client) as ts:
+            _, I = index.search(xq, k=8)
+        merges = [t["key"] for t in ts.data if "dask-rag-merge" in str(t["key"])]
+        assert sorted(k[1] for k in merges) == [0, 0, 0]
+        np.testing.assert_array_equal(I, truth)
 
 
 @pytest.mark.parametrize("factory,min_recall", [
@@ -170,6 +177,6 @@ def test_async_search_matches_sync(client):
 
     xb, xq = _data("clustered", n=2000)
     with DistributedIndex.build(client, xb, spec=IndexSpec(n_shards=2)) as index:
-        D, I = index.search(xq, k=5)
-        Da, Ia = asyncio.run(index.asearch(xq, k=5))
+        _, I = index.search(xq, k=5)
+        _, Ia = asyncio.run(index.asearch(xq, k=5))
         np.testing.assert_array_equal(I, Ia)

@@ -8,7 +8,14 @@ import sys
 import pytest
 
 from dask_rag import errors
-from dask_rag.config import BatchConfig, EmbedConfig, IndexSpec, RagConfig, ServeConfig, parse_factory
+from dask_rag.config import (
+    BatchConfig,
+    EmbedConfig,
+    IndexSpec,
+    RagConfig,
+    ServeConfig,
+    parse_factory,
+)
 
 
 def test_import_pulls_no_heavy_modules():
@@ -24,8 +31,9 @@ def test_import_pulls_no_heavy_modules():
 
 
 @pytest.mark.parametrize("factory,kind", [
-    ("Flat", "flat"), ("IVF256,Flat", "ivf"), ("IVF64,PQ16", "ivf"), ("IVF64,PQ16x8,RFlat", "ivf"),
-    ("IVF64,PQ8,Refine(Flat)", "ivf"), ("HNSW32", "hnsw"), ("ScaNN", "scann"), ("ScaNN200", "scann"),
+    ("Flat", "flat"), ("IVF256,Flat", "ivf"), ("IVF64,PQ16", "ivf"),
+    ("IVF64,PQ16x8,RFlat", "ivf"), ("IVF64,PQ8,Refine(Flat)", "ivf"), ("HNSW32", "hnsw"),
+    ("ScaNN", "scann"), ("ScaNN200", "scann"),
 ])
 def test_parse_factory(factory, kind):
     assert parse_factory(factory).kind == kind

@@ -39,6 +39,7 @@ from dask_rag.index.shard import (
     ShardRef,
     ShardResult,
     build_shard_files,
+    configure_faiss,
     load_shard,
 )
 from dask_rag.plugins import tune_comms
@@ -160,7 +161,7 @@ def merge_results_task(nq: int, k: int, metric: str, *parts: ShardResult) -> Sha
     payload = None
     if with_payload:
         pos = topk_positions(D_cat, I_cat, k, metric)
-        flat_rows = [sum((c[r] for c in payload_cols), []) for r in range(nq)]
+        flat_rows = [[rec for c in payload_cols for rec in c[r]] for r in range(nq)]
         payload = [[flat_rows[r][int(p)] if I_m[r, j] >= 0 else None
                     for j, p in enumerate(pos[r])] for r in range(nq)]
         payload = [row + [None] * (k - len(row)) for row in payload]
@@ -279,6 +280,9 @@ class DistributedIndex:
         self._lock = threading.RLock()
         self._write_lock = threading.Lock()
         self._epoch = 0
+        # unique per open index: two loads of one directory (or of copies of it, which share
+        # an index uuid) must never share shard keys on the scheduler
+        self._token = uuid.uuid4().hex[:8]
         self._closed = False
 
     # ---- properties ---------------------------------------------------------------------------
@@ -379,6 +383,7 @@ class DistributedIndex:
     def load(cls, client: Client, path: str | Path, *, comms: CommConfig | None = CommConfig(),
              progress: bool = False) -> DistributedIndex:
         """Open the index at ``path``: one load task per shard, spread over the workers."""
+        configure_faiss()
         path = Path(path).resolve()
         store.recover_interrupted_swap(path)
         manifest = store.read_manifest(path)
@@ -398,7 +403,7 @@ class DistributedIndex:
         return index
 
     def _shard_key(self, shard_no: int) -> tuple[str, int]:
-        return (f"dask-rag-shard-{self.index_uuid[:12]}-{self._epoch}", shard_no)
+        return (f"dask-rag-shard-{self.index_uuid[:8]}{self._token}-{self._epoch}", shard_no)
 
     def _start_shards(self, progress: bool = False) -> None:
         workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
@@ -419,15 +424,12 @@ class DistributedIndex:
 
     # ---- search -------------------------------------------------------------------------------
 
-    def submit_search(self, xq: Any, k: int = 10, nprobe: int | None = None, *,
-                      ef_search: int | None = None, filter: SearchFilter | dict[str, Any] | None = None,
-                      with_records: bool = False, sparse_queries: Sequence[str] | None = None,
-                      sparse_k: int | None = None, validated: bool = False) -> Future:
-        """Submit the search graph of one query batch; returns the future of a ShardResult."""
+    def _submit_parts(self, xq: npt.NDArray[np.float32], k: int, nprobe: int | None, *,
+                      ef_search: int | None, filter: SearchFilter | dict[str, Any] | None,
+                      with_records: bool, sparse_queries: Sequence[str] | None,
+                      sparse_k: int | None) -> tuple[list[Future], str]:
+        """Route a validated batch and submit its search tasks, tree-reduced to <= 4 parts."""
         self._check_open()
-        if not validated:
-            xq = check_vectors(xq, self.dim, "xq")
-            k = check_k(k, self.spec.max_k)
         nq = xq.shape[0]
         if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int)
                                    or nprobe < 1):
@@ -451,9 +453,6 @@ class DistributedIndex:
                                priority=10)
             for r in routed
         ]
-        return self._submit_tree_merge(parts, nq, k, token)
-
-    def _submit_tree_merge(self, parts: list[Future], nq: int, k: int, token: str) -> Future:
         level = 0
         while len(parts) > MERGE_FAN_IN:
             parts = [
@@ -464,37 +463,76 @@ class DistributedIndex:
                 for i in range(0, len(parts), MERGE_FAN_IN)
             ]
             level += 1
-        return self.client.submit(merge_results_task, nq, k, self.metric, *parts,
-                                  key=(f"dask-rag-merge-{token}", level, 0), pure=False,
+        return parts, f"{token}:{level}"
+
+    def submit_search(self, xq: Any, k: int = 10, nprobe: int | None = None, *,
+                      ef_search: int | None = None,
+                      filter: SearchFilter | dict[str, Any] | None = None,
+                      with_records: bool = False, sparse_queries: Sequence[str] | None = None,
+                      sparse_k: int | None = None) -> Future:
+        """Submit the whole search graph of one batch, merge included; returns the future of
+        a ShardResult — for chaining further tasks (fusion, rerank, generation) onto it."""
+        xq = check_vectors(xq, self.dim, "xq")
+        k = check_k(k, self.spec.max_k)
+        parts, tag = self._submit_parts(xq, k, nprobe, ef_search=ef_search, filter=filter,
+                                        with_records=with_records,
+                                        sparse_queries=sparse_queries, sparse_k=sparse_k)
+        token, level = tag.split(":")
+        return self.client.submit(merge_results_task, xq.shape[0], k, self.metric, *parts,
+                                  key=(f"dask-rag-merge-{token}", int(level), 0), pure=False,
                                   priority=10)
 
     def search(self, xq: Any, k: int = 10, nprobe: int | None = None, *,
                ef_search: int | None = None, filter: SearchFilter | dict[str, Any] | None = None
                ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """Search a batch of query vectors: ``(D, I)`` of shape ``(nq, k)``."""
+        """Search a batch of query vectors: ``(D, I)`` of shape ``(nq, k)``.
+
+        The last (<= 4-way) merge runs here rather than in a task: the parts come straight
+        from the workers, which saves one scheduling round trip per batch.
+        """
+        return _full_rows(self.search_result(xq, k, nprobe, ef_search=ef_search, filter=filter),
+                          np.asarray(xq).shape[0], int(k), self.metric)
+
+    def search_result(self, xq: Any, k: int = 10, nprobe: int | None = None, *,
+                      ef_search: int | None = None,
+                      filter: SearchFilter | dict[str, Any] | None = None,
+                      with_records: bool = False, sparse_queries: Sequence[str] | None = None,
+                      sparse_k: int | None = None) -> ShardResult:
+        """:meth:`search` returning the merged :class:`ShardResult` (records, sparse hits)."""
         xq = check_vectors(xq, self.dim, "xq")
         k = check_k(k, self.spec.max_k)
-        fut = self.submit_search(xq, k, nprobe, ef_search=ef_search, filter=filter,
-                                 validated=True)
+        parts, _ = self._submit_parts(xq, k, nprobe, ef_search=ef_search, filter=filter,
+                                      with_records=with_records, sparse_queries=sparse_queries,
+                                      sparse_k=sparse_k)
         try:
-            res: ShardResult = fut.result()
+            results = self.client.gather(parts, direct=True)
         except Exception as exc:
             _raise_shard_error(exc)
             raise
-        return _full_rows(res, xq.shape[0], k, self.metric)
+        return merge_results_task(xq.shape[0], k, self.metric, *results)
+
+    async def asearch_result(self, xq: Any, k: int = 10, nprobe: int | None = None, **kw: Any
+                             ) -> ShardResult:
+        """:meth:`search_result` for asyncio code (never blocks the event loop)."""
+        xq = check_vectors(xq, self.dim, "xq")
+        k = check_k(k, self.spec.max_k)
+        parts, _ = self._submit_parts(xq, k, nprobe, ef_search=kw.get("ef_search"),
+                                      filter=kw.get("filter"),
+                                      with_records=kw.get("with_records", False),
+                                      sparse_queries=kw.get("sparse_queries"),
+                                      sparse_k=kw.get("sparse_k"))
+        try:
+            results = await asyncio.gather(*(await_future(p) for p in parts))
+        except Exception as exc:
+            _raise_shard_error(exc)
+            raise
+        return merge_results_task(xq.shape[0], k, self.metric, *results)
 
     async def asearch(self, xq: Any, k: int = 10, nprobe: int | None = None, **kw: Any
                       ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """:meth:`search` for asyncio code (does not block the event loop)."""
-        xq = check_vectors(xq, self.dim, "xq")
-        k = check_k(k, self.spec.max_k)
-        fut = self.submit_search(xq, k, nprobe, validated=True, **kw)
-        try:
-            res = await await_future(fut)
-        except Exception as exc:
-            _raise_shard_error(exc)
-            raise
-        return _full_rows(res, xq.shape[0], k, self.metric)
+        res = await self.asearch_result(xq, k, nprobe, **kw)
+        return _full_rows(res, np.asarray(xq).shape[0], int(k), self.metric)
 
     def fetch(self, ids: Any) -> list[dict[str, Any] | None]:
         """The stored records of ``ids`` (None for unknown ids), fetched from their shards."""

@@ -80,7 +80,8 @@ def merge_topk(D_parts: Sequence[npt.NDArray[np.float32]], I_parts: Sequence[npt
     nq = D_parts[0].shape[0]
     for D, I in zip(D_parts, I_parts, strict=True):
         if D.shape != I.shape or D.ndim != 2 or D.shape[0] != nq:
-            raise InvalidInput(f"merge_topk: part shapes {D.shape} / {I.shape} do not match nq={nq}")
+            raise InvalidInput(
+                f"merge_topk: part shapes {D.shape} / {I.shape} do not match nq={nq}")
     D_cat = np.concatenate([np.asarray(d, dtype=np.float32) for d in D_parts], axis=1)
     I_cat = np.concatenate([np.asarray(i, dtype=np.int64) for i in I_parts], axis=1)
     D_out, I_out = empty_result(nq, k, metric)

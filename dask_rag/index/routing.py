@@ -101,7 +101,8 @@ class Router:
                  list_to_shard: npt.NDArray[np.int32] | None = None,
                  boundaries: npt.NDArray[np.int64] | None = None) -> None:
         if sharding not in ("ivf", "hash", "range"):
-            raise InvalidInput(f"sharding={sharding!r} is invalid: must be 'ivf', 'hash' or 'range'")
+            raise InvalidInput(
+                f"sharding={sharding!r} is invalid: must be 'ivf', 'hash' or 'range'")
         if sharding == "ivf" and (quantizer is None or list_to_shard is None):
             raise InvalidInput("ivf sharding needs a trained quantizer and a list-to-shard map")
         if sharding == "range" and boundaries is None:

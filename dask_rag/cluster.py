@@ -1,0 +1,61 @@
+"""Starting and connecting to Dask clusters (local CPU, local CUDA, or an existing scheduler)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from distributed import Client, LocalCluster
+
+from dask_rag.config import CommConfig
+from dask_rag.errors import InvalidInput
+from dask_rag.plugins import tune_comms
+
+__all__ = ["connect", "start_local_cluster"]
+
+logger = logging.getLogger(__name__)
+
+
+def start_local_cluster(n_workers: int | None = None, threads_per_worker: int = 1, *,
+                        gpus: bool = False, memory_limit: str | float | None = "auto",
+                        dashboard_address: str | None = ":8787", **kwargs: Any) -> Any:
+    """A LocalCluster of single-threaded worker processes, or a LocalCUDACluster (one worker
+    per GPU) when ``gpus`` is true.
+
+    Single-threaded workers are the right default for dask-rag: faiss and torch already use
+    vectorised kernels, and one worker process per core keeps shards' search tasks from
+    contending for the GIL or for OpenMP threads.
+    """
+    if gpus:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as exc:
+            raise InvalidInput("gpus=True needs dask-cuda: pip install 'dask-rag[gpu]'") from exc
+        return LocalCUDACluster(threads_per_worker=threads_per_worker,
+                                dashboard_address=dashboard_address, **kwargs)
+    if n_workers is None:
+        import os
+
+        n_workers = max(1, (os.cpu_count() or 2) // max(1, threads_per_worker))
+    return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                        processes=True, memory_limit=memory_limit,
+                        dashboard_address=dashboard_address, **kwargs)
+
+
+def connect(scheduler: str | None = None, *, comms: CommConfig | None = CommConfig(),
+            **cluster_kwargs: Any) -> tuple[Client, Any]:
+    """A client for ``scheduler`` (an address), or for a new local cluster when None.
+
+    Returns ``(client, cluster)``; ``cluster`` is None when connecting to an existing scheduler
+    (the caller owns the cluster it started and must close it).
+    """
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = start_local_cluster(**cluster_kwargs)
+        client = Client(cluster)
+    if comms is not None:
+        tune_comms(client, comms)
+    logger.info("Dask dashboard: %s", client.dashboard_link)
+    return client, cluster

@@ -1,0 +1,274 @@
+"""add / remove / save / load, crash safety of save, and bad input that changes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dask_rag import DistributedIndex, IndexSpec
+from dask_rag.datasets import clustered_vectors
+from dask_rag.errors import CorruptIndex, IndexNotFound, InvalidInput
+from dask_rag.index import distributed as dist_mod
+
+DIM = 32
+
+
+def _snapshot(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def data():
+    x = clustered_vectors(5_040, DIM, seed=11)
+    return x[:4_000], x[4_000:5_000], x[5_000:]
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "HNSW16", "IVF16,PQ8,RFlat"])
+def test_add_remove_save_load_round_trip(client, tmp_path, data, factory):
+    xb, xnew, xq = data
+    path = tmp_path / "idx"
+    spec = IndexSpec(factory=factory, n_shards=3, nprobe=16, ef_search=128)
+    index = DistributedIndex.build(client, xb, spec=spec, path=path,
+                                   records=[{"text": f"chunk {i}", "source": "a"}
+                                            for i in range(len(xb))])
+    new_ids = np.arange(10_000, 10_000 + len(xnew))
+    assert index.add(xnew, new_ids, [{"text": f"new {i}"} for i in new_ids]) == len(xnew)
+    assert index.ntotal == len(xb) + len(xnew)
+    # a new vector is found when searching for itself
+    _, I = index.search(xnew[:20], k=10)
+    assert np.mean([new_ids[i] in I[i] for i in range(20)]) >= 0.9
+    removed = np.concatenate([np.arange(0, 4_000, 2), new_ids[:100]])
+    assert index.remove(removed) == len(removed)
+    assert index.remove(removed) == 0
+    assert index.ntotal == len(xb) + len(xnew) - len(removed)
+    _, I = index.search(xq, k=50)
+    assert not np.isin(I, removed).any()
+    assert index.fetch(np.array([1, 0, 10_100]))[0]["text"] == "chunk 1"
+    assert index.fetch(np.array([0]))[0] is None
+    before = index.search(xq, k=10)
+    index.save()
+    assert not list((path / "wal").glob("*.npz"))
+    index.close()
+    loaded = DistributedIndex.load(client, path)
+    assert loaded.ntotal == len(xb) + len(xnew) - len(removed)
+    after = loaded.search(xq, k=10)
+    np.testing.assert_array_equal(before[1], after[1])
+    assert loaded.fetch(np.array([10_100]))[0]["text"] == "new 10100"
+    loaded.close()
+
+
+def test_unsaved_mutations_survive_reload_from_wal(client, tmp_path, data):
+    xb, xnew, xq = data
+    path = tmp_path / "idx"
+    index = DistributedIndex.build(client, xb, spec=IndexSpec(n_shards=2), path=path)
+    index.add(xnew[:10], np.arange(50_000, 50_010))
+    index.remove(np.arange(5))
+    expected = index.search(xq, k=10)[1]
+    index.close()  # no save: the write-ahead log holds the changes
+    again = DistributedIndex.load(client, path)
+    np.testing.assert_array_equal(again.search(xq, k=10)[1], expected)
+    assert again.ntotal == len(xb) + 10 - 5
+    again.close()
+
+
+def test_failure_in_the_middle_of_save_leaves_previous_index(client, tmp_path, data, monkeypatch):
+    xb, _, xq = data
+    path = tmp_path / "idx"
+    index = DistributedIndex.build(client, xb, spec=IndexSpec(factory="IVF16,Flat", n_shards=2),
+                                   path=path)
+    index.save()
+    snapshot = _snapshot(path)
+    expected = index.search(xq, k=10)[1]
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (injected)")
+
+    # shard files of the new generation get written, then the commit fails
+    monkeypatch.setattr(dist_mod, "commit_manifest", crash)
+    with pytest.raises(OSError, match="injected"):
+        index.save()
+    monkeypatch.undo()
+    manifest_before = json.loads((path / "manifest.json").read_text())
+    assert {k: v for k, v in _snapshot(path).items() if k in snapshot} == snapshot
+    index.close()
+    reloaded = DistributedIndex.load(client, path)
+    np.testing.assert_array_equal(reloaded.search(xq, k=10)[1], expected)
+    assert reloaded.manifest["generation"] == manifest_before["generation"]
+    # the next save succeeds and cleans up the orphaned files of the failed one
+    reloaded.save()
+    referenced = {e[key] for e in reloaded.manifest["shards"] for key in ("file", "meta")}
+    assert {f"shards/{p.name}" for p in (path / "shards").iterdir()} == referenced
+    reloaded.close()
+
+
+def test_export_and_interrupted_swap_recovery(client, tmp_path, data):
+    xb, _, xq = data
+    index = DistributedIndex.build(client, xb, spec=IndexSpec(n_shards=2))
+    target = tmp_path / "copy"
+    index.save(target)
+    expected = index.search(xq, k=5)[1]
+    index.close()
+    # simulate a crash between the two renames of a directory swap
+    aside = tmp_path / ".copy.old-deadbeef"
+    target.rename(aside)
+    loaded = DistributedIndex.load(client, target)
+    np.testing.assert_array_equal(loaded.search(xq, k=5)[1], expected)
+    loaded.close()
+
+
+def test_build_refuses_to_clobber(client, tmp_path, data):
+    xb, _, _ = data
+    path = tmp_path / "idx"
+    DistributedIndex.build(client, xb, spec=IndexSpec(n_shards=2), path=path).close()
+    snap = _snapshot(path)
+    with pytest.raises(InvalidInput, match="already exists"):
+        DistributedIndex.build(client, xb[:100], spec=IndexSpec(n_shards=2), path=path)
+    assert _snapshot(path) == snap
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    with pytest.raises(InvalidInput, match="not a dask-rag index"):
+        DistributedIndex.build(client, xb, spec=IndexSpec(n_shards=2), path=other)
+    assert (other / "mine.txt").read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def built(client, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bad") / "idx"
+    xb = clustered_vectors(2_000, DIM, seed=2)
+    index = DistributedIndex.build(client, xb, spec=IndexSpec(factory="IVF8,Flat", n_shards=2,
+                                                              max_k=100), path=path)
+    yield index, path
+    index.close()
+
+
+@pytest.fixture(scope="module")
+def pristine(client, tmp_path_factory):
+    root = tmp_path_factory.mktemp("corrupt")
+    xb = clustered_vectors(1_000, DIM, seed=4)
+    for name in ("a", "b"):
+        DistributedIndex.build(client, xb, spec=IndexSpec(factory="IVF8,Flat", n_shards=2),
+                               path=root / name).close()
+    return root
+
+
+class TestBadInput:
+
+    @pytest.mark.parametrize("xq,match", [
+        (np.zeros((3, DIM + 1), np.float32), "dimension"),
+        (np.zeros(DIM, np.float32), "2-D"),
+        (np.zeros((2, 3, DIM), np.float32), "2-D"),
+        (np.zeros((0, DIM), np.float32), "empty"),
+        (np.array([[np.nan] * DIM], np.float32), "NaN"),
+        (np.array([[np.inf] * DIM], np.float32), "NaN or infinite"),
+        (np.array([["a"] * DIM]), "numeric"),
+    ])
+    def test_bad_queries(self, built, xq, match):
+        index, _ = built
+        with pytest.raises(InvalidInput, match=match):
+            index.search(xq, k=5)
+
+    @pytest.mark.parametrize("k,match", [(0, ">= 1"), (-3, ">= 1"), (101, "maximum"),
+                                         (10**9, "maximum"), (2.5, "integer"), (True, "integer")])
+    def test_bad_k(self, built, k, match):
+        index, _ = built
+        with pytest.raises(InvalidInput, match=match):
+            index.search(np.zeros((1, DIM), np.float32), k=k)
+
+    def test_bad_mutations_change_nothing(self, built):
+        index, path = built
+        snap = _snapshot(path)
+        n = index.ntotal
+        with pytest.raises(InvalidInput, match="dimension"):
+            index.add(np.zeros((2, DIM + 2), np.float32), [10**6, 10**6 + 1])
+        with pytest.raises(InvalidInput, match="NaN"):
+            index.add(np.full((1, DIM), np.nan, np.float32), [10**6])
+        with pytest.raises(InvalidInput, match="already in the index"):
+            index.add(np.zeros((1, DIM), np.float32), [5])
+        with pytest.raises(InvalidInput, match="duplicates"):
+            index.add(np.zeros((2, DIM), np.float32), [10**6, 10**6])
+        with pytest.raises(InvalidInput, match=">= 0"):
+            index.add(np.zeros((1, DIM), np.float32), [-4])
+        with pytest.raises(InvalidInput, match="integers"):
+            index.remove(np.array([0.5]))
+        assert index.ntotal == n
+        assert _snapshot(path) == snap
+
+    def test_unknown_factory_and_ivf_too_small(self, client):
+        with pytest.raises(InvalidInput, match="factory"):
+            DistributedIndex.build(client, np.zeros((10, 4), np.float32),
+                                   spec=IndexSpec(factory="LSH"))  # rejected by IndexSpec
+        with pytest.raises(InvalidInput, match="at least 64"):
+            DistributedIndex.build(client, np.random.rand(10, 4).astype(np.float32),
+                                   spec=IndexSpec(factory="IVF64,Flat"))
+        with pytest.raises(InvalidInput, match="divisible"):
+            DistributedIndex.build(client, np.random.rand(100, 10).astype(np.float32),
+                                   spec=IndexSpec(factory="IVF4,PQ4"))
+
+
+def _copy_index(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+class TestCorruptIndex:
+    def test_missing_directory(self, client, tmp_path):
+        with pytest.raises(IndexNotFound, match="does not exist"):
+            DistributedIndex.load(client, tmp_path / "nope")
+        (tmp_path / "empty").mkdir()
+        with pytest.raises(IndexNotFound, match="not a dask-rag index"):
+            DistributedIndex.load(client, tmp_path / "empty")
+
+    def test_garbage_manifest(self, client, pristine, tmp_path):
+        path = _copy_index(pristine / "a", tmp_path / "x")
+        (path / "manifest.json").write_text("{not json")
+        with pytest.raises(CorruptIndex, match="manifest.json.*not valid JSON"):
+            DistributedIndex.load(client, path)
+
+    @pytest.mark.parametrize("change,match", [
+        ({"format_version": 99}, "format_version 99"),
+        ({"dim": "big"}, "'dim'"),
+        ({"n_shards": 5}, "n_shards"),
+    ])
+    def test_bad_manifest_fields(self, client, pristine, tmp_path, change, match):
+        path = _copy_index(pristine / "a", tmp_path / "x")
+        m = json.loads((path / "manifest.json").read_text())
+        m.update(change)
+        (path / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(CorruptIndex, match=match):
+            DistributedIndex.load(client, path)
+
+    def test_manifest_path_traversal_refused(self, client, pristine, tmp_path):
+        path = _copy_index(pristine / "a", tmp_path / "x")
+        m = json.loads((path / "manifest.json").read_text())
+        m["shards"][0]["file"] = "../../etc/passwd"
+        (path / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(CorruptIndex, match="outside the index"):
+            DistributedIndex.load(client, path)
+
+    def test_truncated_shard_file(self, client, pristine, tmp_path):
+        path = _copy_index(pristine / "a", tmp_path / "x")
+        shard = path / "shards" / "00001.faiss"
+        shard.write_bytes(shard.read_bytes()[:100])
+        with pytest.raises(CorruptIndex, match="00001.faiss.*checksum"):
+            DistributedIndex.load(client, path)
+
+    def test_shard_file_from_another_index(self, client, pristine, tmp_path):
+        path = _copy_index(pristine / "a", tmp_path / "x")
+        for name in ("00000.faiss", "00000.parquet"):
+            (path / "shards" / name).write_bytes((pristine / "b" / "shards" / name).read_bytes())
+        with pytest.raises(CorruptIndex, match="00000"):
+            DistributedIndex.load(client, path)
+
+    def test_corrupt_quantizer(self, client, pristine, tmp_path):
+        path = _copy_index(pristine / "a", tmp_path / "x")
+        (path / "quantizer.faiss").write_bytes(b"\x00" * 64)
+        with pytest.raises(CorruptIndex, match="quantizer.faiss"):
+            DistributedIndex.load(client, path)
