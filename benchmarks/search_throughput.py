@@ -38,7 +38,7 @@ from dask_rag.benchmarking import (
     time_concurrent,
     write_result,
 )
-from dask_rag.datasets import clustered_vectors, exact_search, recall_at_k
+from dask_rag.datasets import clustered_vectors, exact_search, recall_at_k, same_up_to_ties
 from dask_rag.plugins import tune_comms
 
 DEFAULT_FACTORIES = ["Flat", "IVF1024,Flat", "IVF1024,PQ48", "HNSW32", "ScaNN"]
@@ -104,14 +104,17 @@ class SingleProcess:
             self.index = faiss.IndexFlatIP(d)
             self.index.add(xb)
 
-    def search(self, xq: np.ndarray, k: int) -> np.ndarray:
+    def search_dist(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.scann is not None:
             if len(xq) == 1:
-                I, _ = self.scann.search_batched(xq, final_num_neighbors=k)
+                I, D = self.scann.search_batched(xq, final_num_neighbors=k)
             else:
-                I, _ = self.scann.search_batched_parallel(xq, final_num_neighbors=k)
-            return np.asarray(I, dtype=np.int64)
-        return self.index.search(xq, k)[1]
+                I, D = self.scann.search_batched_parallel(xq, final_num_neighbors=k)
+            return np.asarray(D, dtype=np.float32), np.asarray(I, dtype=np.int64)
+        return self.index.search(xq, k)
+
+    def search(self, xq: np.ndarray, k: int) -> np.ndarray:
+        return self.search_dist(xq, k)[1]
 
 
 def bench_factory(client: Any, factory: str, xb: np.ndarray, xq: np.ndarray,
@@ -129,13 +132,17 @@ def bench_factory(client: Any, factory: str, xb: np.ndarray, xq: np.ndarray,
                                        "single": round(build_single, 2)},
                            "batches": {}}
     try:
-        I_dist = np.concatenate([dist.search(xq[i:i + 256], 10)[1]
-                                 for i in range(0, len(xq), 256)])
-        I_single = np.concatenate([single.search(xq[i:i + 256], 10)
-                                   for i in range(0, len(xq), 256)])
+        res_d = [dist.search(xq[i:i + 256], 10) for i in range(0, len(xq), 256)]
+        res_s = [single.search_dist(xq[i:i + 256], 10) for i in range(0, len(xq), 256)]
+        D_dist, I_dist = (np.concatenate(p) for p in zip(*res_d, strict=True))
+        D_single, I_single = (np.concatenate(p) for p in zip(*res_s, strict=True))
         out["recall_at_10"] = {"dask-rag": round(recall_at_k(I_dist, truth, 10), 4),
                                "single": round(recall_at_k(I_single, truth, 10), 4)}
         out["identical_to_single"] = bool(np.array_equal(I_dist, I_single))
+        # faiss orders exactly tied distances arbitrarily, dask-rag by id: compare modulo that
+        out["identical_up_to_tie_order"] = bool(same_up_to_ties(D_dist, I_dist, D_single,
+                                                                I_single))
+        out["rows_differing"] = int((I_dist != I_single).any(axis=1).sum())
         for bs in args.batch_sizes:
             n_batches = max(3, min(args.max_batches, args.queries_per_point // bs))
             batches = [xq[(i * bs) % len(xq):][:bs] for i in range(n_batches)]

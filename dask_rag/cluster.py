@@ -42,18 +42,26 @@ def start_local_cluster(n_workers: int | None = None, threads_per_worker: int = 
                         dashboard_address=dashboard_address, **kwargs)
 
 
-def connect(scheduler: str | None = None, *, comms: CommConfig | None = CommConfig(),
-            **cluster_kwargs: Any) -> tuple[Client, Any]:
-    """A client for ``scheduler`` (an address), or for a new local cluster when None.
+def connect(scheduler: str | None = None, *, spec: str | None = None,
+            comms: CommConfig | None = CommConfig(), **cluster_kwargs: Any
+            ) -> tuple[Client, Any]:
+    """A client for ``scheduler`` (an address), a cluster spec file, or a new local cluster.
 
     Returns ``(client, cluster)``; ``cluster`` is None when connecting to an existing scheduler
     (the caller owns the cluster it started and must close it).
     """
     cluster = None
+    if scheduler and spec:
+        raise InvalidInput("give either a scheduler address or a cluster spec, not both")
     if scheduler:
         client = Client(scheduler)
+    elif spec:
+        from dask_rag.clusterspec import start_from_spec
+
+        client, cluster = start_from_spec(spec)
     else:
-        cluster = start_local_cluster(**cluster_kwargs)
+        kwargs = {k: v for k, v in cluster_kwargs.items() if v is not None}
+        cluster = start_local_cluster(**kwargs)
         client = Client(cluster)
     if comms is not None:
         tune_comms(client, comms)

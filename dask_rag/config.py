@@ -295,12 +295,10 @@ class ChunkConfig:
 
     max_tokens: int = 200
     overlap_tokens: int = 32
-    min_tokens: int = 8
 
     def __post_init__(self) -> None:
         _check_int(self, "max_tokens", 8, 8192)
         _check_int(self, "overlap_tokens", 0)
-        _check_int(self, "min_tokens", 1)
         if self.overlap_tokens >= self.max_tokens:
             raise _fail(self, "overlap_tokens", self.overlap_tokens,
                         f"must be smaller than max_tokens={self.max_tokens}")

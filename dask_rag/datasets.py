@@ -38,3 +38,24 @@ def recall_at_k(I: npt.NDArray[np.int64], I_true: npt.NDArray[np.int64], k: int)
     hits = [len(set(a[:k].tolist()) & set(b[:k].tolist()) - {-1})
             for a, b in zip(I, I_true, strict=True)]
     return float(np.mean(hits) / k)
+
+
+def same_up_to_ties(D1: npt.NDArray[np.float32], I1: npt.NDArray[np.int64],
+                    D2: npt.NDArray[np.float32], I2: npt.NDArray[np.int64]) -> bool:
+    """True when two top-k results are equal except for the order of exactly tied hits.
+
+    faiss orders equal distances arbitrarily (heap order); dask-rag's merge orders them by id.
+    The last distance of a row may be tied with hits beyond k, so ids tied at the cut-off are
+    only required to have that same distance.
+    """
+    if D1.shape != D2.shape or not np.array_equal(D1, D2):
+        return False
+    for d, a, b in zip(D1, I1, I2, strict=True):
+        if np.array_equal(a, b):
+            continue
+        last = d[-1]
+        for value in np.unique(d):
+            sa, sb = set(a[d == value].tolist()), set(b[d == value].tolist())
+            if value != last and sa != sb:
+                return False
+    return True

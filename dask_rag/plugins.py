@@ -27,7 +27,10 @@ __all__ = [
     "NEVER_STEAL_PREFIXES",
     "CommTuningSchedulerPlugin",
     "CommTuningWorkerPlugin",
+    "ModelCachePlugin",
+    "ensure_model_cache",
     "tune_comms",
+    "worker_model_cache",
 ]
 
 logger = logging.getLogger(__name__)
@@ -101,3 +104,67 @@ def tune_comms(client: Client, config: CommConfig | None = None) -> None:
     client._dask_rag_comms = applied  # type: ignore[attr-defined]
     if client.scheduler_comm is not None:
         client.scheduler_comm.interval = config.client_to_scheduler_ms / 1000.0
+
+
+class ModelCachePlugin(WorkerPlugin):
+    """Models loaded on a worker, once, keyed by their (hashable, frozen) config.
+
+    Encoders, cross-encoders and generators take seconds to load; tasks fetch them from here
+    so a model is loaded once per worker process and never per task.
+    """
+
+    name = "dask-rag-models"
+
+    def __init__(self) -> None:
+        self._models: dict[Any, Any] = {}
+        self._lock: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # only the empty plugin travels; models are loaded where they are used
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def setup(self, worker: Any) -> None:
+        import threading
+
+        self._lock = threading.RLock()
+
+    def teardown(self, worker: Any) -> None:
+        self._models.clear()
+
+    def get(self, key: Any, loader: Any) -> Any:
+        """The cached model for ``key``, loading it with ``loader()`` the first time."""
+        if self._lock is None:
+            self.setup(None)
+        with self._lock:
+            model = self._models.get(key)
+            if model is None:
+                model = loader()
+                self._models[key] = model
+            return model
+
+    def loaded(self) -> list[Any]:
+        return list(self._models)
+
+
+def worker_model_cache() -> ModelCachePlugin:
+    """The model cache of the worker running the current task."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    plugin = worker.plugins.get(ModelCachePlugin.name)
+    if plugin is None:  # registered after this worker started, or never registered
+        plugin = ModelCachePlugin()
+        plugin.setup(worker)
+        worker.plugins[ModelCachePlugin.name] = plugin
+    assert isinstance(plugin, ModelCachePlugin)
+    return plugin
+
+
+def ensure_model_cache(client: Client) -> None:
+    """Register the model cache on every (current and future) worker, once per client."""
+    if getattr(client, "_dask_rag_models", False):
+        return
+    client.register_plugin(ModelCachePlugin())
+    client._dask_rag_models = True  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ import json
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,13 +119,18 @@ class SearchOptions:
     with_records: bool = False
     sparse_queries: tuple[str, ...] | None = None
     sparse_k: int = 0
+    dense: bool = True
 
 
 def search_shard_task(shard: Shard, rows: npt.NDArray[np.int64], xq: npt.NDArray[np.float32],
                       Iq: npt.NDArray[np.int64] | None, Dq: npt.NDArray[np.float32] | None,
                       opts: SearchOptions) -> ShardResult:
-    D, I = shard.search(xq, opts.k, Iq=Iq, Dq=Dq, nprobe=opts.nprobe, ef_search=opts.ef_search,
-                        flt=opts.flt)
+    t0 = time.perf_counter()
+    if opts.dense:
+        D, I = shard.search(xq, opts.k, Iq=Iq, Dq=Dq, nprobe=opts.nprobe,
+                            ef_search=opts.ef_search, flt=opts.flt)
+    else:
+        D, I = empty_result(len(rows), opts.k, shard.spec.metric)
     payload = None
     if opts.with_records:
         payload = [shard.fetch(row) for row in I]
@@ -132,10 +138,11 @@ def search_shard_task(shard: Shard, rows: npt.NDArray[np.int64], xq: npt.NDArray
     if opts.sparse_queries is not None:
         from dask_rag.rag.fusion import search_sparse
 
-        sparse = search_sparse(shard, [opts.sparse_queries[r] for r in rows], opts.sparse_k,
-                               opts.flt)
+        sparse = search_sparse(shard, rows, [opts.sparse_queries[r] for r in rows],
+                               opts.sparse_k, opts.flt)
     return ShardResult(rows=rows, D=D, I=I, payload=payload, sparse=sparse,
-                       shards=(shard.ref.shard_no,))
+                       shards=(shard.ref.shard_no,),
+                       search_ms=(time.perf_counter() - t0) * 1e3)
 
 
 def merge_results_task(nq: int, k: int, metric: str, *parts: ShardResult) -> ShardResult:
@@ -173,7 +180,8 @@ def merge_results_task(nq: int, k: int, metric: str, *parts: ShardResult) -> Sha
     shards = tuple(sorted({s for p in parts for s in p.shards}))
     return ShardResult(rows=rows, D=D_m[rows], I=I_m[rows],
                        payload=None if payload is None else [payload[int(r)] for r in rows],
-                       sparse=sparse, shards=shards)
+                       sparse=sparse, shards=shards,
+                       search_ms=max((p.search_ms for p in parts), default=0.0))
 
 
 def apply_add_task(shard: Shard, seq: int, xb: npt.NDArray[np.float32],
@@ -427,7 +435,7 @@ class DistributedIndex:
     def _submit_parts(self, xq: npt.NDArray[np.float32], k: int, nprobe: int | None, *,
                       ef_search: int | None, filter: SearchFilter | dict[str, Any] | None,
                       with_records: bool, sparse_queries: Sequence[str] | None,
-                      sparse_k: int | None) -> tuple[list[Future], str]:
+                      sparse_k: int | None, dense: bool = True) -> tuple[list[Future], str]:
         """Route a validated batch and submit its search tasks, tree-reduced to <= 4 parts."""
         self._check_open()
         nq = xq.shape[0]
@@ -438,12 +446,14 @@ class DistributedIndex:
         if sparse_queries is not None and len(sparse_queries) != nq:
             raise InvalidInput("sparse_queries must have one string per query row")
         nprobe_eff = nprobe or self.spec.nprobe
-        routed = self.router.route(xq, nprobe_eff if self.spec.info.kind == "ivf" else None)
+        # sparse-only batches visit every shard: BM25 has no coarse quantizer to route by
+        routed = self.router.route(xq, nprobe_eff if dense and self.spec.info.kind == "ivf"
+                                   else None)
         opts = SearchOptions(k=k, nprobe=nprobe_eff, ef_search=ef_search, flt=flt,
                              with_records=with_records,
                              sparse_queries=None if sparse_queries is None else tuple(
                                  sparse_queries),
-                             sparse_k=sparse_k or k)
+                             sparse_k=sparse_k or k, dense=dense)
         token = uuid.uuid4().hex
         with self._lock:
             shards = list(self._shards)
@@ -497,13 +507,13 @@ class DistributedIndex:
                       ef_search: int | None = None,
                       filter: SearchFilter | dict[str, Any] | None = None,
                       with_records: bool = False, sparse_queries: Sequence[str] | None = None,
-                      sparse_k: int | None = None) -> ShardResult:
+                      sparse_k: int | None = None, dense: bool = True) -> ShardResult:
         """:meth:`search` returning the merged :class:`ShardResult` (records, sparse hits)."""
         xq = check_vectors(xq, self.dim, "xq")
         k = check_k(k, self.spec.max_k)
         parts, _ = self._submit_parts(xq, k, nprobe, ef_search=ef_search, filter=filter,
                                       with_records=with_records, sparse_queries=sparse_queries,
-                                      sparse_k=sparse_k)
+                                      sparse_k=sparse_k, dense=dense)
         try:
             results = self.client.gather(parts, direct=True)
         except Exception as exc:
@@ -520,7 +530,7 @@ class DistributedIndex:
                                       filter=kw.get("filter"),
                                       with_records=kw.get("with_records", False),
                                       sparse_queries=kw.get("sparse_queries"),
-                                      sparse_k=kw.get("sparse_k"))
+                                      sparse_k=kw.get("sparse_k"), dense=kw.get("dense", True))
         try:
             results = await asyncio.gather(*(await_future(p) for p in parts))
         except Exception as exc:
@@ -651,10 +661,14 @@ class DistributedIndex:
         commit_manifest(self.path, manifest)
         self.manifest = manifest
         # the new manifest is committed: old shard files and folded WAL entries can go
-        keep = {e[key] for e in entries for key in ("file", "meta", "refine_file") if key in e}
+        keep = {e[key] for e in entries for key in ("file", "meta", "refine_file", "bm25")
+                if key in e}
         for p in (self.path / "shards").iterdir():
             if f"shards/{p.name}" not in keep:
-                p.unlink(missing_ok=True)
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
         for seq, p in files:
             if seq <= wal_seq:
                 p.unlink(missing_ok=True)

@@ -109,6 +109,8 @@ class ShardResult:
     payload: list[list[dict[str, Any] | None]] | None = None
     sparse: Any = None
     shards: tuple[int, ...] = field(default_factory=tuple)
+    #: slowest search task of the parts merged here, in milliseconds
+    search_ms: float = 0.0
 
 
 def make_records_table(ids: npt.NDArray[np.int64],
@@ -236,6 +238,8 @@ class Shard:
         self._lock = _RWLock()
         self._nbytes_disk = nbytes_on_disk
         self._accelerated: Any = None  # torch / ScaNN / faiss-gpu view, rebuilt after mutation
+        self._sparse: Any = None  # BM25 over the records' text, rebuilt lazily after mutation
+        self._sparse_lock = threading.Lock()
         self._prepare()
 
     # ---- size and pickling --------------------------------------------------------------
@@ -281,6 +285,28 @@ class Shard:
             self._accelerated = to_faiss_gpu(self.index)
         else:
             self._accelerated = None
+
+    # ---- sparse (BM25) ---------------------------------------------------------------------
+
+    def sparse_index(self) -> Any:
+        """This shard's BM25 index (loaded with the shard, or built from its records)."""
+        from dask_rag.rag.fusion import SparseIndex
+
+        with self._sparse_lock:
+            if self._sparse is None:
+                with self._lock.read():
+                    ids = self.records.column("id").to_numpy()
+                    texts = self.records.column("text").to_pylist()
+                    if self.deleted:
+                        keep = ~np.isin(ids, np.fromiter(self.deleted, np.int64))
+                        ids = ids[keep]
+                        texts = [t for t, k in zip(texts, keep, strict=True) if k]
+                self._sparse = SparseIndex.build(ids, texts)
+            return self._sparse
+
+    def set_sparse_index(self, sparse: Any) -> None:
+        with self._sparse_lock:
+            self._sparse = sparse
 
     # ---- search ---------------------------------------------------------------------------
 
@@ -455,6 +481,7 @@ class Shard:
             self.records = pa.concat_tables(
                 [self._drop_records(ids), make_records_table(ids, records)]).sort_by("id")
             self._prepare()
+            self._sparse = None
         return len(ids)
 
     def _drop_records(self, ids: npt.NDArray[np.int64]) -> Any:
@@ -483,6 +510,7 @@ class Shard:
             if self.refine is not None:
                 self.refine.remove_ids(faiss.IDSelectorBatch(mine))
             self._prepare()
+            self._sparse = None
             return int(mine.size)
 
     def compact(self) -> None:
@@ -504,9 +532,11 @@ class Shard:
     def write(self, index_dir: str, generation: int, index_uuid: str) -> dict[str, Any]:
         """Write this shard's files for ``generation``; returns its manifest entry."""
         self.compact()
+        has_text = self.records.column("text").null_count < self.records.num_rows
+        sparse = self.sparse_index() if has_text else None
         with self._lock.read():
             return write_shard_files(Path(index_dir), self.ref.shard_no, generation, index_uuid,
-                                     self.index, self.records, self.refine)
+                                     self.index, self.records, self.refine, sparse)
 
 
 def _pa_ids(ids: npt.NDArray[np.int64]) -> Any:
@@ -622,17 +652,19 @@ class _ScannView:
 # ------------------------------------------------------------------------------------------------
 
 
-def shard_file_names(shard_no: int, generation: int) -> tuple[str, str, str]:
+def shard_file_names(shard_no: int, generation: int) -> tuple[str, str, str, str]:
+    """(faiss, records, refine store, BM25 directory) names of a shard's files."""
     suffix = "" if generation == 0 else f".g{generation}"
     base = f"shards/{shard_no:05d}{suffix}"
-    return f"{base}.faiss", f"{base}.parquet", f"{base}.refine.faiss"
+    return f"{base}.faiss", f"{base}.parquet", f"{base}.refine.faiss", f"{base}.bm25"
 
 
 def write_shard_files(index_dir: Path, shard_no: int, generation: int, index_uuid: str,
-                      index: Any, records: Any, refine: Any | None) -> dict[str, Any]:
+                      index: Any, records: Any, refine: Any | None,
+                      sparse: Any | None = None) -> dict[str, Any]:
     import faiss
 
-    faiss_name, meta_name, refine_name = shard_file_names(shard_no, generation)
+    faiss_name, meta_name, refine_name, bm25_name = shard_file_names(shard_no, generation)
     data = faiss.serialize_index(index).tobytes()
     store.atomic_write_bytes(index_dir / faiss_name, data)
     store.write_records(index_dir / meta_name, records, index_uuid, shard_no)
@@ -649,6 +681,10 @@ def write_shard_files(index_dir: Path, shard_no: int, generation: int, index_uui
         store.atomic_write_bytes(index_dir / refine_name, rdata)
         entry["refine_file"] = refine_name
         entry["refine_checksum"] = store.file_checksum(index_dir / refine_name)
+    if sparse is not None:
+        # derived from the records: no checksum; an unreadable one is rebuilt at load
+        sparse.save(index_dir / bm25_name)
+        entry["bm25"] = bm25_name
     return entry
 
 
@@ -673,8 +709,14 @@ def build_shard_files(index_dir: str, shard_no: int, generation: int, index_uuid
         if len(ids):
             refine.add_with_ids(np.ascontiguousarray(xb, np.float32), ids)
     table = make_records_table(ids, records)
+    sparse = None
+    if records is not None and any(r.get("text") for r in records):
+        from dask_rag.rag.fusion import SparseIndex
+
+        sparse = SparseIndex.build(table.column("id").to_numpy(),
+                                   table.column("text").to_pylist())
     return write_shard_files(Path(index_dir), shard_no, generation, index_uuid, index, table,
-                             refine)
+                             refine, sparse)
 
 
 def _read_faiss_file(path: Path, expected_checksum: str | None, what: str) -> tuple[Any, int]:
@@ -733,8 +775,24 @@ def load_shard(ref: ShardRef) -> Shard:
         raise CorruptIndex(f"{meta_path}: shard records checksum mismatch")
     records = store.read_records(meta_path, manifest["index_uuid"], ref.shard_no)
     shard = Shard(ref, spec, dim, index, records, refine=refine, nbytes_on_disk=nbytes)
+    if entry.get("bm25"):
+        shard.set_sparse_index(_load_sparse(ref.index_dir, entry["bm25"]))
     _replay_wal(shard, ref.index_dir, int(manifest["wal_seq"]))
     return shard
+
+
+def _load_sparse(index_dir: str, name: str) -> Any:
+    """The persisted BM25 index, or None (then it is rebuilt from the records on first use)."""
+    import logging
+
+    from dask_rag.rag.fusion import SparseIndex
+
+    try:
+        return SparseIndex.load(store.resolve_index_file(index_dir, name))
+    except (OSError, ValueError, KeyError) as exc:
+        logging.getLogger(__name__).warning("%s/%s unreadable (%s); rebuilding BM25 from the "
+                                            "shard records", index_dir, name, exc)
+        return None
 
 
 def _replay_wal(shard: Shard, index_dir: str, after_seq: int) -> None:

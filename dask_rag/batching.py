@@ -1,0 +1,211 @@
+"""The async micro-batcher used everywhere: embedding, search and the HTTP shim.
+
+Callers ``await batcher.submit(item)`` one item at a time; the batcher groups waiting items and
+calls ``process(items)`` once per batch.  A batch is flushed when ``max_batch`` items wait or the
+oldest waiting item has waited ``max_wait_ms`` — so a lone request pays at most
+``max_wait_ms`` extra, and under load each model call / Dask graph serves up to ``max_batch``
+requests.  Up to ``max_concurrent_batches`` batches run at once, so the next batch is formed and
+submitted while the previous one computes (stages of successive batches overlap).
+
+Guarantees:
+
+* a full queue (``max_queue`` waiting items) raises :class:`~dask_rag.errors.Overloaded` at once,
+  with a ``retry_after`` estimate — back-pressure instead of unbounded latency;
+* an exception in ``process`` fails only the callers of that batch;
+* a caller that is cancelled while waiting is dropped from its batch;
+* ``close()`` stops accepting work and, by default, drains what is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from dask_rag.config import BatchConfig
+from dask_rag.errors import InvalidInput, Overloaded
+
+__all__ = ["BatcherStats", "MicroBatcher"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class BatcherStats:
+    """Counters of a batcher (read them, do not write them)."""
+
+    submitted: int = 0
+    rejected: int = 0
+    batches: int = 0
+    items: int = 0
+    failed_batches: int = 0
+    cancelled: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def mean_batch(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
+
+@dataclass
+class _Pending(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R]
+    enqueued: float
+
+
+class MicroBatcher(Generic[T, R]):
+    """Coalesce concurrent single-item requests into batched calls of ``process``."""
+
+    def __init__(self, process: Callable[[list[T]], Awaitable[Sequence[R]]],
+                 config: BatchConfig | None = None, name: str = "batcher") -> None:
+        self.process = process
+        self.config = config or BatchConfig()
+        self.name = name
+        self.stats = BatcherStats()
+        self._queue: deque[_Pending[T, R]] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._recent_batch_s = 0.05
+
+    # ---- public API ------------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight_batches(self) -> int:
+        return len(self._inflight)
+
+    async def submit(self, item: T) -> R:
+        """Queue one item and wait for its result."""
+        if self._closing:
+            raise Overloaded(f"{self.name} is shutting down", retry_after=1.0)
+        self._ensure_started()
+        if len(self._queue) >= self.config.max_queue:
+            self.stats.rejected += 1
+            raise Overloaded(f"{self.name}: {len(self._queue)} requests already queued",
+                             retry_after=self._retry_after())
+        assert self._loop is not None and self._wakeup is not None
+        fut: asyncio.Future[R] = self._loop.create_future()
+        self._queue.append(_Pending(item, fut, time.monotonic()))
+        self.stats.submitted += 1
+        self._wakeup.set()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self.stats.cancelled += 1
+            raise
+
+    async def submit_many(self, items: Sequence[T]) -> list[R]:
+        """Submit several items (they may land in different batches)."""
+        return list(await asyncio.gather(*(self.submit(i) for i in items)))
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop accepting work; with ``drain`` finish queued items, else fail them."""
+        self._closing = True
+        if not drain:
+            while self._queue:
+                p = self._queue.popleft()
+                if not p.future.done():
+                    p.future.set_exception(Overloaded(f"{self.name} was closed", 1.0))
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._runner is not None:
+            await self._runner
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _retry_after(self) -> float:
+        # time to work off the queue at the recent batch rate, at least a second
+        batches = len(self._queue) / max(1, self.config.max_batch)
+        est = batches * self._recent_batch_s / max(1, self.config.max_concurrent_batches)
+        return max(1.0, round(est, 1))
+
+    def _ensure_started(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._runner is not None and self._loop is loop and not self._runner.done():
+            return
+        if self._loop is not None and self._loop is not loop and self._runner is not None \
+                and not self._runner.done():
+            raise InvalidInput(f"{self.name} is bound to another event loop")
+        self._loop = loop
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.config.max_concurrent_batches)
+        self._runner = loop.create_task(self._run(), name=f"{self.name}-runner")
+
+    def _take_batch(self) -> list[_Pending[T, R]]:
+        batch: list[_Pending[T, R]] = []
+        while self._queue and len(batch) < self.config.max_batch:
+            p = self._queue.popleft()
+            if p.future.done():  # cancelled caller: drop it
+                continue
+            batch.append(p)
+        return batch
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None and self._slots is not None
+        max_wait = self.config.max_wait_ms / 1000.0
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            # wait until the batch is full or the oldest item has waited max_wait
+            deadline = self._queue[0].enqueued + max_wait
+            while len(self._queue) < self.config.max_batch and not self._closing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+            await self._slots.acquire()
+            batch = self._take_batch()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._process(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _process(self, batch: list[_Pending[T, R]]) -> None:
+        assert self._slots is not None
+        t0 = time.monotonic()
+        try:
+            results = await self.process([p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{self.name}: process returned {len(results)} results for "
+                                   f"{len(batch)} items")
+        except BaseException as exc:
+            self.stats.failed_batches += 1
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+        else:
+            for p, r in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(r)
+        finally:
+            self._slots.release()
+            self.stats.batches += 1
+            self.stats.items += len(batch)
+            if len(self.stats.batch_sizes) < 100_000:
+                self.stats.batch_sizes.append(len(batch))
+            self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * (time.monotonic() - t0)

@@ -1,0 +1,194 @@
+"""`dask-rag` command line: ingest, search, ask, serve, eval, bench, demo.
+
+Every command connects to ``--scheduler ADDR`` or ``--cluster SPEC`` when given; otherwise it
+starts a LocalCluster of single-threaded worker processes and prints the dashboard link.
+Errors the user can fix (bad paths, bad input) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from dask_rag.errors import DaskRagError
+
+__all__ = ["main"]
+
+DEMO_INDEX = ".demo-index"
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--scheduler", help="address of a running Dask scheduler")
+    g.add_argument("--cluster", help="cluster spec YAML (see clusters/)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="local worker processes when starting a LocalCluster (default: cores)")
+    g.add_argument("--dashboard", default=":8787", help="dashboard address of a LocalCluster")
+
+
+@contextlib.contextmanager
+def _client(args: argparse.Namespace, quiet: bool = False) -> Iterator[Any]:
+    from dask_rag.cluster import connect
+
+    client, cluster = connect(args.scheduler, spec=getattr(args, "cluster", None),
+                              n_workers=args.workers, dashboard_address=args.dashboard)
+    try:
+        if not quiet:
+            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# commands
+# ------------------------------------------------------------------------------------------------
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from dask_rag.config import ChunkConfig, EmbedConfig, IndexSpec
+    from dask_rag.ingest import ingest
+
+    spec = None
+    if args.factory or args.shards:
+        spec = IndexSpec(factory=args.factory or "Flat", n_shards=args.shards or 2,
+                         nprobe=args.nprobe)
+    embed = EmbedConfig(model=args.model, precision=args.precision)
+    chunk = ChunkConfig(max_tokens=args.chunk_tokens, overlap_tokens=args.overlap_tokens)
+    with _client(args) as client:
+        report = ingest(client, args.paths, args.index, spec=spec, embed=embed, chunk=chunk,
+                        progress=not args.quiet)
+    print(report.summary())
+    return 0
+
+
+def _print_hits(hits: Sequence[Any], as_json: bool, timings: dict[str, float]) -> None:
+    if as_json:
+        print(json.dumps({"hits": [h.to_dict() for h in hits],
+                          "timings_ms": {k: round(v, 3) for k, v in timings.items()}}, indent=2))
+        return
+    for rank, h in enumerate(hits, 1):
+        first = " ".join(h.text.split())[:160]
+        print(f"{rank:>2}. {h.score:7.4f}  {h.source}\n      {first}")
+    print("timings: " + ", ".join(f"{k} {v:.1f} ms" for k, v in timings.items()))
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from dask_rag.pipeline import RagPipeline
+
+    with _client(args, quiet=args.json) as client, \
+            RagPipeline.from_index_dir(client, args.index) as pipe:
+        timings: dict[str, float] = {}
+        flt = json.loads(args.filter) if args.filter else None
+        hits = pipe.search_many([args.query], k=args.k, filter=flt, timings=timings)[0]
+        _print_hits(hits, args.json, timings)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dask_rag.corpus.demo import DEMO_QUESTIONS, stdlib_documents
+    from dask_rag.ingest import ingest
+    from dask_rag.pipeline import RagPipeline
+
+    index_dir = Path(args.index)
+    with _client(args) as client:
+        if args.rebuild or not (index_dir / "manifest.json").exists():
+            t0 = time.perf_counter()
+            docs = stdlib_documents(limit=args.limit)
+            print(f"demo corpus: {len(docs)} docstrings of the Python {sys.version.split()[0]} "
+                  f"standard library ({time.perf_counter() - t0:.1f} s)", flush=True)
+            if args.rebuild and index_dir.exists():
+                import shutil
+
+                shutil.rmtree(index_dir)
+            report = ingest(client, docs, index_dir, progress=True)
+            print(f"ingested: {report.summary()} in {report.seconds['total']:.1f} s", flush=True)
+        else:
+            print(f"using the existing demo index at {index_dir} (--rebuild to recreate)")
+        with RagPipeline.from_index_dir(client, index_dir) as pipe:
+            pipe.embedder.warmup()
+            for q in DEMO_QUESTIONS:
+                timings: dict[str, float] = {}
+                hits = pipe.search_many([q], k=3, timings=timings)[0]
+                print(f"\nQ: {q}")
+                _print_hits(hits, False, timings)
+        print(f"\nDask dashboard: {client.dashboard_link}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# parser
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dask-rag",
+        description="Retrieval-augmented generation with a faiss index sharded on Dask.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="chunk, embed and index files or directories")
+    p.add_argument("paths", nargs="+", help="files or directories (.txt .md .rst .html .jsonl)")
+    p.add_argument("--index", required=True, help="index directory (created or updated)")
+    p.add_argument("--shards", type=int, help="number of shards (default: one per worker)")
+    p.add_argument("--factory", help="faiss factory string (default: Flat, IVF beyond 50k)")
+    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--model", default="default", help="local sentence-transformers model dir")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16",
+                                                            "int8"])
+    p.add_argument("--chunk-tokens", type=int, default=200)
+    p.add_argument("--overlap-tokens", type=int, default=32)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_cluster_args(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("search", help="retrieve the chunks most similar to a query")
+    p.add_argument("query")
+    p.add_argument("--index", required=True)
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--filter", help='JSON filter, e.g. {"source_prefix": "json."}')
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_cluster_args(p)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("demo", help="ingest the built-in demo corpus and try it")
+    p.add_argument("--index", default=DEMO_INDEX)
+    p.add_argument("--rebuild", action="store_true", help="re-ingest even if the index exists")
+    p.add_argument("--limit", type=int, default=None, help="at most this many docstrings")
+    p.add_argument("--no-serve", action="store_true", help="do not start the HTTP server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _add_cluster_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except DaskRagError as exc:
+        print(f"dask-rag {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

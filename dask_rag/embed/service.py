@@ -1,0 +1,128 @@
+"""Embedding on Dask workers: the model is loaded once per worker, texts travel in batches.
+
+``embed_texts_task`` is the one task that turns texts into vectors; ingestion maps it over
+chunk batches, and :class:`EmbeddingService` feeds it from the async micro-batcher so that
+concurrent single-text requests (HTTP ``/v1/embed``, query embedding) share model calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from distributed import Client, Future
+
+from dask_rag.batching import MicroBatcher
+from dask_rag.config import BatchConfig, EmbedConfig
+from dask_rag.embed.encoder import SentenceEncoder, resolve_model_path
+from dask_rag.errors import InvalidInput
+from dask_rag.plugins import ensure_model_cache, worker_model_cache
+
+__all__ = ["EmbeddingService", "embed_texts_task", "worker_encoder"]
+
+
+def worker_encoder(config: EmbedConfig) -> SentenceEncoder:
+    """The encoder for ``config`` on this worker (loaded on first use, then cached)."""
+    enc: SentenceEncoder = worker_model_cache().get(("encoder", config),
+                                                    lambda: SentenceEncoder(config))
+    return enc
+
+
+def embed_texts_task(config: EmbedConfig, texts: list[str]) -> npt.NDArray[np.float32]:
+    return worker_encoder(config).encode(texts)
+
+
+def count_tokens_task(config: EmbedConfig, texts: list[str]) -> list[int]:
+    return worker_encoder(config).count_tokens(texts)
+
+
+def encoder_info_task(config: EmbedConfig) -> dict[str, Any]:
+    return worker_encoder(config).describe()
+
+
+def _encoder_counters_task(config: EmbedConfig) -> tuple[int, int]:
+    enc = worker_encoder(config)
+    return enc.model_calls, enc.texts_encoded
+
+
+def encoder_counters(client: Client, config: EmbedConfig) -> tuple[int, int]:
+    """(model forward calls, texts encoded) by ``config``'s encoder on every worker."""
+    workers = list(client.scheduler_info(n_workers=-1)["workers"])
+    futs = [client.submit(_encoder_counters_task, config, workers=[w], pure=False,
+                          allow_other_workers=False) for w in workers]
+    res = client.gather(futs)
+    return int(sum(r[0] for r in res)), int(sum(r[1] for r in res))
+
+
+class EmbeddingService:
+    """Micro-batched embedding on the cluster.
+
+    ``await service.aembed(text)`` from many coroutines at once: texts are grouped by the
+    :class:`~dask_rag.batching.MicroBatcher` and each group is one ``embed_texts_task`` on a
+    worker.  ``service.embed(texts)`` embeds a list directly (one task per ``chunk`` texts).
+    """
+
+    def __init__(self, client: Client, config: EmbedConfig | None = None,
+                 batch: BatchConfig | None = None) -> None:
+        self.client = client
+        self.config = config or EmbedConfig()
+        resolve_model_path(self.config.model)  # a bad path fails here, before any task
+        ensure_model_cache(client)
+        self.info: dict[str, Any] = client.submit(encoder_info_task, self.config,
+                                                  pure=False).result()
+        self.dim = int(self.info["dim"])
+        self.batcher: MicroBatcher[str, npt.NDArray[np.float32]] = MicroBatcher(
+            self._process, batch or BatchConfig(), name="embed")
+
+    def warmup(self) -> None:
+        """Load the model on every worker now rather than on the first request."""
+        workers = list(self.client.scheduler_info(n_workers=-1)["workers"])
+        futs = [self.client.submit(encoder_info_task, self.config, workers=[w], pure=False,
+                                   allow_other_workers=False) for w in workers]
+        self.client.gather(futs)
+
+    def counters(self) -> tuple[int, int]:
+        """(model forward calls, texts encoded) summed over the cluster's encoders."""
+        return encoder_counters(self.client, self.config)
+
+    def model_calls(self) -> int:
+        return self.counters()[0]
+
+    def submit(self, texts: Sequence[str]) -> Future:
+        texts = _check_texts(texts)
+        return self.client.submit(embed_texts_task, self.config, texts, pure=False,
+                                  priority=5)
+
+    def embed(self, texts: Sequence[str], chunk: int = 256) -> npt.NDArray[np.float32]:
+        texts = _check_texts(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        futs = [self.client.submit(embed_texts_task, self.config, texts[i:i + chunk],
+                                   pure=False) for i in range(0, len(texts), chunk)]
+        return np.concatenate(self.client.gather(futs))
+
+    async def aembed(self, text: str) -> npt.NDArray[np.float32]:
+        if not isinstance(text, str):
+            raise InvalidInput(f"text must be a string, got {type(text).__name__}")
+        return await self.batcher.submit(text)
+
+    async def _process(self, texts: list[str]) -> list[npt.NDArray[np.float32]]:
+        from dask_rag.index.distributed import await_future
+
+        vectors = await await_future(self.submit(texts))
+        return list(vectors)
+
+    async def aclose(self) -> None:
+        await self.batcher.close()
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise InvalidInput("expected a list of strings, got a single string")
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise InvalidInput(f"text {i} is {type(t).__name__}, not a string")
+    return out

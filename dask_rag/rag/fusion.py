@@ -1,0 +1,222 @@
+"""Hybrid retrieval: a BM25 index per shard (bm25s), and fusion of dense and sparse rankings.
+
+Each shard keeps a BM25 index over its own chunks' text, persisted beside its faiss file and
+searched *in the same task* as the dense search, so hybrid retrieval costs no extra fan-out.
+BM25 statistics (IDF) are per shard, as in Elasticsearch's default ``query_then_fetch``: with
+hash sharding the shards are random samples of one corpus, so their statistics agree closely.
+
+Fusion: reciprocal rank fusion (``sum 1 / (rrf_k + rank)``, k = 60 by default) or a weighted
+sum of per-query min-max normalised scores.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dask_rag.errors import InvalidInput
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dask_rag.index.shard import SearchFilter, Shard, ShardResult
+
+__all__ = [
+    "SparseHits",
+    "SparseIndex",
+    "fuse",
+    "merge_sparse",
+    "reciprocal_rank_fusion",
+    "search_sparse",
+    "weighted_fusion",
+]
+
+
+def _tokenize(texts: Sequence[str]) -> Any:
+    import bm25s
+
+    return bm25s.tokenize(list(texts), stopwords="en", show_progress=False)
+
+
+class SparseIndex:
+    """BM25 over one shard's chunks (ids in index order)."""
+
+    def __init__(self, retriever: Any, ids: npt.NDArray[np.int64]) -> None:
+        self.retriever = retriever
+        self.ids = ids
+
+    @classmethod
+    def build(cls, ids: npt.NDArray[np.int64], texts: Sequence[str | None]) -> SparseIndex:
+        import bm25s
+
+        keep = [i for i, t in enumerate(texts) if t]
+        retriever = bm25s.BM25()
+        if keep:
+            retriever.index(_tokenize([texts[i] or "" for i in keep]), show_progress=False)
+        return cls(retriever if keep else None, np.asarray(ids, np.int64)[keep])
+
+    def save(self, directory: Path) -> None:
+        """Write atomically: into a temporary sibling directory, then rename."""
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            np.save(tmp / "ids.npy", self.ids)
+            if self.retriever is not None:
+                self.retriever.save(str(tmp), show_progress=False)
+            if directory.exists():
+                shutil.rmtree(directory)
+            tmp.rename(directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, directory: Path) -> SparseIndex:
+        import bm25s
+
+        ids = np.load(directory / "ids.npy", allow_pickle=False)
+        retriever = None
+        if (directory / "params.index.json").exists():
+            retriever = bm25s.BM25.load(str(directory), show_progress=False)
+        return cls(retriever, ids.astype(np.int64))
+
+    def search(self, queries: Sequence[str], k: int,
+               allowed: npt.NDArray[np.int64] | None = None
+               ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Top-``k`` ids and BM25 scores per query (-1 / 0 where fewer match)."""
+        nq = len(queries)
+        I = np.full((nq, k), -1, dtype=np.int64)
+        S = np.zeros((nq, k), dtype=np.float32)
+        if self.retriever is None or nq == 0 or len(self.ids) == 0:
+            return I, S
+        kk = min(k, len(self.ids))
+        mask = None
+        if allowed is not None:
+            mask = np.isin(self.ids, allowed).astype(np.float32)
+            if not mask.any():
+                return I, S
+        try:
+            pos, scores = self.retriever.retrieve(_tokenize(queries), k=kk, weight_mask=mask,
+                                                  show_progress=False, n_threads=1)
+        except ValueError:  # every query token unknown to this shard's vocabulary
+            return I, S
+        pos = np.asarray(pos, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float32)
+        found = scores > 0
+        I[:, :kk] = np.where(found, self.ids[np.clip(pos, 0, len(self.ids) - 1)], -1)
+        S[:, :kk] = np.where(found, scores, 0.0)
+        return I, S
+
+
+@dataclass
+class SparseHits:
+    """BM25 results of some query rows: ids, scores and the hit records."""
+
+    rows: npt.NDArray[np.int64]
+    I: npt.NDArray[np.int64]
+    S: npt.NDArray[np.float32]
+    payload: list[list[dict[str, Any] | None]]
+
+
+def search_sparse(shard: Shard, rows: npt.NDArray[np.int64], queries: list[str], k: int,
+                  flt: SearchFilter | None) -> SparseHits:
+    """BM25 search of one shard for batch rows ``rows`` (runs inside the shard's search task)."""
+    sparse = shard.sparse_index()
+    allowed = shard.filter_ids(flt) if flt is not None else None
+    I, S = sparse.search(queries, k, allowed)
+    payload = [shard.fetch(row) for row in I]
+    return SparseHits(rows=np.asarray(rows, np.int64), I=I, S=S, payload=payload)
+
+
+def merge_sparse(nq: int, parts: Sequence[ShardResult]) -> SparseHits:
+    """Merge per-shard BM25 hits (rows are batch rows) into per-query top-k by score."""
+    per_row: list[list[tuple[float, int, dict[str, Any] | None]]] = [[] for _ in range(nq)]
+    k = 0
+    for part in parts:
+        sp: SparseHits = part.sparse
+        k = max(k, sp.I.shape[1])
+        for local, row in enumerate(sp.rows):
+            for cid, score, rec in zip(sp.I[local], sp.S[local], sp.payload[local],
+                                       strict=True):
+                if cid >= 0:
+                    per_row[int(row)].append((float(score), int(cid), rec))
+    I = np.full((nq, k), -1, dtype=np.int64)
+    S = np.zeros((nq, k), dtype=np.float32)
+    payload: list[list[dict[str, Any] | None]] = [[None] * k for _ in range(nq)]
+    for r, cands in enumerate(per_row):
+        seen: set[int] = set()
+        best = []
+        for score, cid, rec in sorted(cands, key=lambda c: (-c[0], c[1])):
+            if cid not in seen:
+                seen.add(cid)
+                best.append((score, cid, rec))
+        for j, (score, cid, rec) in enumerate(best[:k]):
+            I[r, j], S[r, j], payload[r][j] = cid, score, rec
+    return SparseHits(rows=np.arange(nq, dtype=np.int64), I=I, S=S, payload=payload)
+
+
+# ------------------------------------------------------------------------------------------------
+# fusion
+# ------------------------------------------------------------------------------------------------
+
+
+def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], rrf_k: int = 60,
+                           weights: Sequence[float] | None = None) -> list[tuple[int, float]]:
+    """Fuse ranked id lists: ``score(d) = sum_i w_i / (rrf_k + rank_i(d))`` (ranks from 1).
+
+    Ties are broken by the best rank in any list, then by id, so the order is deterministic.
+    """
+    if rrf_k < 1:
+        raise InvalidInput(f"rrf_k={rrf_k} is invalid: must be >= 1")
+    weights = weights or [1.0] * len(rankings)
+    scores: dict[int, float] = {}
+    best: dict[int, int] = {}
+    for ranking, w in zip(rankings, weights, strict=True):
+        for rank, cid in enumerate(ranking, start=1):
+            if cid < 0:
+                continue
+            scores[cid] = scores.get(cid, 0.0) + w / (rrf_k + rank)
+            best[cid] = min(best.get(cid, rank), rank)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], best[kv[0]], kv[0]))
+
+
+def _minmax(values: Sequence[float]) -> list[float]:
+    if not values:
+        return []
+    lo, hi = min(values), max(values)
+    if hi - lo <= 1e-12:
+        return [1.0] * len(values)
+    return [(v - lo) / (hi - lo) for v in values]
+
+
+def weighted_fusion(dense: Sequence[tuple[int, float]], sparse: Sequence[tuple[int, float]],
+                    dense_weight: float = 0.5) -> list[tuple[int, float]]:
+    """``w * norm(dense) + (1 - w) * norm(sparse)`` with per-query min-max normalisation;
+    a candidate missing from one list gets 0 for it."""
+    d = dict(zip([c for c, _ in dense], _minmax([s for _, s in dense]), strict=True))
+    s = dict(zip([c for c, _ in sparse], _minmax([v for _, v in sparse]), strict=True))
+    fused = {cid: dense_weight * d.get(cid, 0.0) + (1 - dense_weight) * s.get(cid, 0.0)
+             for cid in set(d) | set(s) if cid >= 0}
+    return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def fuse(mode: str, dense: Sequence[tuple[int, float]], sparse: Sequence[tuple[int, float]],
+         method: str = "rrf", rrf_k: int = 60, dense_weight: float = 0.5
+         ) -> list[tuple[int, float]]:
+    """Rank candidates for ``mode`` in {dense, sparse, hybrid}: (id, score), best first."""
+    if mode == "dense":
+        return [(c, s) for c, s in dense if c >= 0]
+    if mode == "sparse":
+        return [(c, s) for c, s in sparse if c >= 0]
+    if mode != "hybrid":
+        raise InvalidInput(f"mode={mode!r} is invalid: must be 'dense', 'sparse' or 'hybrid'")
+    if method == "rrf":
+        return reciprocal_rank_fusion([[c for c, _ in dense], [c for c, _ in sparse]], rrf_k)
+    if method == "weighted":
+        return weighted_fusion(dense, sparse, dense_weight)
+    raise InvalidInput(f"fusion={method!r} is invalid: must be 'rrf' or 'weighted'")
