@@ -45,3 +45,32 @@ def client(cluster):
 
     with Client(cluster) as client:
         yield client
+
+
+#: a slice of the standard library big enough for retrieval tests, small enough to embed fast
+DEMO_MODULES = (
+    "json", "csv", "functools", "itertools", "collections", "subprocess", "pathlib", "os",
+    "re", "shutil", "tempfile", "argparse", "logging", "datetime", "heapq", "bisect",
+    "textwrap", "string", "random", "statistics", "fractions", "decimal", "hashlib", "base64",
+    "zipfile", "tarfile", "gzip", "sqlite3", "urllib.parse", "http.client", "socket", "select",
+    "threading", "queue", "asyncio.queues", "contextlib", "dataclasses", "enum", "typing",
+    "inspect",
+)
+
+
+@pytest.fixture(scope="session")
+def demo_docs():
+    from dask_rag.corpus.demo import stdlib_documents
+
+    return stdlib_documents(DEMO_MODULES)
+
+
+@pytest.fixture(scope="session")
+def demo_index(client, demo_docs, tmp_path_factory):
+    """An index of the demo slice, ingested through the real pipeline (model included)."""
+    from dask_rag.ingest import ingest
+
+    path = tmp_path_factory.mktemp("demo") / "index"
+    report = ingest(client, demo_docs, path, progress=False)
+    assert report.chunks_total > 500
+    return path

@@ -33,7 +33,7 @@ def test_loaders_read_each_format(tmp_path):
     (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
     docs = {d.source: d for d in load_paths([tmp_path])}
     assert len(docs) == 6
-    html = docs[str((tmp_path / "d.html").resolve())]
+    html = docs[str((tmp_path / "d.html").absolute())]
     assert html.text == "Hello world\n\nSecond" and html.metadata["title"] == "T"
     jl = [d for d in docs.values() if "e.jsonl" in d.source]
     assert {d.text for d in jl} == {"first", "second"}

@@ -161,7 +161,7 @@ def discover_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
             if p.suffix.lower() not in SUPPORTED_SUFFIXES:
                 raise InvalidInput(f"{p}: unsupported file type {p.suffix!r}; supported: "
                                    f"{', '.join(SUPPORTED_SUFFIXES)}")
-            found.append(p.resolve())
+            found.append(p.absolute())
             continue
         before = len(found)
         for root, dirs, files in os.walk(p):
@@ -171,7 +171,7 @@ def discover_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
                     continue
                 fp = Path(root) / name
                 if fp.suffix.lower() in SUPPORTED_SUFFIXES:
-                    found.append(fp.resolve())
+                    found.append(fp.absolute())
         if len(found) == before:
             raise InvalidInput(f"{p}: directory contains no supported files "
                                f"({', '.join(SUPPORTED_SUFFIXES)})")

@@ -5,10 +5,12 @@ Dynamic padding: a batch is tokenized once, sorted by token length, cut into buc
 back in input order.  On a mixed-length corpus most of the compute of naive batching goes to
 padding tokens (measured here: 3.4x faster on shuffled stdlib docstrings at batch 64).
 
-Precision on CPU: bf16 weights are ~2x faster than fp32 at cosine ~1.000 to fp32 (measured on
-stdlib docstrings); int8 is per-channel dynamic quantization of the Linear layers
-(``torch.ao.quantization.quantize_dynamic``), ~1.9x at mean cosine ~0.98 — reported by the
-benchmark so a user can choose.  fp16 is for GPUs.
+Precision on CPU: bf16 is ~2x faster than fp32 at cosine ~1.000 on CPUs with native bf16
+(AVX512-BF16 / AMX) but ~6x slower where torch must emulate it (AVX2-only CPUs, measured here),
+so ``precision="auto"`` picks bf16 only where it is native.  int8 is per-channel dynamic
+quantization of the Linear layers (``torch.ao.quantization.quantize_dynamic``): ~1.3x here (1.9x
+with VNNI) at mean cosine ~0.98 — reported by the benchmark so a user can choose.  fp16 is for
+GPUs.
 """
 
 from __future__ import annotations
@@ -79,11 +81,30 @@ def resolve_device(device: str) -> str:
         return "cpu"
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX).
+
+    Without it torch emulates bf16 matmuls: measured on an AVX2-only EPYC (this project's CI
+    machine), bf16 MiniLM encodes ~6x *slower* than fp32, while on CPUs with AVX512-BF16 it is
+    ~2x faster.  So the automatic CPU precision depends on this flag.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def resolve_precision(precision: str, device: str) -> str:
+    """The precision ``"auto"`` stands for here: fp16 on GPUs, bf16 on CPUs that compute it
+    natively, fp32 otherwise (int8 stays opt-in: mean cosine ~0.98 to fp32, see the module
+    docstring and ``benchmarks/embed_throughput.py``)."""
     if precision == "auto":
-        return "fp16" if device.startswith("cuda") else "bf16"
+        if device.startswith("cuda"):
+            return "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and not device.startswith("cuda"):
-        raise InvalidInput("EmbedConfig.precision='fp16' needs a GPU; on CPU use 'bf16' or 'int8'")
+        raise InvalidInput("EmbedConfig.precision='fp16' needs a GPU; on CPU use 'fp32', 'bf16' or 'int8'")
     if precision == "int8" and device.startswith("cuda"):
         raise InvalidInput("EmbedConfig.precision='int8' is a CPU mode; on GPU use 'fp16'")
     return precision
@@ -114,18 +135,25 @@ class SentenceEncoder:
         elif self.precision == "fp16":
             model = model.to(torch.float16)
         elif self.precision == "int8":
-            model = torch.ao.quantization.quantize_dynamic(
-                model, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
-                dtype=torch.qint8)
+            import warnings
+
+            with warnings.catch_warnings():  # torch.ao deprecation notices, not actionable here
+                warnings.simplefilter("ignore")
+                model = torch.ao.quantization.quantize_dynamic(
+                    model, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
+                    dtype=torch.qint8)
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_seq_length = int(model.max_seq_length or self.config.max_seq_length)
-        dim = model.get_sentence_embedding_dimension()
+        get_dim = getattr(model, "get_embedding_dimension", None) or \
+            model.get_sentence_embedding_dimension
+        dim = get_dim()
         if not dim:
             raise ModelLoadError(f"{self.model_path!r} does not declare an embedding dimension")
         self.dim = int(dim)
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads
-        self.model_calls = 0
+        self.model_calls = 0  # forward passes
+        self.encode_calls = 0  # calls of encode(): one per micro-batch / task
         self.texts_encoded = 0
 
     @property
@@ -145,7 +173,7 @@ class SentenceEncoder:
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Token counts (special tokens included, not truncated) — for chunking and budgets."""
-        enc = self.tokenizer(list(texts), truncation=False, padding=False)
+        enc = self.tokenizer(list(texts), truncation=False, padding=False, verbose=False)
         return [len(ids) for ids in enc["input_ids"]]
 
     def encode(self, texts: Sequence[str], batch_size: int | None = None,
@@ -161,6 +189,7 @@ class SentenceEncoder:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InvalidInput(f"text {i} is {type(t).__name__}, not a string")
+        self.encode_calls += 1
         bs = batch_size or self.config.batch_size
         bucket = self.config.bucketing if bucketing is None else bucketing
         tokens = self._tokenize(texts)

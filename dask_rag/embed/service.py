@@ -42,13 +42,16 @@ def encoder_info_task(config: EmbedConfig) -> dict[str, Any]:
     return worker_encoder(config).describe()
 
 
-def _encoder_counters_task(config: EmbedConfig) -> tuple[int, int]:
+def _encoder_counters_task(config: EmbedConfig) -> tuple[int, int, int]:
     enc = worker_encoder(config)
-    return enc.model_calls, enc.texts_encoded
+    return enc.encode_calls, enc.texts_encoded, enc.model_calls
 
 
 def encoder_counters(client: Client, config: EmbedConfig) -> tuple[int, int]:
-    """(model forward calls, texts encoded) by ``config``'s encoder on every worker."""
+    """(encode calls, texts encoded) by ``config``'s encoder, summed over every worker.
+
+    An encode call is one micro-batch (one task); it runs ``ceil(n / batch_size)`` forwards.
+    """
     workers = list(client.scheduler_info(n_workers=-1)["workers"])
     futs = [client.submit(_encoder_counters_task, config, workers=[w], pure=False,
                           allow_other_workers=False) for w in workers]
@@ -84,11 +87,8 @@ class EmbeddingService:
         self.client.gather(futs)
 
     def counters(self) -> tuple[int, int]:
-        """(model forward calls, texts encoded) summed over the cluster's encoders."""
+        """(encode calls, texts encoded) summed over the cluster's encoders."""
         return encoder_counters(self.client, self.config)
-
-    def model_calls(self) -> int:
-        return self.counters()[0]
 
     def submit(self, texts: Sequence[str]) -> Future:
         texts = _check_texts(texts)
