@@ -95,6 +95,85 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rag_config(args: argparse.Namespace) -> Any:
+    from dask_rag.config import RagConfig
+
+    return RagConfig(k=args.k, mode=args.mode, generator=args.generator,
+                     rerank_model=getattr(args, "rerank_model", None),
+                     token_budget=getattr(args, "token_budget", 1024))
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from dask_rag.pipeline import RagPipeline
+    from dask_rag.rag.generate import SamplingParams
+
+    cfg = _rag_config(args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            stream_chunk_tokens=args.stream_chunk_tokens)
+    with _client(args, quiet=args.json) as client, \
+            RagPipeline.from_index_dir(client, args.index, cfg) as pipe:
+        if args.stream:
+            async def run() -> None:
+                cites: list[dict[str, Any]] = []
+                async for event in pipe.astream(args.question, params=params):
+                    if event["event"] == "text":
+                        print(event["text"], end="", flush=True)
+                    elif event["event"] == "citations":
+                        cites = event["citations"]
+                    elif event["event"] == "done":
+                        print()
+                        for c in cites:
+                            print(f"[{c['n']}] {c['source']}")
+                        print("timings: " + ", ".join(
+                            f"{k} {v:.1f} ms" for k, v in event["timings_ms"].items()))
+
+            asyncio.run(run())
+            return 0
+        answer = pipe.ask(args.question, params=params)
+        if args.json:
+            print(json.dumps(answer.to_dict(), indent=2))
+            return 0
+        print(answer.text)
+        for n, hit in enumerate(answer.citations, 1):
+            print(f"[{n}] {hit.source}")
+        print("timings: " + ", ".join(f"{k} {v:.1f} ms" for k, v in answer.timings_ms.items()))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dask_rag.evaluate import evaluate, format_table, known_item_queries, load_queries
+    from dask_rag.pipeline import RagPipeline
+
+    cfg = _rag_config(args)
+    with _client(args, quiet=True) as client, \
+            RagPipeline.from_index_dir(client, args.index, cfg) as pipe:
+        if args.queries:
+            queries = load_queries(args.queries)
+        else:
+            from dask_rag.corpus.demo import stdlib_documents
+
+            indexed = {src for _, src, _ in pipe.index.doc_index() if src}
+            queries = known_item_queries(stdlib_documents(), n=args.known_items,
+                                         sources=indexed)
+            if not queries:
+                print("dask-rag eval: the index holds no demo-corpus documents; pass --queries",
+                      file=sys.stderr)
+                return 2
+        modes = [m.strip() for m in args.modes.split(",")]
+        results = evaluate(pipe, queries, k=args.k, modes=modes,
+                           rerank=bool(args.rerank_model))
+    table = format_table(results)
+    print(f"{len(queries)} queries, k={args.k}\n{table}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"queries": len(queries), "k": args.k,
+                                              "results": results}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dask_rag.corpus.demo import DEMO_QUESTIONS, stdlib_documents
     from dask_rag.ingest import ingest
@@ -161,6 +240,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_cluster_args(p)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("ask", help="answer a question from the index, with citations")
+    p.add_argument("question")
+    p.add_argument("--index", required=True)
+    p.add_argument("-k", type=int, default=5, help="passages in the prompt")
+    p.add_argument("--mode", default="hybrid", choices=["dense", "sparse", "hybrid"])
+    p.add_argument("--generator", default="extractive",
+                   help="'extractive' (default), 'hf:PATH' or 'vllm:PATH'")
+    p.add_argument("--rerank-model", help="local cross-encoder directory")
+    p.add_argument("--token-budget", type=int, default=1024)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--stream-chunk-tokens", type=int, default=32)
+    p.add_argument("--json", action="store_true")
+    _add_cluster_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("eval", help="recall@k / MRR@k / nDCG@k of dense, sparse, hybrid")
+    p.add_argument("--index", required=True)
+    p.add_argument("--queries", help="JSONL: {query, relevant_ids | relevant_sources}; default:"
+                                     " known-item queries from the demo corpus")
+    p.add_argument("--known-items", type=int, default=200)
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--modes", default="dense,sparse,hybrid")
+    p.add_argument("--mode", default="hybrid", help=argparse.SUPPRESS)
+    p.add_argument("--generator", default="extractive", help=argparse.SUPPRESS)
+    p.add_argument("--rerank-model", help="also evaluate hybrid + this cross-encoder")
+    p.add_argument("--out", help="write the results as JSON here")
+    _add_cluster_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="ingest the built-in demo corpus and try it")
     p.add_argument("--index", default=DEMO_INDEX)

@@ -285,10 +285,14 @@ class RagPipeline:
         return mode
 
     def _n_candidates(self, k: int) -> int:
-        n = max(k, self.config.candidates)
-        if self.config.rerank_model:
-            n = max(n, self.config.rerank_top_n)
-        return min(n, self.index.spec.max_k)
+        """How deep each retriever (dense, BM25) goes before fusion."""
+        return min(max(k, self.config.candidates, self._n_rerank(k)), self.index.spec.max_k)
+
+    def _n_rerank(self, k: int) -> int:
+        """How many fused candidates the cross-encoder sees (k when there is no rerank)."""
+        if not self.config.rerank_model:
+            return k
+        return min(max(k, self.config.rerank_top_n), self.index.spec.max_k)
 
     # ---- retrieval ----------------------------------------------------------------------------
 
@@ -329,6 +333,25 @@ class RagPipeline:
         """Hits for one query (see :meth:`search_many`)."""
         return self.search_many([query], k, filter, mode)[0]
 
+    def rerank_many(self, queries: Sequence[str], k: int | None = None,
+                    filter: dict[str, Any] | SearchFilter | None = None,
+                    mode: str | None = None) -> list[list[Hit]]:
+        """:meth:`search_many` then the cross-encoder over ``rerank_top_n`` candidates."""
+        if not self.config.rerank_model:
+            raise InvalidInput("no rerank model configured (RagConfig.rerank_model)")
+        from dask_rag.rag.rerank import rerank_scores_task
+
+        k = self._check_k(k)
+        cands = self.search_many(queries, self._n_rerank(k), filter, mode)
+        scores = self.client.submit(rerank_scores_task, self.config.rerank_model, list(queries),
+                                    [[h.text for h in c] for c in cands], pure=False).result()
+        out = []
+        for c, s in zip(cands, scores, strict=True):
+            order = sorted(range(len(c)), key=lambda i: (-s[i], i))[:k]
+            out.append([Hit(c[i].id, s[i], c[i].text, c[i].source, c[i].metadata)
+                        for i in order])
+        return out
+
     # ---- answers ------------------------------------------------------------------------------
 
     def submit_ask(self, questions: Sequence[str], k: int | None = None,
@@ -354,7 +377,7 @@ class RagPipeline:
         token = tag.split(":")[0]
         client = self.client
         retrieved = client.submit(retrieve_task, len(questions), n, self.index.metric,
-                                  self.config, mode, n, *parts,
+                                  self.config, mode, self._n_rerank(k), *parts,
                                   key=f"dask-rag-retrieve-{token}", pure=False, priority=10)
         if self.config.rerank_model:
             retrieved = client.submit(rerank_task, self.config.rerank_model, k, questions,
@@ -380,8 +403,14 @@ class RagPipeline:
                  params: SamplingParams | None = None, mode: str | None = None) -> list[Answer]:
         """Answer a batch of questions with one graph (see the module docstring)."""
         questions = [self.check_query(q) for q in questions]
+        if not questions:
+            raise InvalidInput("no questions given")
+        self._check_k(k)  # everything is validated before the first task is submitted
+        mode = self._mode(mode)
+        if isinstance(filter, dict):
+            filter = SearchFilter.from_dict(filter)
         t0 = time.perf_counter()
-        xq = self._embed(questions, self._mode(mode))
+        xq = self._embed(questions, mode)
         embed_ms = (time.perf_counter() - t0) * 1e3
         results = self.submit_ask(questions, k, filter, params, mode, xq=xq).result()
         return self._answers(questions, results, t0, embed_ms)
@@ -400,6 +429,8 @@ class RagPipeline:
         """Search one query; concurrent calls are batched into one graph."""
         self.check_query(query, "query")
         self._check_k(k)
+        self._mode(mode)
+        SearchFilter.from_dict(filter)
         return await self._search_batcher.submit((query, {"k": k, "filter": filter,
                                                           "mode": mode}))
 
@@ -409,6 +440,8 @@ class RagPipeline:
         """Answer one question; concurrent calls are batched into one graph."""
         self.check_query(question)
         self._check_k(k)
+        self._mode(mode)
+        SearchFilter.from_dict(filter)
         return await self._ask_batcher.submit((question, {"k": k, "filter": filter,
                                                           "params": params, "mode": mode}))
 
@@ -469,7 +502,7 @@ class RagPipeline:
         mode = self._mode(mode)
         params = params or SamplingParams(stream_chunk_tokens=self.config.stream_chunk_tokens)
         t0 = time.perf_counter()
-        hits = await self.asearch(question, self._n_candidates(k), filter, mode)
+        hits = await self.asearch(question, self._n_rerank(k), filter, mode)
         t1 = time.perf_counter()
         timings = {"retrieve": (t1 - t0) * 1e3}
         if self.config.rerank_model:

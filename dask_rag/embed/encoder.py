@@ -104,7 +104,8 @@ def resolve_precision(precision: str, device: str) -> str:
             return "fp16"
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and not device.startswith("cuda"):
-        raise InvalidInput("EmbedConfig.precision='fp16' needs a GPU; on CPU use 'fp32', 'bf16' or 'int8'")
+        raise InvalidInput("EmbedConfig.precision='fp16' needs a GPU; on CPU use 'fp32', "
+                           "'bf16' or 'int8'")
     if precision == "int8" and device.startswith("cuda"):
         raise InvalidInput("EmbedConfig.precision='int8' is a CPU mode; on GPU use 'fp16'")
     return precision

@@ -414,13 +414,14 @@ class DistributedIndex:
         return (f"dask-rag-shard-{self.index_uuid[:8]}{self._token}-{self._epoch}", shard_no)
 
     def _start_shards(self, progress: bool = False) -> None:
-        workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        workers = _current_workers(self.client)
         futures = []
         for s in range(self.n_shards):
             ref = ShardRef(str(self.path), s, self.index_uuid)
             target = [workers[s % len(workers)]] if workers else None
             futures.append(self.client.submit(load_shard, ref, key=self._shard_key(s),
-                                              workers=target, allow_other_workers=True,
+                                              workers=target,
+                                              allow_other_workers=target is not None,
                                               pure=False))
         _wait_with_progress(futures, "loading shards", progress)
         for f in futures:
@@ -828,6 +829,15 @@ def _plan_shards(spec: IndexSpec, sharding: str, template: Any, xb: npt.NDArray[
     return router, shard_of, lists
 
 
+def _current_workers(client: Client, timeout: float = 60.0) -> list[str]:
+    """Addresses of the workers now (waiting for at least one, e.g. during a restart)."""
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    if not workers:
+        client.wait_for_workers(1, timeout=timeout)
+        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    return workers
+
+
 def _write_shards(client: Client, directory: Path, index_uuid: str, spec: IndexSpec, dim: int,
                   template_bytes: bytes | None, xb: npt.NDArray[np.float32],
                   ids: npt.NDArray[np.int64], shard_of: npt.NDArray[np.int32],
@@ -837,7 +847,7 @@ def _write_shards(client: Client, directory: Path, index_uuid: str, spec: IndexS
     """Build and write every shard in parallel on the workers."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "shards").mkdir(exist_ok=True)
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = _current_workers(client)
     futures = []
     for s in range(spec.n_shards):
         m = shard_of == s
@@ -849,7 +859,7 @@ def _write_shards(client: Client, directory: Path, index_uuid: str, spec: IndexS
                                 workers=target, direct=True, hash=False)
         futures.append(client.submit(_build_shard_from_part, str(directory), s, index_uuid, spec,
                                      dim, template_bytes, part, workers=target,
-                                     allow_other_workers=True, pure=False,
+                                     allow_other_workers=target is not None, pure=False,
                                      key=(f"dask-rag-build-{index_uuid[:12]}", s)))
     _wait_with_progress(futures, "building shards", progress)
     entries: list[dict[str, Any]] = client.gather(futures)

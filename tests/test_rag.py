@@ -1,0 +1,281 @@
+"""RAG pipeline: evaluation metrics, prompts, generators, filters, rerank, streaming, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import numpy as np
+import pytest
+from distributed import get_task_stream
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dask_rag import DistributedIndex, IndexSpec
+from dask_rag.config import RagConfig
+from dask_rag.errors import InvalidInput, ModelLoadError
+from dask_rag.evaluate import evaluate, known_item_queries, mrr_at_k, ndcg_at_k, recall_at_k
+from dask_rag.pipeline import Hit, RagPipeline
+from dask_rag.rag.fusion import reciprocal_rank_fusion, weighted_fusion
+from dask_rag.rag.generate import SamplingParams, parse_generator_spec
+from dask_rag.rag.generate.extractive import ExtractiveGenerator
+from dask_rag.rag.prompt import build_prompt, parse_prompt
+from tests.tiny_models import save_tiny_cross_encoder, save_tiny_gpt2
+
+# ------------------------------------------------------------------------------------------------
+# pure pieces
+# ------------------------------------------------------------------------------------------------
+
+
+def test_metrics_match_hand_computed_values():
+    ranked = [False, True, False, True, False]  # relevant at ranks 2 and 4, 3 relevant in all
+    assert recall_at_k(ranked, 3, 5) == pytest.approx(2 / 3)
+    assert recall_at_k(ranked, 3, 2) == pytest.approx(1 / 3)
+    assert mrr_at_k(ranked, 5) == pytest.approx(0.5)
+    assert mrr_at_k(ranked, 1) == 0.0
+    dcg = 1 / np.log2(3) + 1 / np.log2(5)
+    idcg = 1 / np.log2(2) + 1 / np.log2(3) + 1 / np.log2(4)
+    assert ndcg_at_k(ranked, 3, 5) == pytest.approx(dcg / idcg)
+    assert ndcg_at_k([True], 1, 10) == pytest.approx(1.0)
+
+
+def test_rrf_and_weighted_fusion():
+    fused = reciprocal_rank_fusion([[1, 2, 3], [3, 1, 4]], rrf_k=60)
+    scores = dict(fused)
+    assert scores[1] == pytest.approx(1 / 61 + 1 / 62)
+    assert scores[3] == pytest.approx(1 / 63 + 1 / 61)
+    assert [c for c, _ in fused][:2] == [1, 3]
+    w = weighted_fusion([(1, 0.9), (2, 0.1)], [(2, 10.0), (3, 0.0)], dense_weight=0.5)
+    assert dict(w) == pytest.approx({1: 0.5, 2: 0.5, 3: 0.0})
+    with pytest.raises(InvalidInput):
+        reciprocal_rank_fusion([[1]], rrf_k=0)
+
+
+_words = st.text(alphabet=st.sampled_from(list("abcdefgh xyz.,!?<>/\"'\n")), min_size=0,
+                 max_size=400)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="module")
+def bpe_count(gpt2_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gpt2_dir), local_files_only=True)
+    return lambda texts: [len(tok(t)["input_ids"]) for t in texts]
+
+
+@settings(max_examples=80, deadline=None)
+@given(texts=st.lists(_words, min_size=0, max_size=8), budget=st.integers(60, 600),
+       question=st.text(alphabet="abc? ", min_size=1, max_size=40))
+def test_prompt_never_exceeds_budget(bpe_count, texts, budget, question):
+    hits = [Hit(id=100 + i, score=1.0, text=t, source=f"src{i}\"<x>") for i, t in
+            enumerate(texts)]
+    for count in (bpe_count, ExtractiveGenerator().count_tokens):
+        try:
+            p = build_prompt(question, hits, count, budget)
+        except InvalidInput:
+            assert count([build_prompt(question, [], count, 10**6).text])[0] > budget
+            continue
+        assert count([p.text])[0] <= budget and p.tokens <= budget
+        q, docs = parse_prompt(p.text)
+        assert q == question.strip()
+        assert [n for n, _, _ in docs] == list(range(1, len(p.citations) + 1))
+        assert p.text.count("<doc id=") == len(p.citations) == p.text.count("</doc>")
+        assert set(p.citations) <= {h.id for h in hits}
+
+
+def test_prompt_order_dedup_and_sentence_cut():
+    count = ExtractiveGenerator().count_tokens
+    long = " ".join(f"Sentence {i} talks about json." for i in range(200))
+    hits = [Hit(1, 0.9, "json.dumps serializes obj to a JSON formatted str.", "json.dumps"),
+            Hit(2, 0.8, "json.dumps serializes obj to a JSON formatted str.", "copy"),
+            Hit(3, 0.7, long, "long")]
+    p = build_prompt("How to serialize?", hits, count, 400)
+    assert p.citations[0] == 1 and 2 not in p.citations and p.dropped_duplicates == 1
+    assert p.truncated and p.citations[-1] == 3
+    last = parse_prompt(p.text)[1][-1][2]
+    assert last.endswith(".") and last.startswith("Sentence 0 ")  # cut at a sentence boundary
+    assert count([p.text])[0] <= 400
+    with pytest.raises(InvalidInput, match="token budget"):
+        build_prompt("x " * 500, hits, count, 100)
+
+
+def test_sampling_params_validation():
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"top_k": -2},
+                {"stop": ("",)}, {"stream_chunk_tokens": 0}, {"temperature": float("nan")}):
+        with pytest.raises(InvalidInput, match="SamplingParams"):
+            SamplingParams(**bad)
+    with pytest.raises(InvalidInput, match="unknown sampling"):
+        SamplingParams.from_dict({"temp": 1})
+    assert SamplingParams.from_dict({"stop": "END"}).stop == ("END",)
+
+
+def test_generator_specs(tmp_path, gpt2_dir):
+    assert parse_generator_spec("extractive").kind == "extractive"
+    assert parse_generator_spec(f"hf:{gpt2_dir}").path == str(gpt2_dir.resolve())
+    with pytest.raises(InvalidInput, match="unknown generator"):
+        parse_generator_spec("openai:gpt-9")
+    with pytest.raises(ModelLoadError, match="not a directory"):
+        parse_generator_spec(f"hf:{tmp_path / 'missing'}")
+    (tmp_path / "notamodel").mkdir()
+    with pytest.raises(ModelLoadError, match="not a model directory"):
+        parse_generator_spec(f"hf:{tmp_path / 'notamodel'}")
+
+
+def test_hf_generator_greedy_stream_and_params(gpt2_dir):
+    from dask_rag.rag.generate.hf import HFGenerator
+
+    gen = HFGenerator(str(gpt2_dir))
+    prompts = ["How do I serialize a Python object?", "The quick brown fox"]
+    params = SamplingParams(max_tokens=16)
+    first = gen.generate(prompts, params)
+    assert first == gen.generate(prompts, params)  # greedy is deterministic
+    assert all(isinstance(t, str) for t in first)
+
+    async def streamed(prompt, p):
+        return [piece async for piece in gen.stream(prompt, p)]
+
+    for chunk in (1, 3, 32):
+        p = SamplingParams(max_tokens=16, stream_chunk_tokens=chunk)
+        pieces = asyncio.run(streamed(prompts[0], p))
+        assert "".join(pieces) == gen.generate([prompts[0]], p)[0]
+        if chunk == 1:
+            assert len(pieces) > 1
+    sampled = SamplingParams(max_tokens=16, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    assert gen.generate(prompts, sampled) == gen.generate(prompts, sampled)  # seeded
+    with pytest.raises(InvalidInput, match="does not fit"):
+        gen.generate(["word " * 2000], SamplingParams(max_tokens=8))
+
+
+# ------------------------------------------------------------------------------------------------
+# on the cluster
+# ------------------------------------------------------------------------------------------------
+
+
+def test_filtered_search_in_shards(client):
+    rng = np.random.default_rng(0)
+    xb = rng.standard_normal((3000, 16)).astype(np.float32)
+    records = [{"text": f"t{i}", "source": ("json." if i % 10 == 0 else "csv.") + str(i),
+                "metadata": {"lang": "en" if i % 3 == 0 else "fr"}} for i in range(3000)]
+    for spec in (IndexSpec(factory="Flat", n_shards=3), IndexSpec(factory="IVF16,Flat",
+                                                                  n_shards=3, nprobe=16),
+                 IndexSpec(factory="HNSW16", n_shards=2, ef_search=200)):
+        with DistributedIndex.build(client, xb, spec=spec, records=records) as index:
+            _, I = index.search(xb[:5], k=50, filter={"source_prefix": "json."})
+            assert (I >= 0).all() and (I % 10 == 0).all()  # 300 matches: k of them returned
+            _, I2 = index.search(xb[:5], k=20, filter={"source_prefix": "json.",
+                                                         "metadata": {"lang": "en"}})
+            assert (I2 >= 0).all() and (I2 % 30 == 0).all()
+            _, I3 = index.search(xb[:1], k=5, filter={"source_prefix": "nothing."})
+            assert (I3 == -1).all()
+    with pytest.raises(InvalidInput, match="unknown field"):
+        DistributedIndex.build(client, xb[:50], records=records[:50]).search(
+            xb[:1], k=1, filter={"colour": "red"})
+
+
+@pytest.fixture(scope="module")
+def pipe(client, demo_index):
+    with RagPipeline.from_index_dir(client, demo_index, RagConfig(k=5)) as p:
+        yield p
+
+
+def test_filtered_pipeline_search(pipe):
+    hits = pipe.search("parse a string", k=8, filter={"source_prefix": "json."})
+    assert len(hits) == 8 and all(h.source.startswith("json.") for h in hits)
+    hits = pipe.search("open a file", k=5, filter={"metadata": {"module": "csv"}})
+    assert hits and all(h.metadata["module"] == "csv" for h in hits)
+
+
+def test_modes_and_eval_table(pipe, demo_docs):
+    queries = known_item_queries(demo_docs, n=60)
+    results = evaluate(pipe, queries, k=10)
+    assert set(results) == {"dense", "sparse", "hybrid"}
+    for row in results.values():
+        assert 0.0 <= row["mrr@10"] <= row["recall@10"] <= 1.0
+    assert results["hybrid"]["recall@10"] >= 0.8
+
+
+def test_extractive_answers_cite_retrieved_gold_chunk(pipe, demo_docs):
+    queries = known_item_queries(demo_docs, n=100)
+    answers = pipe.ask_many([q.query for q in queries])
+    good = 0
+    for q, a in zip(queries, answers, strict=True):
+        retrieved = {h.id for h in a.hits}
+        assert {h.id for h in a.citations} <= retrieved
+        cited_numbers = {int(n) for n in re.findall(r"\[(\d+)\]", a.text)}
+        assert cited_numbers and max(cited_numbers) <= len(a.citations)
+        cited_sources = {a.citations[n - 1].source for n in cited_numbers}
+        good += bool(cited_sources & q.relevant_sources)
+        assert {"embed", "search", "generate", "total"} <= set(a.timings_ms)
+    assert good / len(queries) >= 0.80, f"gold cited in {good}/{len(queries)}"
+
+
+def test_stream_matches_answer_and_chunks(pipe):
+    question = "How do I serialize a Python object to a JSON string?"
+    answer = pipe.ask(question)
+
+    async def collect(chunk):
+        return [e async for e in pipe.astream(question, params=SamplingParams(
+            stream_chunk_tokens=chunk))]
+
+    events = asyncio.run(collect(2))
+    assert events[0]["event"] == "citations" and events[-1]["event"] == "done"
+    text = "".join(e["text"] for e in events if e["event"] == "text")
+    assert text == answer.text
+    assert [c["id"] for c in events[0]["citations"]] == [h.id for h in answer.citations]
+    assert sum(1 for e in events if e["event"] == "text") > 1
+
+
+def test_hf_generator_in_the_pipeline(client, demo_index, gpt2_dir):
+    cfg = RagConfig(k=3, generator=f"hf:{gpt2_dir}", token_budget=700)
+    with RagPipeline.from_index_dir(client, demo_index, cfg) as p:
+        params = SamplingParams(max_tokens=12)
+        a = p.ask("How do I sort a list?", params=params)
+        assert a.prompt_tokens <= 700 and a.citations
+
+        async def collect():
+            return [e async for e in p.astream("How do I sort a list?", params=SamplingParams(
+                max_tokens=12, stream_chunk_tokens=1))]
+
+        events = asyncio.run(collect())
+        assert "".join(e["text"] for e in events if e["event"] == "text") == a.text
+
+
+def test_cross_encoder_rerank(client, demo_index, tmp_path):
+    from dask_rag.rag.rerank import CrossEncoderReranker
+
+    model = save_tiny_cross_encoder(tmp_path / "ce")
+    cfg = RagConfig(k=5, rerank_model=str(model), rerank_top_n=10)
+    with RagPipeline.from_index_dir(client, demo_index, cfg) as p:
+        q = "How do I read a CSV file row by row?"
+        before = p.search_many([q], k=10)[0]
+        after = p.rerank_many([q], k=5)[0]
+        expected = CrossEncoderReranker(str(model)).scores([q], [[h.text for h in before]])[0]
+        order = sorted(range(10), key=lambda i: (-expected[i], i))[:5]
+        assert [h.id for h in after] == [before[i].id for i in order]
+        assert [h.id for h in after] != [h.id for h in before[:5]]
+        a = p.ask(q)  # the answer graph goes through the rerank task
+        assert "rerank" in a.timings_ms and a.citations
+
+
+def test_bad_questions_fail_before_any_task(client, pipe, tmp_path):
+    with get_task_stream(client) as ts:
+        for bad, match in (("", "empty"), ("   ", "empty"), ("x" * 5000, "limit"),
+                           (42, "string")):
+            with pytest.raises(InvalidInput, match=match):
+                pipe.ask(bad)
+        with pytest.raises(InvalidInput, match="k=0"):
+            pipe.ask("fine question", k=0)
+        with pytest.raises(InvalidInput, match="mode"):
+            pipe.search("fine", mode="fuzzy")
+    assert not ts.data
+    with pytest.raises(InvalidInput, match="unknown generator"):
+        RagPipeline.from_index_dir(client, pipe.index.path, RagConfig(generator="gpt5"))
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ModelLoadError, match="not a model"):
+        RagPipeline.from_index_dir(client, pipe.index.path,
+                                   RagConfig(generator=f"hf:{tmp_path / 'm'}"))
