@@ -68,6 +68,8 @@ class MicroBatcher(Generic[T, R]):
         self.config = config or BatchConfig()
         self.name = name
         self.stats = BatcherStats()
+        #: called with (batch size, seconds) after every batch, e.g. to feed a histogram
+        self.observer: Callable[[int, float], None] | None = None
         self._queue: deque[_Pending[T, R]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -125,6 +127,10 @@ class MicroBatcher(Generic[T, R]):
             await self._runner
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    def reopen(self) -> None:
+        """Accept work again after :meth:`close` (e.g. a server restarted in one process)."""
+        self._closing = False
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -208,4 +214,7 @@ class MicroBatcher(Generic[T, R]):
             self.stats.items += len(batch)
             if len(self.stats.batch_sizes) < 100_000:
                 self.stats.batch_sizes.append(len(batch))
-            self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * (time.monotonic() - t0)
+            elapsed = time.monotonic() - t0
+            self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * elapsed
+            if self.observer is not None:
+                self.observer(len(batch), elapsed)

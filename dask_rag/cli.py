@@ -174,6 +174,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_config(args: argparse.Namespace) -> Any:
+    from dask_rag.config import BatchConfig, ServeConfig
+
+    keys = tuple(k.strip() for k in os.environ.get(args.api_keys_env, "").split(",")
+                 if k.strip())
+    return ServeConfig(host=args.host, port=args.port, batching=not args.no_batching,
+                       batch=BatchConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms),
+                       max_inflight=args.max_inflight, rate_limit_per_s=args.rate_limit,
+                       request_timeout_s=args.timeout, api_keys=keys)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dask_rag.pipeline import RagPipeline
+    from dask_rag.serve import run_server
+    from dask_rag.telemetry import configure_tracing
+
+    cfg = _rag_config(args)
+    serve_cfg = _serve_config(args)
+    configure_tracing()
+    with _client(args) as client, \
+            RagPipeline.from_index_dir(client, args.index, cfg, batch=serve_cfg.batch) as pipe:
+        pipe.warmup()
+        print(f"serving {args.index} on http://{args.host}:{args.port} "
+              f"(batching {'on' if serve_cfg.batching else 'off'}, API keys "
+              f"{'required' if serve_cfg.api_keys else 'off'}); "
+              f"Dask dashboard: {client.dashboard_link}", flush=True)
+        run_server(pipe, serve_cfg, log_level="info" if args.verbose else "warning")
+    return 0
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("http")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--no-batching", action="store_true",
+                   help="one Dask graph per request (the benchmark's naive baseline)")
+    g.add_argument("--max-batch", type=int, default=64)
+    g.add_argument("--max-wait-ms", type=float, default=5.0)
+    g.add_argument("--max-inflight", type=int, default=512)
+    g.add_argument("--rate-limit", type=float, default=None, help="requests/s per API key")
+    g.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
+    g.add_argument("--api-keys-env", default="DASK_RAG_API_KEYS",
+                   help="environment variable holding comma-separated API keys")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dask_rag.corpus.demo import DEMO_QUESTIONS, stdlib_documents
     from dask_rag.ingest import ingest
@@ -195,13 +240,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         else:
             print(f"using the existing demo index at {index_dir} (--rebuild to recreate)")
         with RagPipeline.from_index_dir(client, index_dir) as pipe:
-            pipe.embedder.warmup()
+            pipe.warmup()
             for q in DEMO_QUESTIONS:
-                timings: dict[str, float] = {}
-                hits = pipe.search_many([q], k=3, timings=timings)[0]
-                print(f"\nQ: {q}")
-                _print_hits(hits, False, timings)
-        print(f"\nDask dashboard: {client.dashboard_link}")
+                answer = pipe.ask(q, k=3)
+                print(f"\nQ: {q}\nA: {answer.text}")
+                for n, hit in enumerate(answer.citations, 1):
+                    print(f"   [{n}] {hit.source}")
+                print("   timings: " + ", ".join(f"{k} {v:.1f} ms"
+                                                 for k, v in answer.timings_ms.items()))
+            print(f"\nDask dashboard: {client.dashboard_link}")
+            if args.no_serve:
+                return 0
+            from dask_rag.serve import run_server
+
+            serve_cfg = _serve_config(args)
+            print(f"serving on http://{args.host}:{args.port} — try:\n  curl -s "
+                  f"http://{args.host}:{args.port}/v1/ask -d '{{\"question\": "
+                  f"\"{DEMO_QUESTIONS[0]}\"}}'\n(Ctrl-C to stop)", flush=True)
+            run_server(pipe, serve_cfg)
     return 0
 
 
@@ -258,6 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_args(p)
     p.set_defaults(func=cmd_ask)
 
+    p = sub.add_parser("serve", help="serve the index over HTTP (uvicorn + Starlette)")
+    p.add_argument("--index", required=True)
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--mode", default="hybrid", choices=["dense", "sparse", "hybrid"])
+    p.add_argument("--generator", default="extractive")
+    p.add_argument("--rerank-model")
+    p.add_argument("--token-budget", type=int, default=1024)
+    _add_serve_args(p)
+    _add_cluster_args(p)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("eval", help="recall@k / MRR@k / nDCG@k of dense, sparse, hybrid")
     p.add_argument("--index", required=True)
     p.add_argument("--queries", help="JSONL: {query, relevant_ids | relevant_sources}; default:"
@@ -277,8 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="re-ingest even if the index exists")
     p.add_argument("--limit", type=int, default=None, help="at most this many docstrings")
     p.add_argument("--no-serve", action="store_true", help="do not start the HTTP server")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    _add_serve_args(p)
     _add_cluster_args(p)
     p.set_defaults(func=cmd_demo)
     return parser

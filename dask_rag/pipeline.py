@@ -236,7 +236,8 @@ class RagPipeline:
             resolve_reranker_path(self.config.rerank_model)
         self._ask_batcher: MicroBatcher[tuple[str, dict[str, Any]], Answer] = MicroBatcher(
             self._ask_batch, batch or BatchConfig(max_batch=64), name="ask")
-        self._search_batcher: MicroBatcher[tuple[str, dict[str, Any]], list[Hit]] = \
+        self._search_batcher: MicroBatcher[tuple[str, dict[str, Any]],
+                                           tuple[list[Hit], dict[str, float]]] = \
             MicroBatcher(self._search_batch, batch or BatchConfig(max_batch=128), name="search")
 
     @classmethod
@@ -427,12 +428,20 @@ class RagPipeline:
                       filter: dict[str, Any] | None = None, mode: str | None = None
                       ) -> list[Hit]:
         """Search one query; concurrent calls are batched into one graph."""
+        return (await self.asearch_timed(query, k, filter, mode))[0]
+
+    async def asearch_timed(self, query: str, k: int | None = None,
+                            filter: dict[str, Any] | None = None, mode: str | None = None
+                            ) -> tuple[list[Hit], dict[str, float]]:
+        """:meth:`asearch` plus the stage timings (ms) of the batch that served the query."""
         self.check_query(query, "query")
         self._check_k(k)
         self._mode(mode)
         SearchFilter.from_dict(filter)
-        return await self._search_batcher.submit((query, {"k": k, "filter": filter,
-                                                          "mode": mode}))
+        t0 = time.perf_counter()
+        hits, timings = await self._search_batcher.submit((query, {"k": k, "filter": filter,
+                                                                   "mode": mode}))
+        return hits, {**timings, "total": (time.perf_counter() - t0) * 1e3}
 
     async def aask(self, question: str, k: int | None = None,
                    filter: dict[str, Any] | None = None, params: SamplingParams | None = None,
@@ -454,15 +463,17 @@ class RagPipeline:
             groups.setdefault(key, []).append(i)
         return groups
 
-    async def _search_batch(self, items: list[tuple[str, dict[str, Any]]]) -> list[list[Hit]]:
-        out: list[list[Hit]] = [[] for _ in items]
+    async def _search_batch(self, items: list[tuple[str, dict[str, Any]]]
+                            ) -> list[tuple[list[Hit], dict[str, float]]]:
+        out: list[tuple[list[Hit], dict[str, float]]] = [([], {}) for _ in items]
 
         async def one_group(idx: list[int]) -> None:
             opts = items[idx[0]][1]
+            timings: dict[str, float] = {}
             hits = await asyncio.to_thread(self.search_many, [items[i][0] for i in idx],
-                                           opts["k"], opts["filter"], opts["mode"])
+                                           opts["k"], opts["filter"], opts["mode"], timings)
             for i, h in zip(idx, hits, strict=True):
-                out[i] = h
+                out[i] = (h, timings)
 
         await asyncio.gather(*(one_group(idx) for idx in self._groups(items).values()))
         return out
@@ -541,6 +552,21 @@ class RagPipeline:
         yield {"event": "done", "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
 
     # ---- lifecycle ----------------------------------------------------------------------------
+
+    def batchers(self) -> dict[str, MicroBatcher[Any, Any]]:
+        """The micro-batchers of this pipeline, by name (for metrics)."""
+        return {"search": self._search_batcher, "ask": self._ask_batcher,
+                "embed": self.embedder.batcher}
+
+    def shards_ready(self) -> tuple[bool, str]:
+        """Whether the cluster is reachable and every shard is loaded (for ``/readyz``)."""
+        if self.client.status != "running":
+            return False, f"Dask client is {self.client.status}"
+        futs = self.index.shard_futures
+        bad = [f for f in futs if f.status != "finished"]
+        if bad:
+            return False, f"{len(bad)} of {len(futs)} shards are not loaded ({bad[0].status})"
+        return True, f"{len(futs)} shards loaded"
 
     def warmup(self) -> None:
         """Load the encoder (and generator) on every worker before the first request."""
