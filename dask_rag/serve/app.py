@@ -14,6 +14,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -53,7 +54,7 @@ def error_response(exc: BaseException) -> JSONResponse:
         body = {"error": {"type": "internal_error", "message": "internal server error"}}
     headers = {}
     if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(max(1, int(round(exc.retry_after))))
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(body, status_code=status, headers=headers)
@@ -264,7 +265,7 @@ async def _ask_stream(request: Request, req: AskRequest) -> Response:
         except StopAsyncIteration:
             return
         except Exception as exc:
-            err = error_response(exc).body.decode()
+            err = bytes(error_response(exc).body).decode()
             yield f"event: error\ndata: {err}\n\n".encode()
 
     return StreamingResponse(sse(), media_type="text/event-stream",

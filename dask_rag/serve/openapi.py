@@ -49,7 +49,7 @@ def openapi_document(cfg: ServeConfig) -> dict[str, Any]:
         "n": {"type": "integer"}}}
     timings = {"type": "object", "additionalProperties": {"type": "number"}}
     common = (400, 401, 413, 422, 429, 503, 504)
-    security = [{"bearer": []}] if cfg.api_keys else []
+    security: list[dict[str, list[str]]] = [{"bearer": []}] if cfg.api_keys else []
 
     def post(summary: str, schema: dict[str, Any], ok: dict[str, Any]) -> dict[str, Any]:
         return {"post": {"summary": summary, "security": security,
