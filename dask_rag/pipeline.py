@@ -300,7 +300,7 @@ class RagPipeline:
     def _embed(self, queries: list[str], mode: str) -> np.ndarray:
         if mode == "sparse":  # BM25 only: no query vectors needed
             return np.zeros((len(queries), self.index.dim), dtype=np.float32)
-        return np.asarray(self.embedder.submit(queries).result())
+        return self.embedder.embed_now(queries)
 
     def search_many(self, queries: Sequence[str], k: int | None = None,
                     filter: dict[str, Any] | SearchFilter | None = None,
@@ -489,7 +489,7 @@ class RagPipeline:
             if mode == "sparse":
                 xq = np.zeros((len(questions), self.index.dim), dtype=np.float32)
             else:
-                xq = np.asarray(await await_future(self.embedder.submit(questions)))
+                xq = await self.embedder.aembed_now(questions)
             embed_ms = (time.perf_counter() - t0) * 1e3
             fut = self.submit_ask(questions, opts["k"], opts["filter"], opts["params"], mode,
                                   xq=xq)

@@ -7,6 +7,8 @@ concurrent single-text requests (HTTP ``/v1/embed``, query embedding) share mode
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,6 +78,10 @@ class EmbeddingService:
         self.info: dict[str, Any] = client.submit(encoder_info_task, self.config,
                                                   pure=False).result()
         self.dim = int(self.info["dim"])
+        #: split batches across workers only in parts of at least this many texts
+        self.min_part = 8
+        self._workers = 1
+        self._workers_checked = -1e9
         self.batcher: MicroBatcher[str, npt.NDArray[np.float32]] = MicroBatcher(
             self._process, batch or BatchConfig(), name="embed")
 
@@ -90,10 +96,38 @@ class EmbeddingService:
         """(encode calls, texts encoded) summed over the cluster's encoders."""
         return encoder_counters(self.client, self.config)
 
-    def submit(self, texts: Sequence[str]) -> Future:
+    def submit(self, texts: Sequence[str]) -> list[Future]:
+        """One embed task per worker's share of ``texts`` (in order).
+
+        A batch is split across the workers so that all of them encode at once: on CPU the
+        encoder is compute-bound, and one task would leave the other workers idle.
+        """
         texts = _check_texts(texts)
-        return self.client.submit(embed_texts_task, self.config, texts, pure=False,
-                                  priority=5)
+        n_workers = self._n_workers()
+        n_parts = max(1, min(n_workers, len(texts) // self.min_part))
+        bounds = [round(i * len(texts) / n_parts) for i in range(n_parts + 1)]
+        return [self.client.submit(embed_texts_task, self.config, texts[a:b], pure=False,
+                                   priority=5) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+    def _n_workers(self) -> int:
+        # scheduler_info() is a round trip to the scheduler: refresh at most every few seconds
+        now = time.monotonic()
+        if now - self._workers_checked > 5.0:
+            self._workers = max(1, len(self.client.scheduler_info(n_workers=-1)["workers"]))
+            self._workers_checked = now
+        return self._workers
+
+    def embed_now(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Embed a batch on the cluster and wait (the parts run in parallel)."""
+        parts = self.client.gather(self.submit(texts))
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+
+    async def aembed_now(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """:meth:`embed_now` for asyncio code."""
+        from dask_rag.index.distributed import await_future
+
+        parts = await asyncio.gather(*(await_future(f) for f in self.submit(texts)))
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
 
     def embed(self, texts: Sequence[str], chunk: int = 256) -> npt.NDArray[np.float32]:
         texts = _check_texts(texts)
@@ -109,10 +143,7 @@ class EmbeddingService:
         return await self.batcher.submit(text)
 
     async def _process(self, texts: list[str]) -> list[npt.NDArray[np.float32]]:
-        from dask_rag.index.distributed import await_future
-
-        vectors = await await_future(self.submit(texts))
-        return list(vectors)
+        return list(await self.aembed_now(texts))
 
     async def aclose(self) -> None:
         await self.batcher.close()

@@ -220,9 +220,7 @@ async def embed(request: Request, body: dict[str, Any]) -> Response:
     if state.config.batching:
         vectors = await asyncio.gather(*(embedder.aembed(t) for t in req.inputs))
     else:
-        from dask_rag.index.distributed import await_future
-
-        vectors = list(await await_future(embedder.submit(list(req.inputs))))
+        vectors = list(await embedder.aembed_now(list(req.inputs)))
     timings = {"embed": (time.perf_counter() - t0) * 1e3}
     timings["total"] = timings["embed"]
     tokens = sum(len(t.split()) for t in req.inputs)

@@ -72,7 +72,8 @@ class ExtractiveGenerator:
         for rank, (n, _source, body) in enumerate(docs):
             for i, sent in enumerate(s for p in body.split("\n\n") for s in split_sentences(p)):
                 terms = _terms(sent)
-                if len(terms) >= 2:
+                # a bare name ("functools.lru_cache") is a heading, not an answer
+                if len(terms) >= 2 and len(sent.split()) >= 3:
                     candidates.append((rank, n, i, sent, terms))
         if not candidates:
             return f"{' '.join(docs[0][2].split())[:300]} [{docs[0][0]}]"

@@ -1,0 +1,240 @@
+#!/usr/bin/env python
+"""HTTP load: closed-loop async clients against a real ``dask-rag serve`` on 127.0.0.1.
+
+For each concurrency (1 … 256) it measures QPS and p50/p99 latency of ``POST /v1/search``
+(query embedding + hybrid search over the demo index) for
+
+* ``batched``: the shim coalescing concurrent requests into one Dask graph per batch,
+* ``no-batching``: ``dask-rag serve --no-batching`` — one graph per request (naive shim),
+* ``in-process``: the same pipeline driven directly from asyncio (``RagPipeline.asearch``,
+  same micro-batcher), i.e. what the HTTP layer costs on top.
+
+The server runs in its own process (with its own LocalCluster of 2 worker processes); the load
+generator runs here.  Writes ``benchmarks/results/http_load.json`` and ``.png``.
+
+    python benchmarks/http_load.py            # concurrency 1,4,16,64,256
+    python benchmarks/http_load.py --quick    # 1,16,64, shorter
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dask_rag.benchmarking import RESULTS_DIR, LatencyStats, write_result
+from dask_rag.serve.server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def queries(n: int = 512) -> list[str]:
+    from dask_rag.corpus.demo import DEMO_QUESTIONS, stdlib_documents
+    from dask_rag.evaluate import known_item_queries
+
+    docs = stdlib_documents(["json", "csv", "functools", "itertools", "collections", "os",
+                             "subprocess", "pathlib", "re", "logging"])
+    # short questions, like a user's (long docstring sentences are the A/B's "long" queries)
+    qs = [q.query for q in known_item_queries(docs, n=4 * n, min_words=4)
+          if len(q.query.split()) <= 12]
+    return (list(DEMO_QUESTIONS) + qs)[:n]
+
+
+async def closed_loop(send: Any, qs: list[str], concurrency: int, seconds: float
+                      ) -> dict[str, Any]:
+    """``concurrency`` clients, each sending its next request when the previous returns."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    stop = time.perf_counter() + seconds
+    counter = iter(range(1 << 62))
+
+    async def client() -> None:
+        while time.perf_counter() < stop:
+            q = qs[next(counter) % len(qs)]
+            t0 = time.perf_counter()
+            status = await send(q)
+            if status == 200:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors[str(status)] = errors.get(str(status), 0) + 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    total = time.perf_counter() - t0
+    stats = LatencyStats.from_samples(latencies, items=len(latencies), total_s=total)
+    return {**stats.to_dict(), "errors": errors}
+
+
+async def run_http(url: str, qs: list[str], levels: list[int], seconds: float
+                   ) -> dict[str, Any]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=max(levels) + 8, max_keepalive_connections=max(levels))
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        async def send(q: str) -> int:
+            r = await http.post("/v1/search", json={"query": q, "k": 5})
+            return r.status_code
+
+        for _ in range(8):  # warm-up: models loaded, connections open
+            await send(qs[0])
+        out = {}
+        for c in levels:
+            out[str(c)] = await closed_loop(send, qs, c, seconds)
+            print(f"    concurrency {c:>4}: {out[str(c)]['qps']:>8.1f} q/s  "
+                  f"p50 {out[str(c)]['p50_ms']:>8.1f} ms  p99 {out[str(c)]['p99_ms']:>8.1f} ms"
+                  f"  errors {out[str(c)]['errors']}", flush=True)
+        return out
+
+
+def start_server(index: Path, port: int, batching: bool, workers: int) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "dask_rag.cli", "serve", "--index", str(index), "--port",
+           str(port), "--workers", str(workers), "--dashboard", ":0", "--max-inflight", "4096"]
+    if not batching:
+        cmd.append("--no-batching")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    import httpx
+
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def run_in_process(index: Path, qs: list[str], levels: list[int], seconds: float,
+                   workers: int) -> dict[str, Any]:
+    from distributed import Client, LocalCluster
+
+    from dask_rag.pipeline import RagPipeline
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as c, \
+            Client(c) as client, RagPipeline.from_index_dir(client, index) as pipe:
+        pipe.warmup()
+
+        async def main() -> dict[str, Any]:
+            async def send(q: str) -> int:
+                await pipe.asearch(q, k=5)
+                return 200
+
+            for _ in range(8):
+                await send(qs[0])
+            out = {}
+            for conc in levels:
+                out[str(conc)] = await closed_loop(send, qs, conc, seconds)
+                print(f"    concurrency {conc:>4}: {out[str(conc)]['qps']:>8.1f} q/s  "
+                      f"p50 {out[str(conc)]['p50_ms']:>8.1f} ms", flush=True)
+            await pipe.aclose()
+            return out
+
+        return asyncio.run(main())
+
+
+def ensure_index(path: Path, workers: int) -> Path:
+    if (path / "manifest.json").exists():
+        return path
+    from distributed import Client, LocalCluster
+
+    from dask_rag.corpus.demo import stdlib_documents
+    from dask_rag.ingest import ingest
+
+    print(f"building the demo index at {path} ...", flush=True)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as c, \
+            Client(c) as client:
+        ingest(client, stdlib_documents(), path, progress=True)
+    return path
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, style in (("batched", "-o"), ("no-batching", "--s"), ("in-process", ":^")):
+        rows = result["modes"][name]
+        cs = sorted(int(c) for c in rows)
+        ax1.plot(cs, [rows[str(c)]["qps"] for c in cs], style, label=name)
+        ax2.plot(cs, [rows[str(c)]["p50_ms"] for c in cs], style, label=f"{name} p50")
+        ax2.plot(cs, [rows[str(c)]["p99_ms"] for c in cs], style, alpha=0.35,
+                 label=f"{name} p99")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    ax1.set_ylabel("requests / s")
+    ax1.set_title("POST /v1/search throughput")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("latency (ms)")
+    ax2.set_title("latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--index", type=Path, default=ROOT / ".demo-index")
+    p.add_argument("--levels", default="1,4,16,64,256")
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = p.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+    if args.quick:
+        levels, args.seconds = [1, 16, 64], 4.0
+    index = ensure_index(args.index, args.workers)
+    qs = queries()
+    modes: dict[str, Any] = {}
+    for name, batching in (("batched", True), ("no-batching", False)):
+        print(f"{name}:", flush=True)
+        port = free_port()
+        proc = start_server(index, port, batching, args.workers)
+        try:
+            modes[name] = asyncio.run(run_http(f"http://127.0.0.1:{port}", qs, levels,
+                                               args.seconds))
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    print("in-process:", flush=True)
+    modes["in-process"] = run_in_process(index, qs, levels, args.seconds, args.workers)
+    c64 = "64" if "64" in modes["batched"] else str(max(levels))
+    summary = {
+        "concurrency": int(c64),
+        "batched_vs_in_process": round(modes["batched"][c64]["qps"] /
+                                       modes["in-process"][c64]["qps"], 3),
+        "batched_vs_no_batching": round(modes["batched"][c64]["qps"] /
+                                        max(1e-9, modes["no-batching"][c64]["qps"]), 3),
+    }
+    print(f"at concurrency {c64}: batched = {summary['batched_vs_in_process']:.2f} x in-process,"
+          f" {summary['batched_vs_no_batching']:.2f} x no-batching")
+    result = {"config": {"index": str(index), "levels": levels, "seconds": args.seconds,
+                         "workers": args.workers, "endpoint": "POST /v1/search k=5 hybrid",
+                         "queries": len(qs), "query_words_mean": float(np.mean(
+                             [len(q.split()) for q in qs]))},
+              "modes": modes, "summary": summary}
+    path = write_result("http_load", result, args.out)
+    plot(result, path.with_suffix(".png"))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
