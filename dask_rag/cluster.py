@@ -11,7 +11,7 @@ from dask_rag.config import CommConfig
 from dask_rag.errors import InvalidInput
 from dask_rag.plugins import tune_comms
 
-__all__ = ["connect", "start_local_cluster"]
+__all__ = ["connect", "resource_request", "start_local_cluster"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ def connect(scheduler: str | None = None, *, spec: str | None = None,
     elif spec:
         from dask_rag.clusterspec import start_from_spec
 
-        client, cluster = start_from_spec(spec)
+        client, cluster = start_from_spec(spec)  # applies the spec's own comm intervals
+        logger.info("Dask dashboard: %s", client.dashboard_link)
+        return client, cluster
     else:
         kwargs = {k: v for k, v in cluster_kwargs.items() if v is not None}
         cluster = start_local_cluster(**kwargs)
@@ -67,3 +69,15 @@ def connect(scheduler: str | None = None, *, spec: str | None = None,
         tune_comms(client, comms)
     logger.info("Dask dashboard: %s", client.dashboard_link)
     return client, cluster
+
+
+def resource_request(client: Client, name: str) -> dict[str, float] | None:
+    """``{name: 1}`` when some worker of the cluster declares resource ``name``, else None.
+
+    Specs mark index workers with a ``shard`` resource and LLM workers with ``generator``;
+    on clusters without them, work may run on any worker.
+    """
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    if any(name in (w.get("resources") or {}) for w in workers.values()):
+        return {name: 1}
+    return None

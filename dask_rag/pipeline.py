@@ -216,6 +216,42 @@ def stream_task(spec: GeneratorSpec, cfg: RagConfig, params: SamplingParams, que
 # the pipeline
 # ------------------------------------------------------------------------------------------------
 
+_TRANSIENT = ("KilledWorker", "FutureCancelledError", "CancelledError", "CommClosedError",
+              "ShardUnavailable", "OSError", "TimeoutError", "ConnectionRefusedError")
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure that a retry can fix: a worker or connection lost mid-request."""
+    from dask_rag.errors import DaskRagError, ShardUnavailable
+
+    if isinstance(exc, ShardUnavailable):
+        return True
+    if isinstance(exc, DaskRagError):
+        return False  # bad input, overload, ...: retrying would not help
+    return type(exc).__name__ in _TRANSIENT
+
+
+def retry_once(fn: Any) -> Any:
+    """Run ``fn``; if a worker or connection was lost under it, run it once more, then report
+    :class:`~dask_rag.errors.ShardUnavailable` (HTTP 503)."""
+    from dask_rag.errors import ShardUnavailable
+
+    try:
+        return fn()
+    except Exception as exc:
+        if not _transient(exc):
+            raise
+        first = exc
+    try:
+        return fn()
+    except Exception as exc:
+        if not _transient(exc):
+            raise
+        raise ShardUnavailable(f"request failed twice while the cluster was changing: "
+                               f"{type(first).__name__}, then {type(exc).__name__}: {exc}"
+                               ) from exc
+
+
 
 class RagPipeline:
     """Embedder + sharded index + generator wired together on one Dask client."""
@@ -230,6 +266,11 @@ class RagPipeline:
         self.embedder = embedder
         self.config = config or RagConfig()
         self.generator_spec = parse_generator_spec(self.config.generator)
+        from dask_rag.cluster import resource_request
+
+        # LLM generators run on workers declaring a 'generator' resource, when there are any
+        self._generator_resources = (resource_request(client, "generator")
+                                     if self.generator_spec.kind != "extractive" else None)
         if self.config.rerank_model:
             from dask_rag.rag.rerank import resolve_reranker_path
 
@@ -315,12 +356,12 @@ class RagPipeline:
         flt = SearchFilter.from_dict(filter) if isinstance(filter, dict) else filter
         n = self._n_candidates(k) if mode != "dense" else k
         t0 = time.perf_counter()
-        xq = self._embed(queries, mode)
+        xq = retry_once(lambda: self._embed(queries, mode))
         t1 = time.perf_counter()
-        res = self.index.search_result(
+        res = retry_once(lambda: self.index.search_result(
             xq, n, self.config.nprobe, filter=flt, with_records=True,
             sparse_queries=queries if mode != "dense" else None, sparse_k=n,
-            dense=mode != "sparse")
+            dense=mode != "sparse"))
         hits = [c[:k] for c in fused_candidates(res, len(queries), self.config, mode, n)]
         t2 = time.perf_counter()
         if timings is not None:
@@ -386,7 +427,7 @@ class RagPipeline:
                                       priority=10)
         return client.submit(generate_task, self.generator_spec, self.config, params,
                              questions, k, retrieved, key=f"dask-rag-generate-{token}",
-                             pure=False, priority=10)
+                             pure=False, priority=10, resources=self._generator_resources)
 
     def _answers(self, questions: list[str], results: list[dict[str, Any]], t_start: float,
                  embed_ms: float) -> list[Answer]:
@@ -411,9 +452,10 @@ class RagPipeline:
         if isinstance(filter, dict):
             filter = SearchFilter.from_dict(filter)
         t0 = time.perf_counter()
-        xq = self._embed(questions, mode)
+        xq = retry_once(lambda: self._embed(questions, mode))
         embed_ms = (time.perf_counter() - t0) * 1e3
-        results = self.submit_ask(questions, k, filter, params, mode, xq=xq).result()
+        results = retry_once(lambda: self.submit_ask(questions, k, filter, params, mode,
+                                                     xq=xq).result())
         return self._answers(questions, results, t0, embed_ms)
 
     def ask(self, question: str, k: int | None = None,
@@ -484,17 +526,35 @@ class RagPipeline:
         async def one_group(idx: list[int]) -> None:
             opts = items[idx[0]][1]
             questions = [items[i][0] for i in idx]
-            t0 = time.perf_counter()
             mode = self._mode(opts["mode"])
-            if mode == "sparse":
-                xq = np.zeros((len(questions), self.index.dim), dtype=np.float32)
-            else:
-                xq = await self.embedder.aembed_now(questions)
-            embed_ms = (time.perf_counter() - t0) * 1e3
-            fut = self.submit_ask(questions, opts["k"], opts["filter"], opts["params"], mode,
-                                  xq=xq)
-            results = await await_future(fut)
-            for i, a in zip(idx, self._answers(questions, results, t0, embed_ms), strict=True):
+
+            async def attempt() -> list[Answer]:
+                t0 = time.perf_counter()
+                if mode == "sparse":
+                    xq = np.zeros((len(questions), self.index.dim), dtype=np.float32)
+                else:
+                    xq = await self.embedder.aembed_now(questions)
+                embed_ms = (time.perf_counter() - t0) * 1e3
+                fut = self.submit_ask(questions, opts["k"], opts["filter"], opts["params"],
+                                      mode, xq=xq)
+                results = await await_future(fut)
+                return self._answers(questions, results, t0, embed_ms)
+
+            try:
+                answers = await attempt()
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                try:
+                    answers = await attempt()
+                except Exception as exc2:
+                    if not _transient(exc2):
+                        raise
+                    from dask_rag.errors import ShardUnavailable
+
+                    raise ShardUnavailable(f"request failed twice while the cluster was "
+                                           f"changing: {type(exc2).__name__}: {exc2}") from exc2
+            for i, a in zip(idx, answers, strict=True):
                 out[i] = a
 
         await asyncio.gather(*(one_group(idx) for idx in self._groups(items).values()))
@@ -530,7 +590,8 @@ class RagPipeline:
         name = f"dask-rag-stream-{uuid.uuid4().hex}"
         queue = Queue(name, client=self.client)
         task = self.client.submit(stream_task, self.generator_spec, self.config, params,
-                                  question, hits, name, pure=False, priority=10)
+                                  question, hits, name, pure=False, priority=10,
+                                  resources=self._generator_resources)
         t2 = time.perf_counter()
         try:
             while True:
@@ -562,6 +623,9 @@ class RagPipeline:
         """Whether the cluster is reachable and every shard is loaded (for ``/readyz``)."""
         if self.client.status != "running":
             return False, f"Dask client is {self.client.status}"
+        reloading = self.index.ensure_loaded()  # after a scheduler restart: bring shards back
+        if reloading:
+            return False, f"reloading {reloading} shards lost with the scheduler"
         futs = self.index.shard_futures
         bad = [f for f in futs if f.status != "finished"]
         if bad:

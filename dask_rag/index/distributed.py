@@ -414,7 +414,13 @@ class DistributedIndex:
         return (f"dask-rag-shard-{self.index_uuid[:8]}{self._token}-{self._epoch}", shard_no)
 
     def _start_shards(self, progress: bool = False) -> None:
+        from dask_rag.cluster import resource_request
+
         workers = _current_workers(self.client)
+        resources = resource_request(self.client, "shard")
+        if resources:  # only workers declaring a 'shard' resource may hold shards
+            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            workers = [w for w in workers if "shard" in (info[w].get("resources") or {})]
         futures = []
         for s in range(self.n_shards):
             ref = ShardRef(str(self.path), s, self.index_uuid)
@@ -422,7 +428,7 @@ class DistributedIndex:
             futures.append(self.client.submit(load_shard, ref, key=self._shard_key(s),
                                               workers=target,
                                               allow_other_workers=target is not None,
-                                              pure=False))
+                                              resources=resources, pure=False))
         _wait_with_progress(futures, "loading shards", progress)
         for f in futures:
             if f.status == "error":
@@ -741,6 +747,25 @@ class DistributedIndex:
                 if f.status == "finished":
                     self._shards[s] = f
         return sum(1 for f in new.values() if f.status == "finished")
+
+    def ensure_loaded(self) -> int:
+        """Resubmit the load of shards whose futures were lost; returns how many.
+
+        A worker's death is handled by the scheduler itself (it recomputes the shard from
+        disk); losing the *scheduler* loses every future.  When the client reconnects to a
+        restarted scheduler, this brings the shards back.
+        """
+        lost = [s for s, f in enumerate(self.shard_futures)
+                if f.status in ("cancelled", "lost", "error")]
+        if not lost:
+            return 0
+        self._epoch += 1
+        with self._lock:
+            for s in lost:
+                ref = ShardRef(str(self.path), s, self.index_uuid)
+                self._shards[s] = self.client.submit(load_shard, ref, key=self._shard_key(s),
+                                                     pure=False)
+        return len(lost)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 

@@ -1,0 +1,258 @@
+"""Cluster specs, TLS, and fault tolerance of ingestion and serving."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from distributed import Client
+
+from dask_rag import DistributedIndex
+from dask_rag.clusterspec import ClusterSpec, load_spec, start_from_spec
+from dask_rag.errors import InvalidInput
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = ROOT / "clusters"
+
+
+@pytest.mark.parametrize("name", ["local-cpu", "local-cuda", "slurm", "kubernetes"])
+def test_every_spec_loads(name):
+    spec = load_spec(SPECS / f"{name}.yaml")
+    assert spec.kind == name.replace("-cpu", "")
+
+
+def test_slurm_spec_renders_a_job_script():
+    pytest.importorskip("dask_jobqueue")
+    cluster = load_spec(SPECS / "slurm.yaml").slurm_cluster()
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "#SBATCH -p normal" in script and "#SBATCH -A my-project" in script
+    assert "#SBATCH --exclusive" in script and "--resources shard=64" in script
+    assert "source ~/venvs/dask-rag/bin/activate" in script
+
+
+def test_kubernetes_spec_renders_a_manifest():
+    pytest.importorskip("dask_kubernetes")
+    m = load_spec(SPECS / "kubernetes.yaml").kubernetes_manifest()
+    assert m["apiVersion"] == "kubernetes.dask.org/v1" and m["kind"] == "DaskCluster"
+    assert m["metadata"]["name"] == "dask-rag" and m["metadata"]["namespace"] == "search"
+    worker = m["spec"]["worker"]
+    assert worker["replicas"] == 4
+    container = worker["spec"]["containers"][0]
+    assert container["image"] == "ghcr.io/dask/dask:latest"
+    assert "shard=64" in " ".join(container["args"])
+    assert container["resources"]["limits"]["memory"] == "8Gi"
+
+
+def test_local_spec_starts_and_places_shards(tmp_path):
+    client, cluster = start_from_spec(SPECS / "local-cpu.yaml")
+    try:
+        info = client.scheduler_info()["workers"]
+        assert len(info) == 2 and all(w["resources"] == {"shard": 64} for w in info.values())
+        xb = np.random.default_rng(0).standard_normal((500, 8)).astype(np.float32)
+        with DistributedIndex.build(client, xb) as index:
+            assert (index.search(xb[:3], k=1)[1][:, 0] == [0, 1, 2]).all()
+    finally:
+        client.close()
+        cluster.close()
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"kind": "cloud"}, "'kind' must be one of"),
+    ({"kind": "local", "wokers": 2}, "unknown key 'wokers'"),
+    ({"kind": "local", "workers": "two"}, "'workers' must be int"),
+    ({"kind": "slurm"}, "needs a 'slurm' section"),
+    ({"kind": "slurm", "slurm": {"cores": "8"}}, "'cores' must be int"),
+    ({"kind": "local", "resources": {"shard": -1}}, "positive"),
+    ({"kind": "local", "comms": {"scheduler_to_worker_ms": -2}}, "scheduler_to_worker_ms"),
+    ({"kind": "local", "tls": {"ca_file": "nope.pem", "cert": "c", "key": "k"}}, None),
+    ([1, 2], "mapping"),
+])
+def test_bad_specs_are_named(data, match, tmp_path):
+    if match is None:  # TLS files are checked when the security object is made
+        with pytest.raises(InvalidInput, match="does not exist"):
+            ClusterSpec.from_dict(data).security()
+        return
+    with pytest.raises(InvalidInput, match=match):
+        ClusterSpec.from_dict(data)
+    p = tmp_path / "bad.yaml"
+    p.write_text(": : not yaml [")
+    with pytest.raises(InvalidInput, match="not valid YAML"):
+        load_spec(p)
+
+
+def _make_certs(directory: Path) -> None:
+    """A CA and a certificate for 127.0.0.1 / localhost signed by it."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    def key():
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, cert_key = key(), key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dask-rag test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(cert_key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (directory / "cert.pem").write_bytes(cert.public_bytes(pem))
+    (directory / "key.pem").write_bytes(cert_key.private_bytes(
+        pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+
+
+@pytest.mark.slow
+def test_tls_cluster_refuses_clients_without_the_certificate(tmp_path):
+    _make_certs(tmp_path)
+    spec_path = tmp_path / "tls.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "kind": "local", "workers": 1, "dashboard_address": ":0",
+        "tls": {"ca_file": "ca.pem", "cert": "cert.pem", "key": "key.pem"}}))
+    client, cluster = start_from_spec(spec_path)
+    try:
+        address = cluster.scheduler_address
+        assert address.startswith("tls://")
+        assert client.submit(lambda x: x + 1, 1).result() == 2
+        xb = np.random.default_rng(1).standard_normal((200, 4)).astype(np.float32)
+        with DistributedIndex.build(client, xb) as index:
+            assert index.search(xb[:1], k=1)[1][0, 0] == 0
+        with pytest.raises((OSError, TimeoutError)):
+            Client(address, timeout="3s")  # no certificate: the handshake fails
+        with pytest.raises((OSError, TimeoutError)):
+            Client(address.replace("tls://", "tcp://"), timeout="3s")  # plaintext refused
+    finally:
+        client.close()
+        cluster.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# faults
+# ------------------------------------------------------------------------------------------------
+
+
+def _kill_one_worker_later(client, delay: float) -> threading.Thread:
+    pids = client.run(os.getpid)
+    victim = sorted(pids)[0]
+
+    def kill() -> None:
+        time.sleep(delay)
+        os.kill(pids[victim], signal.SIGKILL)
+
+    t = threading.Thread(target=kill, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.slow
+def test_worker_killed_during_ingestion(demo_docs, tmp_path):
+    from distributed import LocalCluster
+
+    from dask_rag.ingest import ingest
+
+    docs = demo_docs[:300]
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None,
+                      memory_limit="6GiB") as cluster, Client(cluster) as client:
+        expected = ingest(client, docs, tmp_path / "clean", progress=False).chunks_total
+        killer = _kill_one_worker_later(client, 4.0)  # models are loaded, embedding runs
+        report = ingest(client, docs, tmp_path / "faulty", progress=False)
+        killer.join()
+        assert report.chunks_total == expected
+        faulty = DistributedIndex.load(client, tmp_path / "faulty")
+        clean = DistributedIndex.load(client, tmp_path / "clean")
+        assert sorted(r[0] for r in faulty.doc_index()) == sorted(r[0] for r in clean.doc_index())
+
+
+@pytest.mark.slow
+def test_worker_killed_while_serving_answers_stay_right(demo_index, tmp_path):
+    from distributed import LocalCluster
+
+    from dask_rag.pipeline import RagPipeline
+
+    path = tmp_path / "index"
+    shutil.copytree(demo_index, path)
+    questions = ["How do I sort a list?", "How to parse JSON?", "read a CSV file",
+                 "run a subprocess", "create a temporary file", "compute a hash"] * 4
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None,
+                      memory_limit="6GiB") as cluster, Client(cluster) as client, \
+            RagPipeline.from_index_dir(client, path) as pipe:
+        pipe.warmup()
+        truth = [[h.id for h in hs] for hs in pipe.search_many(questions, k=5)]
+        killer = _kill_one_worker_later(client, 0.5)
+        results, failures = [], 0
+        t_end = time.time() + 15
+        while time.time() < t_end:
+            try:
+                got = pipe.search_many(questions, k=5)
+                results.append([[h.id for h in hs] for hs in got])
+            except Exception as exc:  # only a clear 503-type error is acceptable
+                from dask_rag.errors import ShardUnavailable
+
+                assert isinstance(exc, ShardUnavailable), exc
+                failures += 1
+        killer.join()
+        assert results and all(r == truth for r in results)  # never a wrong answer
+        assert failures <= 1
+
+
+@pytest.mark.slow
+def test_kill_9_during_ingest_leaves_last_complete_index(demo_docs, tmp_path):
+    """An ingest is SIGKILLed at several points; the index always loads, old or new."""
+    import json
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, d in enumerate(demo_docs[:120]):
+        (corpus / f"doc{i:03d}.txt").write_text(d.text)
+    index = tmp_path / "index"
+    cmd = [sys.executable, "-m", "dask_rag.cli", "ingest", str(corpus), "--index", str(index),
+           "--workers", "2", "--dashboard", ":0", "-q"]
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=600, capture_output=True)
+    first = json.loads((index / "manifest.json").read_text())
+    outcomes = set()
+    for attempt, delay in enumerate((6.0, 9.0, 12.0, 15.0)):
+        for i in range(attempt * 10, attempt * 10 + 10):  # change the corpus each round
+            (corpus / f"doc{i:03d}.txt").write_text(f"edited in round {attempt}: "
+                                                    + demo_docs[i].text)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)  # the ingest and its local cluster
+        proc.wait()
+        from dask_rag.index.store import read_manifest
+
+        manifest = read_manifest(index)  # never half-written
+        outcomes.add(manifest["generation"])
+        with Client(n_workers=1, threads_per_worker=1, dashboard_address=None) as client, \
+                DistributedIndex.load(client, index, comms=None) as loaded:
+            assert loaded.ntotal > 0
+            ids = {r[0] for r in loaded.doc_index()}
+            assert len(ids) == loaded.ntotal
+    assert first["generation"] == 0 and min(outcomes) >= 0
