@@ -121,6 +121,10 @@ class MicroBatcher(Generic[T, R]):
                 p = self._queue.popleft()
                 if not p.future.done():
                     p.future.set_exception(Overloaded(f"{self.name} was closed", 1.0))
+        if self._loop is not asyncio.get_running_loop():
+            # bound to an event loop that is gone (asyncio.run finished): nothing can run
+            self._runner, self._inflight = None, set()
+            return
         if self._wakeup is not None:
             self._wakeup.set()
         if self._runner is not None:

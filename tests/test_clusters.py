@@ -16,7 +16,7 @@ import pytest
 import yaml
 from distributed import Client
 
-from dask_rag import DistributedIndex
+from dask_rag import DistributedIndex, IndexSpec
 from dask_rag.clusterspec import ClusterSpec, load_spec, start_from_spec
 from dask_rag.errors import InvalidInput
 
@@ -61,8 +61,10 @@ def test_local_spec_starts_and_places_shards(tmp_path):
         info = client.scheduler_info()["workers"]
         assert len(info) == 2 and all(w["resources"] == {"shard": 64} for w in info.values())
         xb = np.random.default_rng(0).standard_normal((500, 8)).astype(np.float32)
-        with DistributedIndex.build(client, xb) as index:
+        with DistributedIndex.build(client, xb, spec=IndexSpec(metric="l2")) as index:
             assert (index.search(xb[:3], k=1)[1][:, 0] == [0, 1, 2]).all()
+            # the load tasks requested the 'shard' resource
+            assert all(index.shard_locations().values())
     finally:
         client.close()
         cluster.close()
@@ -142,10 +144,20 @@ def test_tls_cluster_refuses_clients_without_the_certificate(tmp_path):
         assert address.startswith("tls://")
         assert client.submit(lambda x: x + 1, 1).result() == 2
         xb = np.random.default_rng(1).standard_normal((200, 4)).astype(np.float32)
-        with DistributedIndex.build(client, xb) as index:
+        with DistributedIndex.build(client, xb, spec=IndexSpec(metric="l2")) as index:
             assert index.search(xb[:1], k=1)[1][0, 0] == 0
+        from distributed.security import Security
+
+        with pytest.raises((OSError, TimeoutError, TypeError)):
+            Client(address, timeout="3s")  # no TLS configuration at all
+        other = tmp_path / "other"
+        other.mkdir()
+        _make_certs(other)
         with pytest.raises((OSError, TimeoutError)):
-            Client(address, timeout="3s")  # no certificate: the handshake fails
+            # a certificate from another CA
+            Client(address, timeout="3s", security=Security(
+                tls_ca_file=str(other / "ca.pem"), tls_client_cert=str(other / "cert.pem"),
+                tls_client_key=str(other / "key.pem"), require_encryption=True))
         with pytest.raises((OSError, TimeoutError)):
             Client(address.replace("tls://", "tcp://"), timeout="3s")  # plaintext refused
     finally:

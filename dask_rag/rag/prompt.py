@@ -110,12 +110,17 @@ def build_prompt(question: str, hits: Sequence[Any], count_tokens: CountTokens, 
     if base > budget:
         raise InvalidInput(f"the question and instructions alone take {base} tokens, more than "
                            f"the token budget of {budget}")
+    # Pack with per-block counts (one tokenizer call per passage, not per candidate prompt),
+    # then verify the assembled prompt and back off: BPE may merge across block boundaries,
+    # so only the final count is authoritative.
     blocks: list[str] = []
     ids: list[int] = []
     texts: list[str] = []
+    sources: list[str] = []
     kept_shingles: list[set[tuple[str, ...]]] = []
     dropped = 0
     truncated = False
+    used = base
     for hit in hits:
         text = (hit.text or "").strip()
         if not text:
@@ -126,18 +131,22 @@ def build_prompt(question: str, hits: Sequence[Any], count_tokens: CountTokens, 
             continue
         n = len(blocks) + 1
         block = _doc_block(n, hit.source, text)
-        if size([*blocks, block]) <= budget:
+        cost = count_tokens([block + "\n"])[0]
+        if used + cost <= budget:
             blocks.append(block)
             ids.append(int(hit.id))
             texts.append(text)
+            sources.append(hit.source)
             kept_shingles.append(sh)
+            used += cost
             continue
         # does not fit whole: keep the longest prefix of whole sentences that fits
         sentences = split_sentences(" ".join(text.split()))
         lo, hi = 0, len(sentences)
         while lo < hi:  # binary search on the number of sentences
             mid = (lo + hi + 1) // 2
-            if size([*blocks, _doc_block(n, hit.source, " ".join(sentences[:mid]))]) <= budget:
+            part = _doc_block(n, hit.source, " ".join(sentences[:mid]))
+            if used + count_tokens([part + "\n"])[0] <= budget:
                 lo = mid
             else:
                 hi = mid - 1
@@ -146,8 +155,21 @@ def build_prompt(question: str, hits: Sequence[Any], count_tokens: CountTokens, 
             blocks.append(_doc_block(n, hit.source, cut))
             ids.append(int(hit.id))
             texts.append(cut)
+            sources.append(hit.source)
             truncated = True
         break
+    # the authoritative check: shorten the tail until the assembled prompt fits
+    while blocks and size(blocks) > budget:
+        sentences = split_sentences(" ".join(texts[-1].split()))
+        if len(sentences) > 1:
+            texts[-1] = " ".join(sentences[:-1])
+            blocks[-1] = _doc_block(len(blocks), sources[-1], texts[-1])
+            truncated = True
+        else:
+            blocks.pop()
+            ids.pop()
+            texts.pop()
+            sources.pop()
     text = _assemble(instructions, examples, blocks, question)
     return Prompt(text=text, question=question, citations=tuple(ids),
                   tokens=count_tokens([text])[0], dropped_duplicates=dropped,
