@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             vecs = rng.standard_normal((4, dim)).astype(np.float32)
             vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
             try:
-                pipe.index.add(vecs, ids, [{"text": f"reliability write {i}",
-                                            "source": "reliability"} for i in ids])
+                # no text: the writes must not change BM25 statistics, so that any answer that
+                # differs from the no-fault reference is a real error
+                pipe.index.add(vecs, ids, [{"source": "reliability",
+                                            "metadata": {"write": int(i)}} for i in ids])
                 acked.extend(int(i) for i in ids)
             except Exception as exc:  # an unacknowledged write may fail; it must not be lost
                 log.append({"t": time.monotonic() - t0, "kind": "write", "ok": False,
@@ -115,8 +117,19 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)
         pipe.index.rebalance()
 
+    readiness: list[tuple[float, bool]] = []
+
     async def load() -> None:
         async with aiohttp.ClientSession(server.url) as http:
+            async def probe() -> None:
+                while time.monotonic() < stop_at:
+                    try:
+                        async with http.get("/readyz") as r:
+                            readiness.append((time.monotonic() - t0, r.status == 200))
+                    except aiohttp.ClientError:
+                        readiness.append((time.monotonic() - t0, False))
+                    await asyncio.sleep(0.25)
+
             async def one(i: int) -> None:
                 n = 0
                 while time.monotonic() < stop_at:
@@ -145,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "wrong": wrong})
                     n += 1
 
-            await asyncio.gather(*(one(i) for i in range(args.concurrency)))
+            await asyncio.gather(probe(), *(one(i) for i in range(args.concurrency)))
 
     threads = [threading.Thread(target=writer), threading.Thread(target=killer)]
     for th in threads:
@@ -157,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
 
     t_kill = kill_time[0] if kill_time else float("nan")
-    ready_at = None
+    not_ready = [t for t, ok in readiness if not ok and t >= t_kill]
+    ready_after = [t for t, ok in readiness if ok and t > (max(not_ready) if not_ready else t_kill)]
+    ready_at = min(ready_after) if ready_after else None
     while ready_at is None and time.monotonic() - t0 < args.seconds + 60:
         if httpx.get(server.url + "/readyz", timeout=10).status_code == 200:
             ready_at = time.monotonic() - t0
@@ -188,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         "writes": {"acknowledged": len(acked), "lost": lost,
                    "failed_unacknowledged": sum(1 for r in log if r["kind"] == "write")},
         "recovery": {"kill_at_s": round(t_kill, 2),
+                     "not_ready_probes_after_kill": len(not_ready),
+                     "recovery_time_s": None if ready_at is None else round(ready_at - t_kill,
+                                                                              2),
                      "ready_again_at_s": None if ready_at is None else round(ready_at, 2),
                      "first_success_after_kill_s": round(first_ok_after - t_kill, 3),
                      "recovery_window_s": [round(w, 2) for w in window]},

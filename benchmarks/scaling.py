@@ -3,9 +3,9 @@
 
 For each (size, shards): build time, memory per shard (bytes the workers hold), QPS of
 batched searches (batch 256) and recall@10 against exact search.  IVF-Flat with
-nlist = 4 sqrt(n) (a power of two) and nprobe = nlist / 32, so the work per query grows like
-sqrt(n), and d = 128 synthetic clustered vectors (1M x 384 would not build in minutes on 2
-cores).  Writes benchmarks/results/scaling.json and .png.
+nlist = 4 sqrt(n) (a power of two) and nprobe = nlist / 32, so each query scans ~1/32 of the
+vectors and the work per query grows linearly with n; d = 128 synthetic clustered vectors
+(1M x 384 would not build in minutes on 2 cores).  Writes benchmarks/results/scaling.json and .png.
 
     python benchmarks/scaling.py           # 10k, 100k, 1M x 1, 2, 4, 8 shards
     python benchmarks/scaling.py --quick   # 10k, 100k x 1, 2, 4

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -232,7 +233,7 @@ def run_ab(quick: bool = False, out_dir: Path | None = None, optimized_precision
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         report_ctx = (performance_report(filename=str(out_dir / "ab_pipeline-report.html"))
-                      if report else _null())
+                      if report else contextlib.nullcontext())
         with report_ctx:
             for name, spec, precision, conc in (
                     ("+ Dask sharding only (Flat, 1 client)",
@@ -271,14 +272,6 @@ def run_ab(quick: bool = False, out_dir: Path | None = None, optimized_precision
     (out_dir / f"{name}.md").write_text(markdown_table(result) + "\n")
     plot(result, out_dir / f"{name}.png")
     return result
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def markdown_table(result: dict[str, Any]) -> str:

@@ -11,7 +11,6 @@ first sentence of a docstring that is unique in the corpus must retrieve a chunk
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dask_rag.corpus.chunking import split_sentences
-from dask_rag.corpus.loaders import Document
+from dask_rag.corpus.loaders import Document, iter_jsonl_objects
 from dask_rag.errors import InvalidInput
 
 __all__ = ["EvalQuery", "evaluate", "format_table", "known_item_queries", "load_queries",
@@ -73,14 +72,8 @@ def load_queries(path: str | Path) -> list[EvalQuery]:
         lines = p.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise InvalidInput(f"{p}: cannot read the query file ({exc})") from None
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidInput(f"{p}:{lineno}: invalid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("query"), str):
+    for lineno, obj in iter_jsonl_objects(p, "\n".join(lines)):
+        if not isinstance(obj.get("query"), str):
             raise InvalidInput(f"{p}:{lineno}: needs a string field 'query'")
         ids = obj.get("relevant_ids", [])
         srcs = obj.get("relevant_sources", [])

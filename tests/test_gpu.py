@@ -63,3 +63,14 @@ def test_faiss_gpu_shards(client):
     with DistributedIndex.build(client, xb, spec=spec) as index:
         _, I = index.search(xq, k=10)
         assert recall_at_k(I, exact_search(xb, xq, 10)[1], 10) >= 0.99
+
+
+def test_fp16_encoder_on_gpu_matches_fp32(demo_docs):
+    from dask_rag.config import EmbedConfig
+    from dask_rag.embed.encoder import SentenceEncoder
+
+    texts = [d.text[:1500] for d in demo_docs[:1000]]
+    ref = SentenceEncoder(EmbedConfig(precision="fp32", device="cpu")).encode(texts)
+    fp16 = SentenceEncoder(EmbedConfig(precision="fp16", device="cuda")).encode(texts)
+    assert (ref * fp16).sum(1).mean() >= 0.99
+

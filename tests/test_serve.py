@@ -192,19 +192,25 @@ def test_api_keys(pipe):
 
 def _count(text: str, name: str, **labels) -> float:
     sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    m = re.search(rf"^{name}\{{{sel}\}} ([0-9.e+]+)$", text, re.M)
+    m = re.search(rf"^{name}\{{{sel}\}} ([0-9.e+-]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
 
 
 def test_metrics_count_the_requests(pipe):
+    generate_ms = 0.0
     with _fresh(pipe, telemetry=Telemetry()) as srv, \
             httpx.Client(base_url=srv.url, timeout=60) as http:
         for i in range(5):
             assert http.post("/v1/search", json={"query": f"sort a list {i}"}).status_code == 200
         for i in range(3):
-            assert http.post("/v1/ask", json={"question": f"sort a list {i}?"}).status_code == 200
+            r = http.post("/v1/ask", json={"question": f"sort a list {i}?"})
+            assert r.status_code == 200
+            generate_ms += r.json()["timings_ms"]["generate"]
         http.post("/v1/search", json={"query": 3})  # a 422 is counted, not timed
         text = http.get("/metrics").text
+    # the histograms hold exactly the per-stage timings the responses reported
+    assert _count(text, "dask_rag_stage_latency_seconds_sum", stage="generate") == \
+        pytest.approx(generate_ms / 1000, rel=1e-3)
     h = "dask_rag_stage_latency_seconds_count"
     assert _count(text, h, stage="total") == 8
     assert _count(text, h, stage="embed") == 8

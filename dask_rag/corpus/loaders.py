@@ -106,7 +106,8 @@ def _read_text(path: Path) -> str:
                            ) from None
 
 
-def _load_jsonl(path: Path, text: str) -> Iterator[Document]:
+def iter_jsonl_objects(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line; errors name the file and the line."""
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -116,6 +117,11 @@ def _load_jsonl(path: Path, text: str) -> Iterator[Document]:
             raise InvalidInput(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
         if not isinstance(obj, dict):
             raise InvalidInput(f"{path}:{lineno}: each line must be a JSON object")
+        yield lineno, obj
+
+
+def _load_jsonl(path: Path, text: str) -> Iterator[Document]:
+    for lineno, obj in iter_jsonl_objects(path, text):
         body = obj.get("text")
         if not isinstance(body, str):
             raise InvalidInput(f"{path}:{lineno}: missing string field 'text'")

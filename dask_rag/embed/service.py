@@ -8,6 +8,7 @@ concurrent single-text requests (HTTP ``/v1/embed``, query embedding) share mode
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -107,7 +108,7 @@ class EmbeddingService:
         n_parts = max(1, min(n_workers, len(texts) // self.min_part))
         bounds = [round(i * len(texts) / n_parts) for i in range(n_parts + 1)]
         return [self.client.submit(embed_texts_task, self.config, texts[a:b], pure=False,
-                                   priority=5) for a, b in zip(bounds, bounds[1:], strict=False)]
+                                   priority=5) for a, b in itertools.pairwise(bounds)]
 
     def _n_workers(self) -> int:
         # scheduler_info() is a round trip to the scheduler: refresh at most every few seconds

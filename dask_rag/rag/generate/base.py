@@ -8,11 +8,12 @@ and always concatenates to exactly what ``generate`` returns for the same prompt
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from dask_rag.errors import InvalidInput, ModelLoadError
 
@@ -90,6 +91,19 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
         if i >= 0:
             cut = min(cut, i)
     return text[:cut], cut < len(text)
+
+
+async def drain_events(queue: asyncio.Queue[tuple[str, Any]]) -> AsyncIterator[str]:
+    """Yield ``("text", piece)`` events from a producer thread's queue until ``("end", _)``;
+    re-raise an ``("error", exc)`` event in the consumer."""
+    while True:
+        kind, value = await queue.get()
+        if kind == "text":
+            yield value
+        elif kind == "error":
+            raise value
+        else:
+            return
 
 
 @runtime_checkable

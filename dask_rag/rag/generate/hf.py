@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from dask_rag.errors import InvalidInput, ModelLoadError
-from dask_rag.rag.generate.base import SamplingParams, cut_at_stop
+from dask_rag.rag.generate.base import SamplingParams, cut_at_stop, drain_events
 
 __all__ = ["HFGenerator"]
 
@@ -162,14 +162,8 @@ class HFGenerator:
         thread = threading.Thread(target=run, name="dask-rag-hf-stream", daemon=True)
         thread.start()
         try:
-            while True:
-                kind, value = await queue.get()
-                if kind == "text":
-                    yield value
-                elif kind == "error":
-                    raise value
-                else:
-                    return
+            async for piece in drain_events(queue):
+                yield piece
         finally:
             stop_flag.set()
             await asyncio.to_thread(thread.join)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from dask_rag.errors import InvalidInput, ModelLoadError
-from dask_rag.rag.generate.base import SamplingParams, cut_at_stop
+from dask_rag.rag.generate.base import SamplingParams, cut_at_stop, drain_events
 
 __all__ = ["VLLMGenerator"]
 
@@ -99,11 +99,5 @@ class VLLMGenerator:
                 caller.call_soon_threadsafe(queue.put_nowait, ("error", exc))
 
         asyncio.run_coroutine_threadsafe(produce(), self._loop)
-        while True:
-            kind, value = await queue.get()
-            if kind == "text":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                return
+        async for piece in drain_events(queue):
+            yield piece

