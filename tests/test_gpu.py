@@ -74,3 +74,19 @@ def test_fp16_encoder_on_gpu_matches_fp32(demo_docs):
     fp16 = SentenceEncoder(EmbedConfig(precision="fp16", device="cuda")).encode(texts)
     assert (ref * fp16).sum(1).mean() >= 0.99
 
+
+
+def test_local_cuda_spec_starts():
+    pytest.importorskip("dask_cuda")
+    from pathlib import Path
+
+    from dask_rag.clusterspec import start_from_spec
+
+    spec = Path(__file__).resolve().parent.parent / "clusters" / "local-cuda.yaml"
+    client, cluster = start_from_spec(spec)
+    try:
+        workers = client.scheduler_info()["workers"]
+        assert workers and all("generator" in w["resources"] for w in workers.values())
+    finally:
+        client.close()
+        cluster.close()
