@@ -79,7 +79,8 @@ import numpy as np
 stages = ["embed", "search", "fuse", "generate", "total"]
 single = {s: [a.timings_ms.get(s, 0) for a in answers] for s in stages}
 fig, ax = plt.subplots(figsize=(7, 3))
-ax.boxplot([single[s] for s in stages], labels=stages)
+ax.boxplot([single[s] for s in stages])
+ax.set_xticks(range(1, len(stages) + 1), stages)
 ax.set_ylabel("ms")
 ax.set_title("per-stage latency, one request at a time")
 fig.tight_layout()
