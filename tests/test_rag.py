@@ -279,3 +279,13 @@ def test_bad_questions_fail_before_any_task(client, pipe, tmp_path):
     with pytest.raises(ModelLoadError, match="not a model"):
         RagPipeline.from_index_dir(client, pipe.index.path,
                                    RagConfig(generator=f"hf:{tmp_path / 'm'}"))
+
+
+def test_extractive_quotes_cannot_fake_citations():
+    gen = ExtractiveGenerator()
+    hits = [Hit(7, 1.0, "Use x[3] to get the fourth element of the list x.", "a"),
+            Hit(8, 0.5, "Lists are mutable sequences of items.", "b")]
+    prompt = build_prompt("How do I get an element of a list?", hits, gen.count_tokens, 500)
+    text = gen.generate([prompt.text], SamplingParams())[0]
+    numbers = {int(n) for n in re.findall(r"\[(\d+)\]", text)}
+    assert numbers and numbers <= {1, 2} and "x(3)" in text

@@ -29,6 +29,7 @@ _STOP = frozenset([
     "who", "why", "will", "with", "you", "your",
 ])
 _PIECE = re.compile(r"\s*\S+|\s+$")
+_CITE_LIKE = re.compile(r"\[(\d+)\]")
 
 
 def _stem(word: str) -> str:
@@ -45,6 +46,10 @@ def _terms(text: str) -> list[str]:
             if part and part not in _STOP:
                 out.append(_stem(part))
     return out
+
+
+def _uncite(sentence: str) -> str:
+    return _CITE_LIKE.sub(r"(\1)", sentence)
 
 
 def split_stream_tokens(text: str) -> list[str]:
@@ -95,7 +100,8 @@ class ExtractiveGenerator:
             chosen.append((n, " ".join(sent.split())))
             if len(chosen) >= self.max_sentences:
                 break
-        return " ".join(f"{s} [{n}]" for n, s in chosen)
+        # a quoted "x[1]" would read as a citation: only our markers may look like one
+        return " ".join(f"{_uncite(s)} [{n}]" for n, s in chosen)
 
     def _one(self, prompt: str, params: SamplingParams) -> str:
         question, docs = parse_prompt(prompt)
