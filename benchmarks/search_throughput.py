@@ -57,10 +57,14 @@ def load_index_vectors(path: Path) -> np.ndarray:
         if isinstance(index, faiss.IndexIDMap2):
             parts.append(index.index.reconstruct_n(0, index.ntotal))
         elif isinstance(index, faiss.IndexIVFFlat):
-            index.make_direct_map()
-            parts.append(np.stack([index.reconstruct(int(i)) for i in
-                                   faiss.vector_to_array(index.invlists.get_ids(0))])
-                         if index.ntotal else np.zeros((0, index.d), np.float32))
+            # IVF-Flat codes are the raw float32 vectors: read every inverted list
+            inv = index.invlists
+            for lst in range(index.nlist):
+                size = inv.list_size(lst)
+                if size:
+                    codes = faiss.rev_swig_ptr(inv.get_codes(lst), size * inv.code_size)
+                    parts.append(np.frombuffer(bytes(codes), dtype=np.float32)
+                                 .reshape(size, index.d))
         else:
             sys.exit(f"{path}: cannot read raw vectors from {type(index).__name__} shards")
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)

@@ -231,11 +231,16 @@ def _transient(exc: BaseException) -> bool:
     return type(exc).__name__ in _TRANSIENT
 
 
+def _gave_up(first: BaseException, second: BaseException) -> Exception:
+    from dask_rag.errors import ShardUnavailable
+
+    return ShardUnavailable(f"request failed twice while the cluster was changing: "
+                            f"{type(first).__name__}, then {type(second).__name__}: {second}")
+
+
 def retry_once(fn: Any) -> Any:
     """Run ``fn``; if a worker or connection was lost under it, run it once more, then report
     :class:`~dask_rag.errors.ShardUnavailable` (HTTP 503)."""
-    from dask_rag.errors import ShardUnavailable
-
     try:
         return fn()
     except Exception as exc:
@@ -247,9 +252,23 @@ def retry_once(fn: Any) -> Any:
     except Exception as exc:
         if not _transient(exc):
             raise
-        raise ShardUnavailable(f"request failed twice while the cluster was changing: "
-                               f"{type(first).__name__}, then {type(exc).__name__}: {exc}"
-                               ) from exc
+        raise _gave_up(first, exc) from exc
+
+
+async def aretry_once(fn: Any) -> Any:
+    """:func:`retry_once` for a coroutine function."""
+    try:
+        return await fn()
+    except Exception as exc:
+        if not _transient(exc):
+            raise
+        first = exc
+    try:
+        return await fn()
+    except Exception as exc:
+        if not _transient(exc):
+            raise
+        raise _gave_up(first, exc) from exc
 
 
 
@@ -540,20 +559,7 @@ class RagPipeline:
                 results = await await_future(fut)
                 return self._answers(questions, results, t0, embed_ms)
 
-            try:
-                answers = await attempt()
-            except Exception as exc:
-                if not _transient(exc):
-                    raise
-                try:
-                    answers = await attempt()
-                except Exception as exc2:
-                    if not _transient(exc2):
-                        raise
-                    from dask_rag.errors import ShardUnavailable
-
-                    raise ShardUnavailable(f"request failed twice while the cluster was "
-                                           f"changing: {type(exc2).__name__}: {exc2}") from exc2
+            answers = await aretry_once(attempt)
             for i, a in zip(idx, answers, strict=True):
                 out[i] = a
 

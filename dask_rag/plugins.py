@@ -16,7 +16,7 @@ dependency is a whole shard, which must not travel).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
@@ -31,6 +31,7 @@ __all__ = [
     "ensure_model_cache",
     "tune_comms",
     "worker_model_cache",
+    "worker_plugin",
 ]
 
 logger = logging.getLogger(__name__)
@@ -148,18 +149,32 @@ class ModelCachePlugin(WorkerPlugin):
         return list(self._models)
 
 
-def worker_model_cache() -> ModelCachePlugin:
-    """The model cache of the worker running the current task."""
+P = TypeVar("P", bound=WorkerPlugin)
+
+
+def worker_plugin(cls: type[P]) -> P:
+    """The ``cls`` plugin of the worker running the current task (ValueError outside a task).
+
+    A plugin registered through the client reaches every worker; one that was not (or not
+    yet) is created and set up here on first use, so tasks never depend on the order of
+    registration.
+    """
     from distributed import get_worker
 
     worker = get_worker()
-    plugin = worker.plugins.get(ModelCachePlugin.name)
-    if plugin is None:  # registered after this worker started, or never registered
-        plugin = ModelCachePlugin()
+    name = cls.name  # type: ignore[attr-defined]
+    plugin = worker.plugins.get(name)
+    if plugin is None:
+        plugin = cls()
         plugin.setup(worker)
-        worker.plugins[ModelCachePlugin.name] = plugin
-    assert isinstance(plugin, ModelCachePlugin)
+        worker.plugins[name] = plugin
+    assert isinstance(plugin, cls)
     return plugin
+
+
+def worker_model_cache() -> ModelCachePlugin:
+    """The model cache of the worker running the current task."""
+    return worker_plugin(ModelCachePlugin)
 
 
 def ensure_model_cache(client: Client) -> None:

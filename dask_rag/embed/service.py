@@ -66,8 +66,8 @@ class EmbeddingService:
     """Micro-batched embedding on the cluster.
 
     ``await service.aembed(text)`` from many coroutines at once: texts are grouped by the
-    :class:`~dask_rag.batching.MicroBatcher` and each group is one ``embed_texts_task`` on a
-    worker.  ``service.embed(texts)`` embeds a list directly (one task per ``chunk`` texts).
+    :class:`~dask_rag.batching.MicroBatcher`; each group is split across the workers, one
+    ``embed_texts_task`` each.  ``service.embed_now(texts)`` embeds a list directly.
     """
 
     def __init__(self, client: Client, config: EmbedConfig | None = None,
@@ -129,14 +129,6 @@ class EmbeddingService:
 
         parts = await asyncio.gather(*(await_future(f) for f in self.submit(texts)))
         return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
-
-    def embed(self, texts: Sequence[str], chunk: int = 256) -> npt.NDArray[np.float32]:
-        texts = _check_texts(texts)
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        futs = [self.client.submit(embed_texts_task, self.config, texts[i:i + chunk],
-                                   pure=False) for i in range(0, len(texts), chunk)]
-        return np.concatenate(self.client.gather(futs))
 
     async def aembed(self, text: str) -> npt.NDArray[np.float32]:
         if not isinstance(text, str):

@@ -126,9 +126,11 @@ def search_shard_task(shard: Shard, rows: npt.NDArray[np.int64], xq: npt.NDArray
                       Iq: npt.NDArray[np.int64] | None, Dq: npt.NDArray[np.float32] | None,
                       opts: SearchOptions) -> ShardResult:
     t0 = time.perf_counter()
+    # the filter is a pass over the shard's records: evaluate it once for dense and BM25
+    allowed = shard.filter_ids(opts.flt) if opts.flt is not None else None
     if opts.dense:
         D, I = shard.search(xq, opts.k, Iq=Iq, Dq=Dq, nprobe=opts.nprobe,
-                            ef_search=opts.ef_search, flt=opts.flt)
+                            ef_search=opts.ef_search, allowed=allowed)
     else:
         D, I = empty_result(len(rows), opts.k, shard.spec.metric)
     payload = None
@@ -139,7 +141,7 @@ def search_shard_task(shard: Shard, rows: npt.NDArray[np.int64], xq: npt.NDArray
         from dask_rag.rag.fusion import search_sparse
 
         sparse = search_sparse(shard, rows, [opts.sparse_queries[r] for r in rows],
-                               opts.sparse_k, opts.flt)
+                               opts.sparse_k, allowed)
     return ShardResult(rows=rows, D=D, I=I, payload=payload, sparse=sparse,
                        shards=(shard.ref.shard_no,),
                        search_ms=(time.perf_counter() - t0) * 1e3)
@@ -379,9 +381,8 @@ class DistributedIndex:
             store.atomic_write_json(staging / store.MANIFEST, manifest)
             if not owns_dir:
                 _swap_into_place(staging, target)
-        except BaseException:
-            if staging != target or owns_dir:
-                shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:  # the staging dir (or the index's own temp dir) is incomplete
+            shutil.rmtree(staging, ignore_errors=True)
             raise
         index = cls.load(client, target, comms=None, progress=progress)
         index._owns_dir = owns_dir
@@ -838,20 +839,19 @@ def _plan_shards(spec: IndexSpec, sharding: str, template: Any, xb: npt.NDArray[
                  ) -> tuple[Router, npt.NDArray[np.int32], npt.NDArray[np.int64] | None]:
     S = spec.n_shards
     quantizer = None if template is None else template.quantizer
-    lists = None
-    if quantizer is not None:
-        lists = coarse_assign(quantizer, xb)
     if sharding == "ivf":
-        assert lists is not None
+        # the list sizes decide the list -> shard map, so assign first (once)
+        lists = coarse_assign(quantizer, xb)
         sizes = np.bincount(lists, minlength=spec.info.nlist).astype(np.int64)
-        router = Router("ivf", S, quantizer=quantizer, list_to_shard=balance_lists(sizes, S))
-    elif sharding == "hash":
+        list_to_shard = balance_lists(sizes, S)
+        router = Router("ivf", S, quantizer=quantizer, list_to_shard=list_to_shard)
+        return router, list_to_shard[lists], lists
+    if sharding == "hash":
         router = Router("hash", S, quantizer=quantizer)
     else:
         router = Router("range", S, quantizer=quantizer, boundaries=range_boundaries(ids, S))
-    shard_of, _ = (router.assign(xb, ids) if sharding != "ivf" else
-                   (router.list_to_shard[lists], lists))  # type: ignore[index]
-    return router, shard_of, lists
+    shard_of, assigned = router.assign(xb, ids)
+    return router, shard_of, assigned
 
 
 def _current_workers(client: Client, timeout: float = 60.0) -> list[str]:

@@ -124,18 +124,12 @@ class GpuResourcesPlugin(WorkerPlugin):
 
 
 def _gpu_plugin() -> GpuResourcesPlugin:
-    try:
-        from distributed import get_worker
+    from dask_rag.plugins import worker_plugin
 
-        worker = get_worker()
-    except ValueError:
+    try:
+        return worker_plugin(GpuResourcesPlugin)
+    except ValueError:  # not in a task (a shard loaded in this process): its own resources
         return GpuResourcesPlugin()
-    plugin = worker.plugins.get(GpuResourcesPlugin.name)
-    if plugin is None:
-        plugin = GpuResourcesPlugin()
-        worker.plugins[GpuResourcesPlugin.name] = plugin
-    assert isinstance(plugin, GpuResourcesPlugin)
-    return plugin
 
 
 def to_faiss_gpu(index: Any) -> Any:

@@ -117,15 +117,19 @@ class Router:
 
     def assign(self, xb: npt.NDArray[np.float32], ids: npt.NDArray[np.int64]
                ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64] | None]:
-        """Shard number of every vector, and its inverted list (ivf sharding) or None."""
+        """Shard number of every vector, and its inverted list (IVF factories) or None.
+
+        The lists are computed here, centrally, whatever the sharding, so that a shard stores
+        each vector in exactly the list the query router will probe for it.
+        """
+        lists = None if self.quantizer is None else coarse_assign(self.quantizer, xb)
         if self.sharding == "ivf":
-            assert self.list_to_shard is not None
-            lists = coarse_assign(self.quantizer, xb)
+            assert self.list_to_shard is not None and lists is not None
             return self.list_to_shard[lists], lists
         if self.sharding == "hash":
-            return (ids % self.n_shards).astype(np.int32), None
+            return (ids % self.n_shards).astype(np.int32), lists
         assert self.boundaries is not None
-        return np.searchsorted(self.boundaries, ids, side="right").astype(np.int32), None
+        return np.searchsorted(self.boundaries, ids, side="right").astype(np.int32), lists
 
     # ---- queries -> shards ---------------------------------------------------------------
 

@@ -286,6 +286,15 @@ class Shard:
         else:
             self._accelerated = None
 
+    def _deleted_ids(self) -> npt.NDArray[np.int64]:
+        return np.fromiter(self.deleted, dtype=np.int64, count=len(self.deleted))
+
+    def _live(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """``ids`` without the tombstoned ones (HNSW removals awaiting compaction)."""
+        if not self.deleted or not len(ids):
+            return ids
+        return ids[~np.isin(ids, self._deleted_ids())]
+
     # ---- sparse (BM25) ---------------------------------------------------------------------
 
     def sparse_index(self) -> Any:
@@ -298,7 +307,7 @@ class Shard:
                     ids = self.records.column("id").to_numpy()
                     texts = self.records.column("text").to_pylist()
                     if self.deleted:
-                        keep = ~np.isin(ids, np.fromiter(self.deleted, np.int64))
+                        keep = ~np.isin(ids, self._deleted_ids())
                         ids = ids[keep]
                         texts = [t for t, k in zip(texts, keep, strict=True) if k]
                 self._sparse = SparseIndex.build(ids, texts)
@@ -310,15 +319,13 @@ class Shard:
 
     # ---- search ---------------------------------------------------------------------------
 
-    def _selector(self, flt: SearchFilter | None) -> Any | None:
+    def _selector(self, allowed: npt.NDArray[np.int64] | None) -> Any | None:
         import faiss
 
         parts = []
         if self.deleted:
-            gone = np.fromiter(self.deleted, dtype=np.int64, count=len(self.deleted))
-            parts.append(faiss.IDSelectorNot(faiss.IDSelectorBatch(gone)))
-        if flt is not None:
-            allowed = self.filter_ids(flt)
+            parts.append(faiss.IDSelectorNot(faiss.IDSelectorBatch(self._deleted_ids())))
+        if allowed is not None:
             parts.append(faiss.IDSelectorBatch(allowed))
         if not parts:
             return None
@@ -335,35 +342,36 @@ class Shard:
         sources = self.records.column("source").to_pylist()
         metas = self.records.column("metadata").to_pylist()
         keep = [i for i, s, m in zip(ids, sources, metas, strict=True) if flt.matches(s, m)]
-        out = np.asarray(keep, dtype=np.int64)
-        if self.deleted and out.size:
-            out = out[~np.isin(out, np.fromiter(self.deleted, np.int64))]
-        return out
+        return self._live(np.asarray(keep, dtype=np.int64))
 
     def search(self, xq: npt.NDArray[np.float32], k: int, *,
                Iq: npt.NDArray[np.int64] | None = None, Dq: npt.NDArray[np.float32] | None = None,
                nprobe: int | None = None, ef_search: int | None = None,
-               flt: SearchFilter | None = None) -> tuple[npt.NDArray[np.float32],
-                                                         npt.NDArray[np.int64]]:
-        """Top-``k`` of this shard for each query row (faiss conventions, -1 padding)."""
+               allowed: npt.NDArray[np.int64] | None = None
+               ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Top-``k`` of this shard for each query row (faiss conventions, -1 padding).
+
+        ``allowed`` restricts the search to these ids (a filter's :meth:`filter_ids`, computed
+        once per task by the caller and shared with the BM25 search).
+        """
         with self._lock.read():
             return self._search_locked(xq, k, Iq=Iq, Dq=Dq, nprobe=nprobe, ef_search=ef_search,
-                                       flt=flt)
+                                       allowed=allowed)
 
     def _search_locked(self, xq: npt.NDArray[np.float32], k: int, *, Iq: Any, Dq: Any,
                        nprobe: int | None, ef_search: int | None,
-                       flt: SearchFilter | None) -> tuple[npt.NDArray[np.float32],
-                                                          npt.NDArray[np.int64]]:
+                       allowed: npt.NDArray[np.int64] | None
+                       ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         import faiss
 
         nq = xq.shape[0]
-        if nq == 0 or self.index.ntotal == 0:
-            return empty_result(nq, k, self.spec.metric)
-        sel = self._selector(flt)
-        if flt is not None and sel is not None and self.filter_ids(flt).size == 0:
+        if nq == 0 or self.index.ntotal == 0 or (allowed is not None and allowed.size == 0):
             return empty_result(nq, k, self.spec.metric)
         if self.kind == "scann" or self.spec.backend == "torch":
-            return self._accelerated.search(xq, k, self, sel_ids=self._allowed_ids(flt))
+            if allowed is None and self.deleted:
+                allowed = self._live(self.records.column("id").to_numpy())
+            return self._accelerated.search(xq, k, self, sel_ids=allowed)
+        sel = self._selector(allowed)
         # faiss-gpu shards search their GPU copy; CPU shards the index itself
         index = self._accelerated if self._accelerated is not None else self.index
         k_base = k * self.spec.refine_k_factor if self.refine is not None else k
@@ -394,14 +402,6 @@ class Shard:
             D, I = self._refine(xq, D, I, k)
         return D, I
 
-    def _allowed_ids(self, flt: SearchFilter | None) -> npt.NDArray[np.int64] | None:
-        if flt is None and not self.deleted:
-            return None
-        if flt is not None:
-            return self.filter_ids(flt)
-        ids = self.records.column("id").to_numpy()
-        return ids[~np.isin(ids, np.fromiter(self.deleted, np.int64))]
-
     def _refine(self, xq: npt.NDArray[np.float32], D: npt.NDArray[np.float32],
                 I: npt.NDArray[np.int64], k: int) -> tuple[npt.NDArray[np.float32],
                                                           npt.NDArray[np.int64]]:
@@ -430,12 +430,12 @@ class Shard:
 
     def _fetch_locked(self, ids: npt.NDArray[np.int64]) -> list[dict[str, Any] | None]:
         table_ids = self.records.column("id").to_numpy()
-        pos = np.searchsorted(table_ids, ids)
-        pos = np.minimum(pos, max(len(table_ids) - 1, 0))
-        found = (len(table_ids) > 0) & (table_ids[pos] == ids) if len(table_ids) else np.zeros(
-            len(ids), bool)
         out: list[dict[str, Any] | None] = [None] * len(ids)
-        if not np.any(found):
+        if not len(table_ids):
+            return out
+        pos = np.minimum(np.searchsorted(table_ids, ids), len(table_ids) - 1)
+        found = table_ids[pos] == ids
+        if not found.any():
             return out
         sub = self.records.take(pos[found]).to_pylist()
         for slot, rec in zip(np.flatnonzero(found), sub, strict=True):
@@ -447,10 +447,7 @@ class Shard:
         """The subset of ``ids`` stored in this shard."""
         with self._lock.read():
             table_ids = self.records.column("id").to_numpy()
-            present = ids[np.isin(ids, table_ids)]
-            if self.deleted:
-                present = present[~np.isin(present, np.fromiter(self.deleted, np.int64))]
-            return present
+            return self._live(ids[np.isin(ids, table_ids)])
 
     def doc_index(self) -> list[tuple[int, str | None, str | None]]:
         """(id, source, doc_hash) of every live chunk: what incremental ingestion diffs against."""
@@ -475,9 +472,8 @@ class Shard:
             _add_to_index(self.index, xb, ids, lists)
             if self.refine is not None:
                 self.refine.add_with_ids(xb, ids)
-            revived = [int(i) for i in ids if int(i) in self.deleted]
-            for i in revived:  # an id removed earlier and added again (tombstoned kinds)
-                self.deleted.discard(i)
+            # an id removed earlier and added again is alive again (tombstoned kinds)
+            self.deleted.difference_update(int(i) for i in ids)
             self.records = pa.concat_tables(
                 [self._drop_records(ids), make_records_table(ids, records)]).sort_by("id")
             self._prepare()
@@ -496,9 +492,7 @@ class Shard:
 
         with self._lock.write():
             table_ids = self.records.column("id").to_numpy()
-            mine = ids[np.isin(ids, table_ids)]
-            if self.deleted:
-                mine = mine[~np.isin(mine, np.fromiter(self.deleted, np.int64))]
+            mine = self._live(ids[np.isin(ids, table_ids)])
             if mine.size == 0:
                 return 0
             if self.kind == "hnsw":
@@ -519,11 +513,12 @@ class Shard:
             return
         with self._lock.write():
             ids, vecs = _all_vectors(self.index)
-            keep = ~np.isin(ids, np.fromiter(self.deleted, np.int64))
+            gone = self._deleted_ids()
+            keep = ~np.isin(ids, gone)
             fresh = new_shard_index(self.spec, self.dim, None)
             fresh.add_with_ids(vecs[keep], ids[keep])
             self.index = fresh
-            self.records = self._drop_records(np.fromiter(self.deleted, np.int64))
+            self.records = self._drop_records(gone)
             self.deleted.clear()
             self._prepare()
 

@@ -24,7 +24,7 @@ import numpy.typing as npt
 from dask_rag.errors import InvalidInput
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dask_rag.index.shard import SearchFilter, Shard, ShardResult
+    from dask_rag.index.shard import Shard, ShardResult
 
 __all__ = [
     "SparseHits",
@@ -124,10 +124,10 @@ class SparseHits:
 
 
 def search_sparse(shard: Shard, rows: npt.NDArray[np.int64], queries: list[str], k: int,
-                  flt: SearchFilter | None) -> SparseHits:
-    """BM25 search of one shard for batch rows ``rows`` (runs inside the shard's search task)."""
+                  allowed: npt.NDArray[np.int64] | None) -> SparseHits:
+    """BM25 search of one shard for batch rows ``rows`` (runs inside the shard's search task);
+    ``allowed``: the ids a filter lets through, or None."""
     sparse = shard.sparse_index()
-    allowed = shard.filter_ids(flt) if flt is not None else None
     I, S = sparse.search(queries, k, allowed)
     payload = [shard.fetch(row) for row in I]
     return SparseHits(rows=np.asarray(rows, np.int64), I=I, S=S, payload=payload)
