@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from dask_rag.benchmarking import RESULTS_DIR, write_result
+from dask_rag.cluster import tune_worker_malloc
 
 
 def chunks(n: int) -> list[str]:
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="chunks for bf16 (slow where the CPU lacks native bf16)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
+    tune_worker_malloc()  # the same worker malloc settings as dask-rag's own clusters
 
     import torch
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from dask_rag.benchmarking import RESULTS_DIR, LatencyStats, write_result
+from dask_rag.cluster import tune_worker_malloc
 from dask_rag.serve.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
+    tune_worker_malloc()  # the same worker malloc settings as dask-rag's own clusters
     levels = [int(x) for x in args.levels.split(",")]
     if args.quick:
         levels, args.seconds = [1, 16, 64], 4.0

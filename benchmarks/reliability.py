@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from dask_rag.benchmarking import RESULTS_DIR, write_result
+from dask_rag.cluster import tune_worker_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = ["How do I sort a list?", "How do I parse JSON?", "How do I read a CSV file?",
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
+    tune_worker_malloc()  # the same worker malloc settings as dask-rag's own clusters
 
     import aiohttp
     from distributed import Client, LocalCluster

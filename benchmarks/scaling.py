@@ -23,6 +23,7 @@ import numpy as np
 
 from dask_rag import DistributedIndex, IndexSpec
 from dask_rag.benchmarking import RESULTS_DIR, write_result
+from dask_rag.cluster import tune_worker_malloc
 from dask_rag.datasets import clustered_vectors, exact_search, recall_at_k
 
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
+    tune_worker_malloc()  # the same worker malloc settings as dask-rag's own clusters
     sizes = [int(s) for s in args.sizes.split(",")]
     shard_counts = [int(s) for s in args.shards.split(",")]
     if args.quick:

@@ -38,6 +38,7 @@ from dask_rag.benchmarking import (
     time_concurrent,
     write_result,
 )
+from dask_rag.cluster import tune_worker_malloc
 from dask_rag.datasets import clustered_vectors, exact_search, recall_at_k, same_up_to_ties
 from dask_rag.plugins import tune_comms
 
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--name", default="search_throughput")
     args = p.parse_args(argv)
+    tune_worker_malloc()  # the same worker malloc settings as dask-rag's own clusters
     factories = _split_factories(args.factories)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.quick:

@@ -168,6 +168,7 @@ def run_ab(quick: bool = False, out_dir: Path | None = None, optimized_precision
     import faiss
     from distributed import Client, LocalCluster, performance_report
 
+    from dask_rag.cluster import tune_worker_malloc
     from dask_rag.config import BatchConfig, EmbedConfig, IndexSpec, RagConfig
     from dask_rag.corpus.demo import stdlib_documents
     from dask_rag.embed.encoder import SentenceEncoder
@@ -230,6 +231,7 @@ def run_ab(quick: bool = False, out_dir: Path | None = None, optimized_precision
 
     # --- on the Dask cluster ------------------------------------------------------------------
     records = [c.record() for c in corpus.chunks]
+    tune_worker_malloc()
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         report_ctx = (performance_report(filename=str(out_dir / "ab_pipeline-report.html"))

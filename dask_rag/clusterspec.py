@@ -166,6 +166,9 @@ class ClusterSpec:
 
     def build_cluster(self) -> Any:
         """The Dask cluster object (started for local kinds, not yet scaled for SLURM)."""
+        from dask_rag.cluster import tune_worker_malloc
+
+        tune_worker_malloc()
         if self.kind == "local":
             from distributed import LocalCluster
 

@@ -9,11 +9,13 @@ def nb(cells):
 
 common_setup = '''import os, tempfile
 from pathlib import Path
-from distributed import Client, LocalCluster
+from distributed import Client
+
+from dask_rag.cluster import start_local_cluster
 
 # SMALL=1 (set by the test suite) keeps every cell to a few seconds
 SMALL = os.environ.get("DASK_RAG_NOTEBOOK_SMALL") == "1"
-cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0")
+cluster = start_local_cluster(2, dashboard_address=":0")
 client = Client(cluster)
 print("Dask dashboard:", client.dashboard_link)'''
 

@@ -34,6 +34,10 @@ def pytest_collection_modifyitems(config, items):
 def cluster():
     from distributed import LocalCluster
 
+    from dask_rag.cluster import tune_worker_malloc
+
+    tune_worker_malloc()  # every LocalCluster of the suite: the settings dask-rag's clusters use
+
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=":0", memory_limit="6GiB") as cluster:
         yield cluster

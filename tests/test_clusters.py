@@ -17,6 +17,7 @@ import yaml
 from distributed import Client
 
 from dask_rag import DistributedIndex, IndexSpec
+from dask_rag.cluster import WORKER_MALLOC_ENV, tune_worker_malloc
 from dask_rag.clusterspec import ClusterSpec, load_spec, start_from_spec
 from dask_rag.errors import InvalidInput
 
@@ -65,9 +66,24 @@ def test_local_spec_starts_and_places_shards(tmp_path):
             assert (index.search(xb[:3], k=1)[1][:, 0] == [0, 1, 2]).all()
             # the load tasks requested the 'shard' resource
             assert all(index.shard_locations().values())
+        # the workers were spawned with dask-rag's malloc settings (see dask_rag.cluster)
+        envs = client.run(lambda: {k: os.environ.get(k) for k in WORKER_MALLOC_ENV})
+        assert all(e == {k: str(v) for k, v in WORKER_MALLOC_ENV.items()} for e in envs.values())
     finally:
         client.close()
         cluster.close()
+
+
+def test_worker_malloc_settings_keep_the_users_own():
+    import dask
+
+    key = "distributed.nanny.pre-spawn-environ"
+    with dask.config.set({key: {"MALLOC_MMAP_THRESHOLD_": 4096, "OMP_NUM_THREADS": 1}}):
+        assert tune_worker_malloc()["MALLOC_MMAP_THRESHOLD_"] == 4096
+        assert dask.config.get(key) == {"MALLOC_MMAP_THRESHOLD_": 4096, "OMP_NUM_THREADS": 1}
+    with dask.config.set({key: {"MALLOC_TRIM_THRESHOLD_": 65536, "OMP_NUM_THREADS": 1}}):
+        env = tune_worker_malloc()
+        assert dask.config.get(key) == env == {**WORKER_MALLOC_ENV, "OMP_NUM_THREADS": 1}
 
 
 @pytest.mark.parametrize("data,match", [
