@@ -208,6 +208,12 @@ class ClusterSpec:
                                "'dask-rag[clusters]'") from exc
         s = dict(self.sections["slurm"])
         s.pop("jobs", None)
+        from dask_rag.cluster import WORKER_MALLOC_ENV
+
+        # the job's shell exports dask-rag's worker malloc settings (see dask_rag.cluster);
+        # the spec's own prologue lines come after them and can override them
+        s["job_script_prologue"] = [f"export {k}={v}" for k, v in WORKER_MALLOC_ENV.items()] \
+            + list(s.get("job_script_prologue") or [])
         extra_worker_args = []
         for name, value in self.resources.items():
             extra_worker_args += ["--resources", f"{name}={value}"]
@@ -222,10 +228,14 @@ class ClusterSpec:
         """The DaskCluster custom resource for the dask-kubernetes operator."""
         from dask_kubernetes.operator import make_cluster_spec
 
+        from dask_rag.cluster import WORKER_MALLOC_ENV
+
         k = self.sections["kubernetes"]
+        # dask-rag's worker malloc settings (see dask_rag.cluster) unless the spec sets them
+        env = {**{n: str(v) for n, v in WORKER_MALLOC_ENV.items()}, **(k.get("env") or {})}
         spec: dict[str, Any] = make_cluster_spec(
             name=k.get("name", "dask-rag"), image=k.get("image", "ghcr.io/dask/dask:latest"),
-            n_workers=self.workers, resources=k.get("resources"), env=k.get("env"),
+            n_workers=self.workers, resources=k.get("resources"), env=env,
             worker_command="dask-worker" if not self.resources else [
                 "dask-worker", "--resources",
                 ",".join(f"{n}={v}" for n, v in self.resources.items())],

@@ -41,6 +41,8 @@ def test_slurm_spec_renders_a_job_script():
     assert "#SBATCH -p normal" in script and "#SBATCH -A my-project" in script
     assert "#SBATCH --exclusive" in script and "--resources shard=64" in script
     assert "source ~/venvs/dask-rag/bin/activate" in script
+    assert script.index("export MALLOC_MMAP_THRESHOLD_=33554432") < script.index(
+        "source ~/venvs/dask-rag/bin/activate")  # the spec's own prologue comes after
 
 
 def test_kubernetes_spec_renders_a_manifest():
@@ -54,6 +56,8 @@ def test_kubernetes_spec_renders_a_manifest():
     assert container["image"] == "ghcr.io/dask/dask:latest"
     assert "shard=64" in " ".join(container["args"])
     assert container["resources"]["limits"]["memory"] == "8Gi"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
 
 
 def test_local_spec_starts_and_places_shards(tmp_path):
