@@ -337,12 +337,17 @@ class Shard:
         return sel
 
     def filter_ids(self, flt: SearchFilter) -> npt.NDArray[np.int64]:
-        """Ids of this shard's chunks that pass ``flt``."""
-        ids = self.records.column("id").to_numpy()
-        sources = self.records.column("source").to_pylist()
-        metas = self.records.column("metadata").to_pylist()
-        keep = [i for i, s, m in zip(ids, sources, metas, strict=True) if flt.matches(s, m)]
-        return self._live(np.asarray(keep, dtype=np.int64))
+        """Ids of this shard's live chunks that pass ``flt``.
+
+        Takes the read lock: the search task calls it before :meth:`search`, and a concurrent
+        ``add``/``remove`` swaps the records table and the tombstones.
+        """
+        with self._lock.read():
+            ids = self.records.column("id").to_numpy()
+            sources = self.records.column("source").to_pylist()
+            metas = self.records.column("metadata").to_pylist()
+            keep = [i for i, s, m in zip(ids, sources, metas, strict=True) if flt.matches(s, m)]
+            return self._live(np.asarray(keep, dtype=np.int64))
 
     def search(self, xq: npt.NDArray[np.float32], k: int, *,
                Iq: npt.NDArray[np.int64] | None = None, Dq: npt.NDArray[np.float32] | None = None,
