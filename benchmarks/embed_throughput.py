@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from dask_rag.benchmarking import RESULTS_DIR, write_result
-from dask_rag.cluster import tune_worker_malloc
 
 
 def chunks(n: int) -> list[str]:
@@ -61,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="chunks for bf16 (slow where the CPU lacks native bf16)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
-    tune_worker_malloc()  # the same worker malloc settings as dask-rag's own clusters
 
     import torch
 
@@ -105,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  padding: {padding}", flush=True)
 
     # the service on a cluster
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
+    from dask_rag.cluster import start_local_cluster
     from dask_rag.embed.service import EmbeddingService
 
     service_texts = texts[:1000]
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+    with start_local_cluster(2, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         svc = EmbeddingService(client, EmbedConfig(precision=auto),
                                BatchConfig(max_batch=128, max_wait_ms=5))

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from dask_rag.benchmarking import RESULTS_DIR, LatencyStats, write_result
-from dask_rag.cluster import tune_worker_malloc
+from dask_rag.cluster import start_local_cluster
 from dask_rag.serve.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,11 +125,11 @@ def start_server(index: Path, port: int, batching: bool, workers: int) -> subpro
 
 def run_in_process(index: Path, qs: list[str], levels: list[int], seconds: float,
                    workers: int) -> dict[str, Any]:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from dask_rag.pipeline import RagPipeline
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as c, \
+    with start_local_cluster(workers, dashboard_address=None) as c, \
             Client(c) as client, RagPipeline.from_index_dir(client, index) as pipe:
         pipe.warmup()
 
@@ -154,13 +154,13 @@ def run_in_process(index: Path, qs: list[str], levels: list[int], seconds: float
 def ensure_index(path: Path, workers: int) -> Path:
     if (path / "manifest.json").exists():
         return path
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from dask_rag.corpus.demo import stdlib_documents
     from dask_rag.ingest import ingest
 
     print(f"building the demo index at {path} ...", flush=True)
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as c, \
+    with start_local_cluster(workers, dashboard_address=None) as c, \
             Client(c) as client:
         ingest(client, stdlib_documents(), path, progress=True)
     return path
@@ -203,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
-    tune_worker_malloc()  # the same worker malloc settings as dask-rag's own clusters
     levels = [int(x) for x in args.levels.split(",")]
     if args.quick:
         levels, args.seconds = [1, 16, 64], 4.0

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from dask_rag.benchmarking import RESULTS_DIR, write_result
-from dask_rag.cluster import tune_worker_malloc
+from dask_rag.cluster import start_local_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = ["How do I sort a list?", "How do I parse JSON?", "How do I read a CSV file?",
@@ -55,10 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
-    tune_worker_malloc()  # the same worker malloc settings as dask-rag's own clusters
 
     import aiohttp
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from dask_rag.config import RagConfig, ServeConfig
     from dask_rag.pipeline import RagPipeline
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="dask-rag-reliability-"))
     index_dir = work / "index"
     shutil.copytree(args.index, index_dir)
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None)
+    cluster = start_local_cluster(2, dashboard_address=None)
     client = Client(cluster)
     pipe = RagPipeline.from_index_dir(client, index_dir, RagConfig(k=5))
     pipe.warmup()

@@ -23,7 +23,7 @@ import numpy as np
 
 from dask_rag import DistributedIndex, IndexSpec
 from dask_rag.benchmarking import RESULTS_DIR, write_result
-from dask_rag.cluster import tune_worker_malloc
+from dask_rag.cluster import start_local_cluster
 from dask_rag.datasets import clustered_vectors, exact_search, recall_at_k
 
 
@@ -44,17 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
-    tune_worker_malloc()  # the same worker malloc settings as dask-rag's own clusters
     sizes = [int(s) for s in args.sizes.split(",")]
     shard_counts = [int(s) for s in args.shards.split(",")]
     if args.quick:
         sizes, shard_counts = [10_000, 100_000], [1, 2, 4]
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     rows = []
     x_all = clustered_vectors(max(sizes) + args.nq, args.dim, n_clusters=2000, seed=0)
     xq = x_all[-args.nq:]
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+    with start_local_cluster(2, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         for n in sizes:
             xb = x_all[:n]

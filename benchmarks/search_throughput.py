@@ -38,7 +38,7 @@ from dask_rag.benchmarking import (
     time_concurrent,
     write_result,
 )
-from dask_rag.cluster import tune_worker_malloc
+from dask_rag.cluster import start_local_cluster
 from dask_rag.datasets import clustered_vectors, exact_search, recall_at_k, same_up_to_ties
 from dask_rag.plugins import tune_comms
 
@@ -259,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--name", default="search_throughput")
     args = p.parse_args(argv)
-    tune_worker_malloc()  # the same worker malloc settings as dask-rag's own clusters
     factories = _split_factories(args.factories)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.quick:
@@ -267,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         args.fanout_iterations = 150
         factories = [f.replace("IVF1024", "IVF256") for f in factories]
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if args.index_dir:
         x = load_index_vectors(args.index_dir)
@@ -287,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     results = []
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with start_local_cluster(args.workers, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
         fanout = bench_fanout(client, sorted({args.workers, args.shards}),
                               args.fanout_iterations)
         for factory in factories:

@@ -166,9 +166,9 @@ def _pipeline_row(name: str, pipe: Any, queries: list[str], concurrency: int,
 def run_ab(quick: bool = False, out_dir: Path | None = None, optimized_precision: str = "int8",
            concurrency: int = 64, report: bool = False) -> dict[str, Any]:
     import faiss
-    from distributed import Client, LocalCluster, performance_report
+    from distributed import Client, performance_report
 
-    from dask_rag.cluster import tune_worker_malloc
+    from dask_rag.cluster import start_local_cluster
     from dask_rag.config import BatchConfig, EmbedConfig, IndexSpec, RagConfig
     from dask_rag.corpus.demo import stdlib_documents
     from dask_rag.embed.encoder import SentenceEncoder
@@ -231,8 +231,7 @@ def run_ab(quick: bool = False, out_dir: Path | None = None, optimized_precision
 
     # --- on the Dask cluster ------------------------------------------------------------------
     records = [c.record() for c in corpus.chunks]
-    tune_worker_malloc()
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+    with start_local_cluster(2, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         report_ctx = (performance_report(filename=str(out_dir / "ab_pipeline-report.html"))
                       if report else contextlib.nullcontext())

@@ -56,6 +56,7 @@ def start_local_cluster(n_workers: int | None = None, threads_per_worker: int = 
     vectorised kernels, and one worker process per core keeps shards' search tasks from
     contending for the GIL or for OpenMP threads.
     """
+    tune_worker_malloc()
     if gpus:
         try:
             from dask_cuda import LocalCUDACluster
@@ -63,7 +64,6 @@ def start_local_cluster(n_workers: int | None = None, threads_per_worker: int = 
             raise InvalidInput("gpus=True needs dask-cuda: pip install 'dask-rag[gpu]'") from exc
         return LocalCUDACluster(threads_per_worker=threads_per_worker,
                                 dashboard_address=dashboard_address, **kwargs)
-    tune_worker_malloc()
     if n_workers is None:
         import os
 

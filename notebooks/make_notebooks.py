@@ -19,6 +19,10 @@ cluster = start_local_cluster(2, dashboard_address=":0")
 client = Client(cluster)
 print("Dask dashboard:", client.dashboard_link)'''
 
+common_teardown = '''pipe.close()
+client.close()
+cluster.close()'''
+
 quick = nb([
 ("md", "# dask-rag quickstart\n\nIngest the built-in demo corpus (the Python standard library's own docstrings) into a faiss index sharded on a local Dask cluster, then search it and ask it questions. Open the dashboard link printed below and watch the task stream while the cells run: embedding tasks during ingestion, one `dask-rag-search` task per shard and a merge per query batch afterwards."),
 ("code", common_setup),
@@ -47,9 +51,7 @@ print({k: round(v, 1) for k, v in answer.timings_ms.items()})'''),
 [(a.question, a.citations[0].source) for a in answers]'''),
 ("md", "Filters are applied inside each shard during the search, so `k` hits still come back when enough chunks match:"),
 ("code", '''[h.source for h in pipe.search("parse", k=4, filter={"source_prefix": "json."})]'''),
-("code", '''pipe.close()
-client.close()
-cluster.close()'''),
+("code", common_teardown),
 ])
 
 profiling = nb([
@@ -88,9 +90,7 @@ ax.set_title("per-stage latency, one request at a time")
 fig.tight_layout()
 print({s: round(float(np.median(v)), 1) for s, v in single.items()})
 print("batched, per batch:", {k: round(v, 1) for k, v in batched[0].timings_ms.items()})'''),
-("code", '''pipe.close()
-client.close()
-cluster.close()'''),
+("code", common_teardown),
 ])
 
 scaling = nb([

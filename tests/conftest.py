@@ -32,14 +32,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def cluster():
-    from distributed import LocalCluster
+    from dask_rag.cluster import start_local_cluster
 
-    from dask_rag.cluster import tune_worker_malloc
-
-    tune_worker_malloc()  # every LocalCluster of the suite: the settings dask-rag's clusters use
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0", memory_limit="6GiB") as cluster:
+    with start_local_cluster(2, dashboard_address=":0", memory_limit="6GiB") as cluster:
         yield cluster
 
 

@@ -17,7 +17,7 @@ import yaml
 from distributed import Client
 
 from dask_rag import DistributedIndex, IndexSpec
-from dask_rag.cluster import WORKER_MALLOC_ENV, tune_worker_malloc
+from dask_rag.cluster import WORKER_MALLOC_ENV, start_local_cluster, tune_worker_malloc
 from dask_rag.clusterspec import ClusterSpec, load_spec, start_from_spec
 from dask_rag.errors import InvalidInput
 
@@ -228,13 +228,11 @@ def _kill_one_worker_later(client, delay: float) -> threading.Thread:
 
 @pytest.mark.slow
 def test_worker_killed_during_ingestion(demo_docs, tmp_path):
-    from distributed import LocalCluster
-
     from dask_rag.ingest import ingest
 
     docs = demo_docs[:300]
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None,
-                      memory_limit="6GiB") as cluster, Client(cluster) as client:
+    with start_local_cluster(2, dashboard_address=None, memory_limit="6GiB") as cluster, \
+            Client(cluster) as client:
         expected = ingest(client, docs, tmp_path / "clean", progress=False).chunks_total
         killer = _kill_one_worker_later(client, 4.0)  # models are loaded, embedding runs
         report = ingest(client, docs, tmp_path / "faulty", progress=False)
@@ -247,17 +245,14 @@ def test_worker_killed_during_ingestion(demo_docs, tmp_path):
 
 @pytest.mark.slow
 def test_worker_killed_while_serving_answers_stay_right(demo_index, tmp_path):
-    from distributed import LocalCluster
-
     from dask_rag.pipeline import RagPipeline
 
     path = tmp_path / "index"
     shutil.copytree(demo_index, path)
     questions = ["How do I sort a list?", "How to parse JSON?", "read a CSV file",
                  "run a subprocess", "create a temporary file", "compute a hash"] * 4
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None,
-                      memory_limit="6GiB") as cluster, Client(cluster) as client, \
-            RagPipeline.from_index_dir(client, path) as pipe:
+    with start_local_cluster(2, dashboard_address=None, memory_limit="6GiB") as cluster, \
+            Client(cluster) as client, RagPipeline.from_index_dir(client, path) as pipe:
         pipe.warmup()
         truth = [[h.id for h in hs] for hs in pipe.search_many(questions, k=5)]
         killer = _kill_one_worker_later(client, 0.5)

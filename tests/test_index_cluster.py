@@ -8,9 +8,10 @@ import time
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from dask_rag import DistributedIndex, IndexSpec
+from dask_rag.cluster import start_local_cluster
 from dask_rag.datasets import clustered_vectors, exact_search
 
 
@@ -61,8 +62,7 @@ def test_sizeof_reports_real_shard_size(client):
 def test_worker_killed_during_searches_shards_reload_from_disk(tmp_path):
     x = clustered_vectors(30_064, 48, seed=5)
     xb, xq = x[:30_000], x[30_000:]
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None, memory_limit="4GiB") as cluster, \
+    with start_local_cluster(2, dashboard_address=None, memory_limit="4GiB") as cluster, \
             Client(cluster) as client:
         index = DistributedIndex.build(client, xb, spec=IndexSpec(factory="Flat", n_shards=4),
                                        path=tmp_path / "idx")
