@@ -3,8 +3,10 @@
 
 On demo-corpus chunks (the stdlib docstrings, chunked by encoder tokens):
 
-* **precision**: fp32 / bf16 / int8 on CPU (fp16 on a GPU when present): texts/s of offline
-  ``encode`` with all cores, mean and min cosine to fp32, top-10 neighbour overlap with fp32;
+* **precision**: fp32 / bf16 / int8 (ONNX Runtime, the default int8) / int8 (torch) / fp32
+  (ONNX Runtime) on CPU, fp16 on a GPU when present: texts/s of offline ``encode`` with all
+  cores, speedup over fp32 timed right after on the same texts, mean and min cosine to fp32,
+  top-10 neighbour overlap with fp32;
 * **padding**: naive batches in corpus order vs length-bucketed batches (batch 64, shuffled
   mixed-length corpus);
 * **service**: offline ``encode`` in one process vs the micro-batched service at saturation
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1000, help="chunks")
     p.add_argument("--bf16-n", type=int, default=1000,
                    help="chunks for bf16 (slow where the CPU lacks native bf16)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternations of each precision with fp32 (median ratio reported)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
 
@@ -72,26 +76,41 @@ def main(argv: list[str] | None = None) -> int:
           f"native bf16: {cpu_has_native_bf16()}", flush=True)
     enc32 = SentenceEncoder(EmbedConfig(precision="fp32", device="cpu"))
     ref, t32 = timed_encode(enc32, texts)
-    precisions: dict[str, Any] = {"fp32": {"texts_per_s": round(len(texts) / t32, 2),
+    precisions: dict[str, Any] = {"fp32": {"backend": "torch",
+                                           "texts_per_s": round(len(texts) / t32, 2),
                                            "cosine_mean": 1.0, "cosine_min": 1.0,
                                            "top10_overlap": 1.0, "speedup": 1.0}}
     print(f"  fp32: {len(texts) / t32:.1f} texts/s", flush=True)
-    todo = [("bf16", "cpu", args.bf16_n), ("int8", "cpu", len(texts))]
+    # (row name, precision, backend, device, chunks); "int8" is the default int8 (its backend
+    # "auto": ONNX Runtime where installed), "int8_torch" torch's own dynamic int8
+    todo = [("bf16", "bf16", "torch", "cpu", args.bf16_n),
+            ("int8", "int8", "auto", "cpu", len(texts)),
+            ("int8_torch", "int8", "torch", "cpu", len(texts)),
+            ("fp32_onnx", "fp32", "onnx", "cpu", len(texts))]
     if device == "cuda":
-        todo.append(("fp16", "cuda", len(texts)))
-    for prec, dev, n in todo:
-        enc = SentenceEncoder(EmbedConfig(precision=prec, device=dev))
+        todo.append(("fp16", "fp16", "torch", "cuda", len(texts)))
+    for row, prec, backend, dev, n in todo:
+        enc = SentenceEncoder(EmbedConfig(precision=prec, device=dev, backend=backend))
         sub = texts[:n]
-        vecs, dt = timed_encode(enc, sub)
+        # alternate the encoder and fp32 on the same texts, ``rounds`` times: the speedup is
+        # the median of ratios of neighbours in time (this VM's speed drifts by +-20 % between
+        # minutes, so ratios of runs minutes apart mean little)
+        ratios, rates = [], []
+        for _ in range(args.rounds if n == len(texts) else 1):
+            vecs, dt = timed_encode(enc, sub)
+            _, dt32 = timed_encode(enc32, sub)
+            ratios.append(dt32 / dt)
+            rates.append(n / dt)
         ref_sub = ref[:n]
         cos = (vecs * ref_sub).sum(1)
-        base_rate = n / (t32 * n / len(texts))
-        precisions[prec] = {"texts_per_s": round(n / dt, 2), "n": n,
-                            "cosine_mean": round(float(cos.mean()), 5),
-                            "cosine_min": round(float(cos.min()), 5),
-                            "top10_overlap": round(neighbour_overlap(vecs, ref_sub), 4),
-                            "speedup": round((n / dt) / base_rate, 3)}
-        print(f"  {prec}: {precisions[prec]}", flush=True)
+        precisions[row] = {"precision": prec, "backend": enc.backend,
+                           "texts_per_s": round(float(np.median(rates)), 2), "n": n,
+                           "cosine_mean": round(float(cos.mean()), 5),
+                           "cosine_min": round(float(cos.min()), 5),
+                           "top10_overlap": round(neighbour_overlap(vecs, ref_sub), 4),
+                           "speedup": round(float(np.median(ratios)), 3),
+                           "speedup_rounds": [round(r, 3) for r in ratios]}
+        print(f"  {row}: {precisions[row]}", flush=True)
     auto = resolve_precision("auto", device)
 
     # padding: corpus order vs length buckets, batch 64
@@ -158,10 +177,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     prec = result["precision"]
     names = list(prec)
     axes[0].bar(names, [prec[n]["texts_per_s"] for n in names], color="#6a9")
+    axes[0].tick_params(axis="x", labelsize=7)
     for i, n in enumerate(names):
-        axes[0].text(i, prec[n]["texts_per_s"], f"cos {prec[n]['cosine_mean']:.3f}\n"
-                     f"top10 {prec[n]['top10_overlap']:.2f}", ha="center", va="bottom",
-                     fontsize=7)
+        axes[0].text(i, prec[n]["texts_per_s"], f"x{prec[n]['speedup']:.2f}\n"
+                     f"cos {prec[n]['cosine_mean']:.3f}\ntop10 {prec[n]['top10_overlap']:.2f}",
+                     ha="center", va="bottom", fontsize=6)
     axes[0].set_title("precision: texts/s (offline encode)")
     pad = result["padding"]
     axes[1].bar(["unsorted", "length-bucketed"], [pad["unsorted_texts_per_s"],

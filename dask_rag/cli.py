@@ -63,7 +63,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.factory or args.shards:
         spec = IndexSpec(factory=args.factory or "Flat", n_shards=args.shards or 2,
                          nprobe=args.nprobe)
-    embed = EmbedConfig(model=args.model, precision=args.precision)
+    embed = EmbedConfig(model=args.model, precision=args.precision, backend=args.backend)
     chunk = ChunkConfig(max_tokens=args.chunk_tokens, overlap_tokens=args.overlap_tokens)
     with _client(args) as client:
         report = ingest(client, args.paths, args.index, spec=spec, embed=embed, chunk=chunk,
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="local sentence-transformers model dir")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16",
                                                             "int8"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+                   help="encoder runtime (auto: ONNX Runtime for int8 on CPU)")
     p.add_argument("--chunk-tokens", type=int, default=200)
     p.add_argument("--overlap-tokens", type=int, default=32)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 
 import numpy as np
 import pytest
 
 from dask_rag.config import BatchConfig, EmbedConfig
-from dask_rag.embed.encoder import SentenceEncoder, resolve_precision
+from dask_rag.embed.encoder import SentenceEncoder, resolve_backend, resolve_precision
 from dask_rag.embed.service import EmbeddingService
 from dask_rag.errors import InvalidInput, ModelLoadError
 
@@ -57,8 +58,51 @@ def test_bf16_and_int8_quality(encoder, texts):
     ref = encoder.encode(sample)
     bf16 = SentenceEncoder(EmbedConfig(precision="bf16")).encode(sample)
     assert (bf16 * ref).sum(1).mean() >= 0.99
-    int8 = SentenceEncoder(EmbedConfig(precision="int8")).encode(sample)
-    assert 0.9 <= (int8 * ref).sum(1).mean() < 0.9999  # quantized: close, not equal
+    int8 = SentenceEncoder(EmbedConfig(precision="int8"))
+    assert int8.backend == "onnx"  # ONNX Runtime's per-channel int8 where it is installed
+    assert 0.99 <= (int8.encode(sample) * ref).sum(1).mean() < 0.9999  # close, not equal
+    torch_int8 = SentenceEncoder(EmbedConfig(precision="int8", backend="torch")).encode(sample)
+    assert 0.95 <= (torch_int8 * ref).sum(1).mean() < 0.9999
+
+
+def test_onnx_backend_matches_torch_fp32(encoder, texts):
+    onnx32 = SentenceEncoder(EmbedConfig(precision="fp32", backend="onnx"))
+    assert onnx32.backend == "onnx" and onnx32.describe()["backend"] == "onnx"
+    sample = texts[:64]
+    assert (onnx32.encode(sample, batch_size=16) * encoder.encode(sample)).sum(1).min() >= 0.9999
+
+
+def test_onnx_backend_keeps_the_models_own_modules_and_cache(tmp_path, monkeypatch):
+    """A tiny random model with CLS pooling (MiniLM pools by mean): exported once, cached,
+    a damaged cache entry is rebuilt, and ORT's vectors are torch's."""
+    from tests.tiny_models import CORPUS, save_tiny_sentence_transformer
+
+    monkeypatch.setenv("DASK_RAG_CACHE", str(tmp_path / "cache"))
+    path = str(save_tiny_sentence_transformer(tmp_path / "st", pooling="cls"))
+    sample = CORPUS[:7]
+    ref = SentenceEncoder(EmbedConfig(model=path, precision="fp32", backend="torch"))
+    onnx32 = SentenceEncoder(EmbedConfig(model=path, precision="fp32", backend="onnx"))
+    assert (onnx32.encode(sample) * ref.encode(sample)).sum(1).min() >= 0.9999
+    int8 = SentenceEncoder(EmbedConfig(model=path, precision="int8"))
+    assert int8.backend == "onnx" and int8._onnx.path.name == "model_int8.onnx"
+    assert (int8.encode(sample) * ref.encode(sample)).sum(1).min() >= 0.99
+    cached = sorted(p.name for p in (tmp_path / "cache" / "onnx").rglob("*.onnx"))
+    assert cached == ["model.onnx", "model_int8.onnx"]
+    stamp = int8._onnx.path.stat().st_mtime_ns
+    SentenceEncoder(EmbedConfig(model=path, precision="int8"))
+    assert int8._onnx.path.stat().st_mtime_ns == stamp  # reused, not exported again
+    int8._onnx.path.write_bytes(b"not an onnx graph")
+    rebuilt = SentenceEncoder(EmbedConfig(model=path, precision="int8"))
+    assert (rebuilt.encode(sample) * ref.encode(sample)).sum(1).min() >= 0.99
+
+
+def test_backend_choice_errors():
+    with pytest.raises(InvalidInput, match="backend"):
+        EmbedConfig(backend="tensorrt")
+    with pytest.raises(InvalidInput, match="backend='onnx' runs fp32 or int8"):
+        resolve_backend("onnx", "bf16", "cpu")
+    assert resolve_backend("auto", "fp32", "cpu") == "torch"
+    assert resolve_backend("auto", "int8", "cpu") == "onnx"
 
 
 def test_bad_model_path_and_precision(tmp_path):
@@ -104,3 +148,28 @@ def test_micro_batched_service_on_cluster(client, texts):
     loaded = client.run(lambda dask_worker: dask_worker.plugins["dask-rag-models"].loaded())
     for keys in loaded.values():
         assert sum(1 for k in keys if k[0] == "encoder" and k[1] == cfg) == 1
+
+
+def test_length_buckets_and_balanced_split():
+    """Buckets cover the sorted batch contiguously, hold <= max_size and pad <= the waste
+    bound; the service's split into worker parts is contiguous and balanced by length."""
+    from dask_rag.embed.encoder import MAX_PAD_WASTE, length_buckets
+    from dask_rag.embed.service import split_balanced
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        lens = np.sort(rng.integers(1, 300, int(rng.integers(1, 200))))[::-1]
+        buckets = length_buckets(lens, 16)
+        assert buckets[0][0] == 0 and buckets[-1][1] == len(lens)
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(buckets))
+        for a, b in buckets:
+            assert 1 <= b - a <= 16
+            assert b - a == 1 or lens[a] * (b - a) <= (1 + MAX_PAD_WASTE) * lens[a:b].sum()
+        for n_parts in (1, 2, 3):
+            parts = split_balanced(lens, n_parts)
+            assert len(parts) == min(n_parts, len(lens))
+            assert parts[0][0] == 0 and parts[-1][1] == len(lens)
+            assert all(b > a for a, b in parts)
+            sums = [int(lens[a:b].sum()) for a, b in parts]
+            assert max(sums) - min(sums) <= 2 * int(lens.max())
+    assert length_buckets(np.array([5] * 10), 4) == [(0, 4), (4, 8), (8, 10)]

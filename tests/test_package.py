@@ -23,7 +23,7 @@ def test_import_pulls_no_heavy_modules():
         "import sys, dask_rag\n"
         "from dask_rag import DistributedIndex, IndexSpec\n"
         "heavy = ['torch', 'faiss', 'sentence_transformers', 'cupy', 'vllm', 'bm25s',"
-        " 'transformers', 'scann']\n"
+        " 'transformers', 'scann', 'onnxruntime', 'onnx']\n"
         "print(','.join(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -43,11 +43,10 @@ def save_tiny_gpt2(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def save_tiny_cross_encoder(path: Path, seed: int = 0) -> Path:
-    import torch
+def _tiny_wordpiece() -> object:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from tokenizers.processors import TemplateProcessing
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertTokenizerFast
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -59,14 +58,45 @@ def save_tiny_cross_encoder(path: Path, seed: int = 0) -> Path:
     tok.post_processor = TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]",
+    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]",
                              pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+
+
+def _tiny_bert_config(vocab_size: int, **kw: object) -> object:
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=512,
+                      **kw)
+
+
+def save_tiny_cross_encoder(path: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import BertForSequenceClassification
+
+    fast = _tiny_wordpiece()
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=fast.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, num_labels=1,
-                        max_position_embeddings=512)
-    model = BertForSequenceClassification(config)
+    model = BertForSequenceClassification(_tiny_bert_config(fast.vocab_size, num_labels=1))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     fast.save_pretrained(path)
+    return path
+
+
+def save_tiny_sentence_transformer(path: Path, pooling: str = "cls", seed: int = 0) -> Path:
+    """A sentence-transformers model (tiny BERT + ``pooling`` + Normalize) saved to ``path``."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertModel
+
+    fast = _tiny_wordpiece()
+    torch.manual_seed(seed)
+    bert_dir = path.parent / f"{path.name}-bert"
+    bert_dir.mkdir(parents=True, exist_ok=True)
+    BertModel(_tiny_bert_config(fast.vocab_size)).save_pretrained(bert_dir)
+    fast.save_pretrained(bert_dir)
+    first = models.Transformer(str(bert_dir), max_seq_length=128)
+    dim = getattr(first, "get_embedding_dimension", None) or first.get_word_embedding_dimension
+    pool = models.Pooling(dim(), pooling_mode=pooling)
+    SentenceTransformer(modules=[first, pool, models.Normalize()]).save(str(path))
     return path

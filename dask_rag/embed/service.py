@@ -23,7 +23,7 @@ from dask_rag.embed.encoder import SentenceEncoder, resolve_model_path
 from dask_rag.errors import InvalidInput
 from dask_rag.plugins import ensure_model_cache, worker_model_cache
 
-__all__ = ["EmbeddingService", "embed_texts_task", "worker_encoder"]
+__all__ = ["EmbeddingService", "embed_texts_task", "split_balanced", "worker_encoder"]
 
 
 def worker_encoder(config: EmbedConfig) -> SentenceEncoder:
@@ -97,18 +97,33 @@ class EmbeddingService:
         """(encode calls, texts encoded) summed over the cluster's encoders."""
         return encoder_counters(self.client, self.config)
 
-    def submit(self, texts: Sequence[str]) -> list[Future]:
-        """One embed task per worker's share of ``texts`` (in order).
+    def submit(self, texts: Sequence[str]) -> tuple[list[Future], list[npt.NDArray[np.int64]]]:
+        """One embed task per worker's share of ``texts``: the futures and, for each, the
+        positions in ``texts`` of the rows it returns.
 
         A batch is split across the workers so that all of them encode at once: on CPU the
-        encoder is compute-bound, and one task would leave the other workers idle.
+        encoder is compute-bound, and one task would leave the other workers idle.  The batch
+        is sorted by length and cut into contiguous runs of about equal total length: each
+        worker's length buckets then hold texts of nearly the same length (less padding than
+        a split in arrival order), and the workers finish together.
         """
         texts = _check_texts(texts)
         n_workers = self._n_workers()
         n_parts = max(1, min(n_workers, len(texts) // self.min_part))
-        bounds = [round(i * len(texts) / n_parts) for i in range(n_parts + 1)]
-        return [self.client.submit(embed_texts_task, self.config, texts[a:b], pure=False,
-                                   priority=5) for a, b in itertools.pairwise(bounds)]
+        order = np.argsort([-len(t) for t in texts], kind="stable").astype(np.int64)
+        parts = split_balanced(np.fromiter((len(texts[i]) for i in order), dtype=np.int64,
+                                           count=len(texts)), n_parts)
+        rows = [order[a:b] for a, b in parts]
+        futs = [self.client.submit(embed_texts_task, self.config, [texts[i] for i in r],
+                                   pure=False, priority=5) for r in rows]
+        return futs, rows
+
+    def _assemble(self, n: int, parts: list[npt.NDArray[np.float32]],
+                  rows: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.float32]:
+        out = np.empty((n, self.dim), dtype=np.float32)
+        for part, r in zip(parts, rows, strict=True):
+            out[r] = part
+        return out
 
     def _n_workers(self) -> int:
         # scheduler_info() is a round trip to the scheduler: refresh at most every few seconds
@@ -120,15 +135,16 @@ class EmbeddingService:
 
     def embed_now(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Embed a batch on the cluster and wait (the parts run in parallel)."""
-        parts = self.client.gather(self.submit(texts))
-        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+        futs, rows = self.submit(texts)
+        return self._assemble(len(texts), self.client.gather(futs), rows)
 
     async def aembed_now(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """:meth:`embed_now` for asyncio code."""
         from dask_rag.index.distributed import await_future
 
-        parts = await asyncio.gather(*(await_future(f) for f in self.submit(texts)))
-        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+        futs, rows = self.submit(texts)
+        parts = await asyncio.gather(*(await_future(f) for f in futs))
+        return self._assemble(len(texts), list(parts), rows)
 
     async def aembed(self, text: str) -> npt.NDArray[np.float32]:
         if not isinstance(text, str):
@@ -140,6 +156,21 @@ class EmbeddingService:
 
     async def aclose(self) -> None:
         await self.batcher.close()
+
+
+def split_balanced(costs: npt.NDArray[np.int64], n_parts: int) -> list[tuple[int, int]]:
+    """Cut ``costs`` (in order) into ``n_parts`` non-empty contiguous runs of about equal sum."""
+    n = len(costs)
+    n_parts = max(1, min(n_parts, n))
+    if n_parts == 1:
+        return [(0, n)]
+    cum = np.cumsum(costs, dtype=np.float64)
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n_parts) / n_parts, side="left") + 1
+    bounds = [0]
+    for i, c in enumerate(cuts.tolist()):  # strictly increasing, leaving room for the rest
+        bounds.append(int(min(max(c, bounds[-1] + 1), n - (n_parts - 1 - i))))
+    bounds.append(n)
+    return list(itertools.pairwise(bounds))
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
