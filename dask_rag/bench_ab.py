@@ -263,6 +263,7 @@ def run_ab(quick: bool = False, out_dir: Path | None = None, optimized_precision
         "config": {"quick": quick, "docs": len(docs), "chunks": n, "queries": {
             k: len(v) for k, v in qsets.items()}, "k": 10, "optimized_factory": factory,
             "nprobe": nprobe, "refine_k_factor": 4, "optimized_precision": optimized_precision,
+            "optimized_encoder_backend": reduced.backend,
             "concurrency": concurrency, "workers": 2, "generator": "extractive",
             "mode": "dense"},
         "rows": rows,

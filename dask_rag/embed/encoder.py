@@ -264,16 +264,17 @@ class SentenceEncoder:
             buckets = [(a, min(a + bs, len(texts))) for a in range(0, len(texts), bs)]
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         with self._lock, torch.inference_mode():
-            for start, stop in buckets:
+            if self._onnx is not None:
+                feats = [self.tokenizer.pad(self._rows(tokens, order[a:b]), padding=True,
+                                            return_tensors="np") for a, b in buckets]
+                hidden = self._onnx.forward_many(feats)  # buckets run in parallel
+                embs = (self._pool_onnx(f, h) for f, h in zip(feats, hidden, strict=True))
+            else:
+                embs = (self._forward_torch(self.tokenizer.pad(
+                    self._rows(tokens, order[a:b]), padding=True, return_tensors="pt"))
+                    for a, b in buckets)
+            for (start, stop), emb in zip(buckets, embs, strict=True):
                 rows = order[start:stop]
-                padded = [{k: v[int(r)] for k, v in tokens.items()} for r in rows]
-                if self._onnx is not None:
-                    emb = self._forward_onnx(self.tokenizer.pad(padded, padding=True,
-                                                                return_tensors="np"))
-                else:
-                    feats = self.tokenizer.pad(padded, padding=True, return_tensors="pt")
-                    feats = {k: v.to(self.device) for k, v in feats.items()}
-                    emb = self.model(feats)["sentence_embedding"].float()
                 if self.config.normalize:
                     emb = torch.nn.functional.normalize(emb, p=2, dim=1)
                 out[rows] = emb.cpu().numpy()
@@ -281,13 +282,21 @@ class SentenceEncoder:
                 self.texts_encoded += len(rows)
         return out
 
-    def _forward_onnx(self, feats: Any) -> Any:
-        """ONNX Runtime runs the transformer; the model's own pooling/dense/normalise modules
-        (torch, cheap) turn token embeddings into the sentence embedding."""
+    @staticmethod
+    def _rows(tokens: dict[str, list[list[int]]], rows: Any) -> list[dict[str, list[int]]]:
+        return [{k: v[int(r)] for k, v in tokens.items()} for r in rows]
+
+    def _forward_torch(self, feats: Any) -> Any:
+        feats = {k: v.to(self.device) for k, v in feats.items()}
+        return self.model(feats)["sentence_embedding"].float()
+
+    def _pool_onnx(self, feats: Any, hidden: Any) -> Any:
+        """ONNX Runtime ran the transformer; the model's own pooling/dense/normalise modules
+        (torch, cheap) turn its token embeddings into the sentence embedding."""
         import torch
 
         features: dict[str, Any] = {
-            "token_embeddings": torch.from_numpy(self._onnx.forward(feats)),
+            "token_embeddings": torch.from_numpy(hidden),
             "attention_mask": torch.from_numpy(np.asarray(feats["attention_mask"])),
         }
         for module in list(self.model)[1:]:

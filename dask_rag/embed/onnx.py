@@ -22,6 +22,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,11 @@ class OnnxTransformer:
         fp32 = folder / "model.onnx"
         self.path = folder / ("model_int8.onnx" if quantize else "model.onnx")
         self._threads = max(1, int(threads or _torch_threads()))
+        # several single-threaded runs at once, one per length bucket, rather than one run
+        # spread over all threads: small matmuls scale poorly across threads (measured here
+        # with 2 threads: 1.6-2.0x fp32 torch vs 1.4-1.7x with ORT's intra-op threads)
+        self._pool = (ThreadPoolExecutor(self._threads, thread_name_prefix="dask-rag-onnx")
+                      if self._threads > 1 else None)
         try:
             try:
                 self.session = self._session(ort, auto_model, fp32, quantize)
@@ -185,11 +191,16 @@ class OnnxTransformer:
                 _quantize(fp32, self.path)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = self._threads
+        opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
-        # Dask workers share the cores with each other: idle pool threads must not spin
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+
+    def forward_many(self, features: Sequence[Any]) -> Iterator[npt.NDArray[np.float32]]:
+        """:meth:`forward` of each padded batch, in order; several at once when this
+        transformer has more than one thread (ORT releases the GIL while it runs)."""
+        if self._pool is None or len(features) < 2:
+            return map(self.forward, features)
+        return self._pool.map(self.forward, features)
 
     def forward(self, features: Any) -> npt.NDArray[np.float32]:
         feeds = {n: np.ascontiguousarray(features[n], dtype=np.int64) for n in self.input_names}
