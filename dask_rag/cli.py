@@ -223,7 +223,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from dask_rag.bench_ab import markdown_table, run_ab
 
     result = run_ab(quick=args.quick, out_dir=args.out, optimized_precision=args.precision,
-                    concurrency=args.concurrency, report=args.report)
+                    concurrency=args.concurrency, report=args.report, passes=args.passes)
     print(markdown_table(result))
     if args.cost:
         from dask_rag.cost import PriceTable, cost_rows, format_cost_table
@@ -367,7 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="A/B benchmark: naive baseline vs optimized")
     p.add_argument("--quick", action="store_true", help="a smaller corpus: a few minutes")
     p.add_argument("--precision", default="int8", help="the optimized encoder's precision")
-    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=128,
+                   help="closed-loop clients of the optimized row (2 batches of 64 in flight)")
+    p.add_argument("--passes", type=int, default=3,
+                   help="times the optimized row goes through the query set")
     p.add_argument("--report", action="store_true", help="save a Dask performance_report")
     p.add_argument("--cost", action="store_true", help="also print $/hour and $/1M queries")
     p.add_argument("--gpu-price", type=float, default=2.50, help="$/hour of a GPU instance")
