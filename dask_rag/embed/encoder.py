@@ -5,14 +5,15 @@ Dynamic padding: a batch is tokenized once, sorted by token length, cut into buc
 back in input order.  On a mixed-length corpus most of the compute of naive batching goes to
 padding tokens (measured here: 3.4x faster on shuffled stdlib docstrings at batch 64).
 
-Precision on CPU: bf16 is ~2x faster than fp32 at cosine ~1.000 on CPUs with native bf16
-(AVX512-BF16 / AMX) but ~6x slower where torch must emulate it (AVX2-only CPUs, measured here),
-so ``precision="auto"`` picks bf16 only where it is native and int8 elsewhere.  int8 is
-per-channel dynamic quantization of the linear layers, run by ONNX Runtime by default
-(``backend="auto"``, :mod:`dask_rag.embed.onnx`: ~1.5x fp32 here at mean cosine ~0.992) or by
-torch (``backend="torch"``, ``torch.ao.quantization.quantize_dynamic``: ~1.3x at cosine ~0.978,
-its AVX2 kernels quantize activations to 7 bits) — both reported by the benchmark so a user can
-choose.  fp16 is for GPUs.
+Precision on CPU: ``precision="auto"`` is int8, per-channel dynamic quantization of the linear
+layers run by ONNX Runtime (``backend="auto"``, :mod:`dask_rag.embed.onnx`): mean cosine ~0.993
+to fp32 at 1.7x its throughput on an AVX2-only EPYC and 2.6x on an EPYC with AVX512-BF16/VNNI.
+bf16 keeps cosine ~1.000 and runs 1.8x fp32 where the CPU computes it natively (AVX512-BF16 /
+AMX) but ~7x *slower* where torch must emulate it (AVX2-only CPUs); ``auto`` falls back to it,
+where it is native, only when onnxruntime is missing.  Torch's own int8
+(``backend="torch"``, ``torch.ao.quantization.quantize_dynamic``) reaches only cosine ~0.978 —
+all of them reported by the benchmark so a user can choose.
+fp16 is for GPUs.
 """
 
 from __future__ import annotations
@@ -100,18 +101,23 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """The precision ``"auto"`` stands for here: fp16 on GPUs, bf16 on CPUs that compute it
-    natively, otherwise int8 with ONNX Runtime (mean cosine ~0.992 to fp32 at ~1.5x its
-    throughput, ``benchmarks/embed_throughput.py``), or fp32 when onnxruntime is missing (torch's
-    own int8 reaches only ~0.978 on such CPUs)."""
+    """The precision ``"auto"`` stands for here: fp16 on GPUs; on CPUs int8 run by ONNX Runtime
+    when it is installed, else bf16 where the CPU computes it natively, else fp32.
+
+    int8 on ONNX Runtime keeps mean cosine ~0.993 to fp32 and was the fastest CPU mode on both
+    CPUs measured (``benchmarks/embed_throughput.py``): 1.7x fp32 on an AVX2-only EPYC, where
+    torch's bf16 is emulated and 7x *slower* than fp32; 2.6x fp32 on an EPYC with AVX512-BF16/VNNI,
+    where bf16 reaches 1.8x (at cosine 1.000 — pick ``"bf16"`` explicitly for that fidelity).
+    Torch's own int8 reaches only ~0.978, so without onnxruntime int8 is not chosen.
+    """
     if precision == "auto":
         if device.startswith("cuda"):
             return "fp16"
-        if cpu_has_native_bf16():
-            return "bf16"
         from dask_rag.embed.onnx import onnx_available
 
-        return "int8" if onnx_available() else "fp32"
+        if onnx_available():
+            return "int8"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and not device.startswith("cuda"):
         raise InvalidInput("EmbedConfig.precision='fp16' needs a GPU; on CPU use 'fp32', "
                            "'bf16' or 'int8'")
