@@ -191,8 +191,10 @@ def measure_fanout_overhead(client: Any, n_parts: int = 4, iterations: int = 200
     for i in range(warmup + iterations):
         token = uuid.uuid4().hex
         t0 = time.perf_counter()
-        parts = [client.submit(_noop, pins[j % len(pins)], key=(f"dask-rag-search-{token}", j),
-                               pure=False) for j in range(n_parts)]
+        # one map call, as DistributedIndex submits a batch's search tasks
+        parts = client.map(_noop, [pins[j % len(pins)] for j in range(n_parts)],
+                           key=[(f"dask-rag-search-{token}", j) for j in range(n_parts)],
+                           pure=False)
         if client_merge:
             client.gather(parts, direct=True)
         else:

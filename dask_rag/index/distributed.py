@@ -186,6 +186,11 @@ def merge_results_task(nq: int, k: int, metric: str, *parts: ShardResult) -> Sha
                        search_ms=max((p.search_ms for p in parts), default=0.0))
 
 
+def _merge_group(parts: list[ShardResult], nq: int, k: int, metric: str) -> ShardResult:
+    """One node of the merge tree (``client.map`` passes its group of parts as one list)."""
+    return merge_results_task(nq, k, metric, *parts)
+
+
 def apply_add_task(shard: Shard, seq: int, xb: npt.NDArray[np.float32],
                    ids: npt.NDArray[np.int64], records: list[dict[str, Any]] | None,
                    lists: npt.NDArray[np.int64] | None) -> int:
@@ -465,21 +470,20 @@ class DistributedIndex:
         token = uuid.uuid4().hex
         with self._lock:
             shards = list(self._shards)
-        parts = [
-            self.client.submit(search_shard_task, shards[r.shard], r.rows, xq[r.rows], r.Iq,
-                               r.Dq, opts, key=(f"dask-rag-search-{token}", r.shard), pure=False,
-                               priority=10)
-            for r in routed
-        ]
+        # one map call = one update_graph message for the whole fan-out (a submit per shard
+        # costs the client and the scheduler one graph each)
+        parts: list[Future] = [] if not routed else self.client.map(
+            search_shard_task, [shards[r.shard] for r in routed], [r.rows for r in routed],
+            [xq[r.rows] for r in routed], [r.Iq for r in routed], [r.Dq for r in routed],
+            opts=opts, key=[(f"dask-rag-search-{token}", r.shard) for r in routed], pure=False,
+            priority=10)
         level = 0
         while len(parts) > MERGE_FAN_IN:
-            parts = [
-                self.client.submit(merge_results_task, nq, k, self.metric,
-                                   *parts[i:i + MERGE_FAN_IN],
-                                   key=(f"dask-rag-merge-{token}", level, i // MERGE_FAN_IN),
-                                   pure=False, priority=10)
-                for i in range(0, len(parts), MERGE_FAN_IN)
-            ]
+            groups = [parts[i:i + MERGE_FAN_IN] for i in range(0, len(parts), MERGE_FAN_IN)]
+            parts = self.client.map(
+                _merge_group, groups, nq=nq, k=k, metric=self.metric,
+                key=[(f"dask-rag-merge-{token}", level, g) for g in range(len(groups))],
+                pure=False, priority=10)
             level += 1
         return parts, f"{token}:{level}"
 
