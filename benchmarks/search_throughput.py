@@ -152,22 +152,29 @@ def bench_factory(client: Any, factory: str, xb: np.ndarray, xq: np.ndarray,
             n_batches = max(3, min(args.max_batches, args.queries_per_point // bs))
             batches = [xq[(i * bs) % len(xq):][:bs] for i in range(n_batches)]
             batches = [b if len(b) == bs else xq[:bs] for b in batches]
-            row = {}
-            # alternate the two systems so background noise hits both alike
+            # alternate the systems round by round so the VM's drift between minutes hits
+            # them alike; each reports its median-QPS round, speedups are per-round medians
             calls = {"single": lambda i, b=batches: single.search(b[i % len(b)], 10),
                      "dask-rag": lambda i, b=batches: dist.search(b[i % len(b)], 10)}
-            for name, fn in calls.items():
-                stats = time_calls(fn, n_batches, bs, min_seconds=args.min_seconds)
-                row[name] = stats.to_dict()
-            # the service keeps 2 batches in flight (BatchConfig.max_concurrent_batches): the
-            # next batch's scheduling overlaps this one's compute.  A single faiss process
-            # already uses every core, so concurrency cannot help it.
-            row["dask-rag-pipelined"] = time_concurrent(
-                calls["dask-rag"], n_batches, bs, concurrency=2,
-                min_seconds=args.min_seconds).to_dict()
-            row["speedup"] = round(row["dask-rag"]["qps"] / row["single"]["qps"], 3)
-            row["speedup_pipelined"] = round(
-                row["dask-rag-pipelined"]["qps"] / row["single"]["qps"], 3)
+            runs: dict[str, list[dict[str, Any]]] = {
+                "single": [], "dask-rag": [], "dask-rag-pipelined": []}
+            for _ in range(args.rounds):
+                for name, fn in calls.items():
+                    runs[name].append(time_calls(fn, n_batches, bs,
+                                                 min_seconds=args.min_seconds).to_dict())
+                # the service keeps 2 batches in flight (BatchConfig.max_concurrent_batches):
+                # the next batch's scheduling overlaps this one's compute.  A single faiss
+                # process already uses every core, so concurrency cannot help it.
+                runs["dask-rag-pipelined"].append(time_concurrent(
+                    calls["dask-rag"], n_batches, bs, concurrency=2,
+                    min_seconds=args.min_seconds).to_dict())
+            row: dict[str, Any] = {name: _median_run(rs) for name, rs in runs.items()}
+            for key, name in (("speedup", "dask-rag"), ("speedup_pipelined",
+                                                          "dask-rag-pipelined")):
+                ratios = [round(a["qps"] / b["qps"], 3)
+                          for a, b in zip(runs[name], runs["single"], strict=True)]
+                row[key] = float(np.median(ratios))
+                row[f"{key}_rounds"] = ratios
             out["batches"][str(bs)] = row
             print(f"  {factory:>14} batch {bs:>5}: single {row['single']['qps']:>8.1f} q/s "
                   f"p50 {row['single']['p50_ms']:>7.2f} ms | dask-rag "
@@ -177,6 +184,11 @@ def bench_factory(client: Any, factory: str, xb: np.ndarray, xq: np.ndarray,
     finally:
         dist.close()
     return out
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ranked = sorted(runs, key=lambda r: r["qps"])
+    return {**ranked[(len(ranked) - 1) // 2], "qps_rounds": [r["qps"] for r in runs]}
 
 
 def bench_fanout(client: Any, part_counts: list[int], iterations: int, rounds: int = 3
@@ -267,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries-per-point", type=int, default=2048)
     p.add_argument("--max-batches", type=int, default=200)
     p.add_argument("--min-seconds", type=float, default=2.0)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternations of single-process and dask-rag per batch size")
     p.add_argument("--fanout-iterations", type=int, default=300)
     p.add_argument("--fanout-rounds", type=int, default=3)
     p.add_argument("--fanout-only", action="store_true",

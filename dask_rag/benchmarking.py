@@ -125,7 +125,11 @@ def _gpu_model() -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, logical cores, memory and GPU of this machine."""
+    """CPU model and the vector extensions the speed depends on, cores, memory and GPU.
+
+    The same CPU model name hides different generations (an AVX2-only EPYC and one with
+    AVX512-BF16 rank bf16 vs fp32 in opposite order), so the flags are recorded too.
+    """
     mem = None
     try:
         import psutil
@@ -133,8 +137,20 @@ def machine_info() -> dict[str, Any]:
         mem = round(psutil.virtual_memory().total / 2**30, 1)
     except ImportError:
         pass
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "memory_gib": mem, "gpu": _gpu_model(),
-            "platform": platform.platform(), "python": platform.python_version()}
+    return {"cpu": _cpu_model(), "cpu_flags": _cpu_flags(), "cores": os.cpu_count(),
+            "memory_gib": mem, "gpu": _gpu_model(), "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def _cpu_flags() -> list[str]:
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return [f for f in wanted if f in flags]
 
 
 def versions() -> dict[str, str | None]:
@@ -144,7 +160,7 @@ def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for dist in ("dask-rag", "dask", "distributed", "faiss-cpu", "numpy", "torch",
                  "sentence-transformers", "transformers", "scann", "bm25s", "starlette",
-                 "uvicorn"):
+                 "uvicorn", "onnxruntime", "uvloop"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
