@@ -91,3 +91,19 @@ def test_worker_killed_during_searches_shards_reload_from_disk(tmp_path):
         assert len({w[0] for w in spread.values()}) == 2
         np.testing.assert_array_equal(index.search(xq, k=10)[1], expected)
         index.close()
+
+
+@pytest.mark.parametrize("client_merge", [False, True])
+def test_fanout_overhead_probe_runs_its_graphs(client, client_merge):
+    """The benchmark's empty fan-out probe: one map of pinned no-ops (+ a merge task or a
+    direct gather) per iteration, and it releases what it pinned."""
+    from dask_rag.benchmarking import measure_fanout_overhead
+
+    before = len(client.who_has())
+    stats = measure_fanout_overhead(client, n_parts=3, iterations=5, warmup=1,
+                                    client_merge=client_merge)
+    assert stats.n == 5 and 0 < stats.p50_ms <= stats.p99_ms
+    deadline = time.monotonic() + 10
+    while len(client.who_has()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(client.who_has()) == before
