@@ -244,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             urls[name] = f"http://127.0.0.1:{port}"
         for name, proc in procs.items():
             wait_ready(proc, urls[name])
-        with start_local_cluster(args.workers, dashboard_address=None) as c, \
+        # the same topology as `dask-rag serve`: the scheduler in a process of its own
+        with start_local_cluster(args.workers, dashboard_address=None,
+                                 scheduler_process=True) as c, \
                 Client(c) as client, RagPipeline.from_index_dir(client, index) as pipe:
             pipe.warmup()
             samples = run_loop(measure(urls, pipe, qs, levels, args.seconds, args.rounds))

@@ -35,11 +35,13 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def _client(args: argparse.Namespace, quiet: bool = False) -> Iterator[Any]:
+def _client(args: argparse.Namespace, quiet: bool = False,
+            scheduler_process: bool = False) -> Iterator[Any]:
     from dask_rag.cluster import connect
 
     client, cluster = connect(args.scheduler, spec=getattr(args, "cluster", None),
-                              n_workers=args.workers, dashboard_address=args.dashboard)
+                              n_workers=args.workers, dashboard_address=args.dashboard,
+                              scheduler_process=scheduler_process)
     try:
         if not quiet:
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
@@ -193,7 +195,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _rag_config(args)
     serve_cfg = _serve_config(args)
     configure_tracing()
-    with _client(args) as client, \
+    # a local cluster's scheduler gets a process of its own: on this process's event loop it
+    # would compete with HTTP and the client for the GIL (see start_local_cluster)
+    with _client(args, scheduler_process=not args.scheduler_in_process) as client, \
             RagPipeline.from_index_dir(client, args.index, cfg, batch=serve_cfg.batch) as pipe:
         pipe.warmup()
         print(f"serving {args.index} on http://{args.host}:{args.port} "
@@ -217,6 +221,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
     g.add_argument("--api-keys-env", default="DASK_RAG_API_KEYS",
                    help="environment variable holding comma-separated API keys")
+    g.add_argument("--scheduler-in-process", action="store_true",
+                   help="run a local cluster's scheduler in the server process (default: its "
+                        "own process)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -248,7 +255,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dask_rag.pipeline import RagPipeline
 
     index_dir = Path(args.index)
-    with _client(args) as client:
+    with _client(args, scheduler_process=not args.scheduler_in_process) as client:
         if args.rebuild or not (index_dir / "manifest.json").exists():
             t0 = time.perf_counter()
             docs = stdlib_documents(limit=args.limit)

@@ -107,3 +107,25 @@ def test_fanout_overhead_probe_runs_its_graphs(client, client_merge):
     while len(client.who_has()) > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(client.who_has()) == before
+
+
+def test_local_cluster_with_the_scheduler_in_its_own_process():
+    """`dask-rag serve`'s topology: scheduler and workers are subprocesses; the workers still get
+    the malloc settings and a sharded search is still exact."""
+    from dask_rag.cluster import WORKER_MALLOC_ENV
+
+    with start_local_cluster(2, dashboard_address=None, scheduler_process=True) as cluster, \
+            Client(cluster) as c:
+        assert len(c.nthreads()) == 2 and set(c.nthreads().values()) == {1}
+        assert c.run_on_scheduler(os.getpid) != os.getpid()
+        envs = c.run(lambda: os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+        assert set(envs.values()) == {str(WORKER_MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"])}
+        xb = clustered_vectors(3000, 32, n_clusters=20, seed=3)
+        xq = xb[:50] + 0.01
+        index = DistributedIndex.build(c, xb, spec=IndexSpec(factory="Flat", n_shards=2,
+                                                              metric="l2"))
+        try:
+            _, I = index.search(xq, 5)
+            np.testing.assert_array_equal(I, exact_search(xb, xq, 5, metric="l2")[1])
+        finally:
+            index.close()
