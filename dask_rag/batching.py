@@ -29,7 +29,7 @@ from typing import Generic, TypeVar
 from dask_rag.config import BatchConfig
 from dask_rag.errors import InvalidInput, Overloaded
 
-__all__ = ["BatcherStats", "MicroBatcher"]
+__all__ = ["BatcherStats", "MicroBatcher", "wait_at_most"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -57,6 +57,16 @@ class _Pending(Generic[T, R]):
     item: T
     future: asyncio.Future[R]
     enqueued: float
+
+
+async def wait_at_most(aw: Awaitable[R], seconds: float) -> R:
+    """``await aw`` with a timeout (``asyncio.TimeoutError``), without the extra task that
+    ``asyncio.wait_for`` creates before Python 3.12 — this runs once per request."""
+    timeout = getattr(asyncio, "timeout", None)
+    if timeout is None:  # Python 3.10
+        return await asyncio.wait_for(aw, seconds)
+    async with timeout(seconds):
+        return await aw
 
 
 class MicroBatcher(Generic[T, R]):
@@ -102,7 +112,10 @@ class MicroBatcher(Generic[T, R]):
         fut: asyncio.Future[R] = self._loop.create_future()
         self._queue.append(_Pending(item, fut, time.monotonic()))
         self.stats.submitted += 1
-        self._wakeup.set()
+        # the runner only needs waking for a first item (it starts the max_wait clock) or a
+        # full batch; waking it per item cost a task + timer each in the event loop
+        if len(self._queue) == 1 or len(self._queue) >= self.config.max_batch:
+            self._wakeup.set()
         try:
             return await fut
         except asyncio.CancelledError:
@@ -183,7 +196,7 @@ class MicroBatcher(Generic[T, R]):
                     break
                 self._wakeup.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    await wait_at_most(self._wakeup.wait(), remaining)
             await self._slots.acquire()
             batch = self._take_batch()
             if not batch:

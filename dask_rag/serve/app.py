@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from dask_rag.batching import wait_at_most
 from dask_rag.config import ServeConfig
 from dask_rag.errors import (
     DaskRagError,
@@ -162,8 +163,8 @@ def guarded(name: str, handler: Callable[[Request, dict[str, Any]], Awaitable[Re
                 telemetry.inflight.inc()
                 try:
                     body = parse_json_body(await guard.body(request)) if needs_body else {}
-                    response = await asyncio.wait_for(handler(request, body),
-                                                      guard.config.request_timeout_s)
+                    response = await wait_at_most(handler(request, body),
+                                                  guard.config.request_timeout_s)
                 finally:
                     guard.inflight -= 1
                     telemetry.inflight.dec()
