@@ -31,7 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from dask_rag.benchmarking import RESULTS_DIR, LatencyStats, write_result
+from dask_rag.benchmarking import (
+    RESULTS_DIR,
+    LatencyStats,
+    median_round,
+    round_ratios,
+    write_result,
+)
 from dask_rag.cluster import start_local_cluster
 from dask_rag.serve.server import free_port
 
@@ -159,19 +165,6 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float = 240) ->
     raise RuntimeError(f"server at {url} did not become ready")
 
 
-def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The round with the median QPS (its own latencies), plus every round's QPS."""
-    ranked = sorted(rows, key=lambda r: r["qps"])
-    return {**ranked[(len(ranked) - 1) // 2], "qps_rounds": [r["qps"] for r in rows]}
-
-
-def ratios(samples: dict[str, dict[str, list[dict[str, Any]]]], a: str, b: str, c: str
-           ) -> list[float]:
-    """QPS of mode ``a`` over mode ``b`` at concurrency ``c``, round by round."""
-    return [round(x["qps"] / max(1e-9, y["qps"]), 3)
-            for x, y in zip(samples[a][c], samples[b][c], strict=True)]
-
-
 def ensure_index(path: Path, workers: int) -> Path:
     if (path / "manifest.json").exists():
         return path
@@ -255,10 +248,10 @@ def main(argv: list[str] | None = None) -> int:
             proc.terminate()
         for proc in procs.values():
             proc.wait(60)
-    modes = {m: {c: median_row(rows) for c, rows in per.items()} for m, per in samples.items()}
+    modes = {m: {c: median_round(rows) for c, rows in per.items()} for m, per in samples.items()}
     c64 = "64" if "64" in modes["batched"] else str(max(levels))
-    vs_in = ratios(samples, "batched", "in-process", c64)
-    vs_nb = ratios(samples, "batched", "no-batching", c64)
+    vs_in = round_ratios(samples["batched"][c64], samples["in-process"][c64])
+    vs_nb = round_ratios(samples["batched"][c64], samples["no-batching"][c64])
     summary = {
         "concurrency": int(c64),
         "batched_vs_in_process": float(np.median(vs_in)),

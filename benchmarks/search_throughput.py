@@ -34,6 +34,8 @@ from dask_rag.benchmarking import (
     RESULTS_DIR,
     LatencyStats,
     measure_fanout_overhead,
+    median_round,
+    round_ratios,
     time_calls,
     time_concurrent,
     write_result,
@@ -168,11 +170,10 @@ def bench_factory(client: Any, factory: str, xb: np.ndarray, xq: np.ndarray,
                 runs["dask-rag-pipelined"].append(time_concurrent(
                     calls["dask-rag"], n_batches, bs, concurrency=2,
                     min_seconds=args.min_seconds).to_dict())
-            row: dict[str, Any] = {name: _median_run(rs) for name, rs in runs.items()}
+            row: dict[str, Any] = {name: median_round(rs) for name, rs in runs.items()}
             for key, name in (("speedup", "dask-rag"), ("speedup_pipelined",
                                                           "dask-rag-pipelined")):
-                ratios = [round(a["qps"] / b["qps"], 3)
-                          for a, b in zip(runs[name], runs["single"], strict=True)]
+                ratios = round_ratios(runs[name], runs["single"])
                 row[key] = float(np.median(ratios))
                 row[f"{key}_rounds"] = ratios
             out["batches"][str(bs)] = row
@@ -184,11 +185,6 @@ def bench_factory(client: Any, factory: str, xb: np.ndarray, xq: np.ndarray,
     finally:
         dist.close()
     return out
-
-
-def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    ranked = sorted(runs, key=lambda r: r["qps"])
-    return {**ranked[(len(ranked) - 1) // 2], "qps_rounds": [r["qps"] for r in runs]}
 
 
 def bench_fanout(client: Any, part_counts: list[int], iterations: int, rounds: int = 3
@@ -219,9 +215,7 @@ def bench_fanout(client: Any, part_counts: list[int], iterations: int, rounds: i
     for name, comms in configs:
         res[name] = {"intervals_ms": comms.__dict__}
         for cell, rows in samples[name].items():
-            ranked = sorted(rows, key=lambda row: row["p50_ms"])
-            res[name][cell] = {**ranked[(len(ranked) - 1) // 2],
-                               "p50_ms_rounds": [row["p50_ms"] for row in rows]}
+            res[name][cell] = median_round(rows, "p50_ms")
     return res
 
 

@@ -168,6 +168,20 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def median_round(rows: list[dict[str, Any]], key: str = "qps") -> dict[str, Any]:
+    """Of repeated runs (rounds) of one measurement, the run with the median ``key`` — its own
+    latencies kept together — plus ``<key>_rounds``, every round's value in order."""
+    ranked = sorted(rows, key=lambda row: row[key])
+    return {**ranked[(len(ranked) - 1) // 2], f"{key}_rounds": [row[key] for row in rows]}
+
+
+def round_ratios(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str = "qps"
+                 ) -> list[float]:
+    """``a[i][key] / b[i][key]`` round by round: two systems measured seconds apart, so the
+    VM's drift between minutes cancels out of each ratio."""
+    return [round(x[key] / max(1e-9, y[key]), 3) for x, y in zip(a, b, strict=True)]
+
+
 def write_result(name: str, payload: dict[str, Any], out_dir: str | Path | None = None) -> Path:
     """Write ``payload`` with machine + versions as ``<out_dir>/<name>.json``."""
     directory = Path(out_dir) if out_dir is not None else RESULTS_DIR

@@ -33,3 +33,19 @@ def test_cost_inputs_validated():
         cost_rows([{"name": "x", "qps": 1, "instance": "tpu"}])
     with pytest.raises(InvalidInput, match="egress_per_gb"):
         PriceTable(egress_per_gb=-1)
+
+
+def test_median_round_and_round_ratios():
+    """Benchmarks report the median round (with its own latencies) and per-round ratios."""
+    from dask_rag.benchmarking import median_round, round_ratios
+
+    rows = [{"qps": 30.0, "p50_ms": 9.0}, {"qps": 10.0, "p50_ms": 5.0},
+            {"qps": 20.0, "p50_ms": 7.0}]
+    assert median_round(rows) == {"qps": 20.0, "p50_ms": 7.0, "qps_rounds": [30.0, 10.0, 20.0]}
+    assert median_round(rows, "p50_ms") == {"qps": 20.0, "p50_ms": 7.0,
+                                            "p50_ms_rounds": [9.0, 5.0, 7.0]}
+    # an even count takes the lower middle: a conservative figure for a speed
+    assert median_round(rows[:2])["qps"] == 10.0
+    assert round_ratios(rows, [{"qps": 10.0}] * 3) == [3.0, 1.0, 2.0]
+    with pytest.raises(ValueError):
+        round_ratios(rows, rows[:2])
