@@ -472,7 +472,7 @@ class DistributedIndex:
             shards = list(self._shards)
         # one map call = one update_graph message for the whole fan-out (a submit per shard
         # costs the client and the scheduler one graph each)
-        parts: list[Future] = [] if not routed else self.client.map(
+        parts: list[Future] = self.client.map(
             search_shard_task, [shards[r.shard] for r in routed], [r.rows for r in routed],
             [xq[r.rows] for r in routed], [r.Iq for r in routed], [r.Dq for r in routed],
             opts=opts, key=[(f"dask-rag-search-{token}", r.shard) for r in routed], pure=False,
