@@ -12,7 +12,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -399,7 +401,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM, so that ``with`` blocks run on the way out."""
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
+def install_sigterm_handler() -> None:
+    """Turn SIGTERM into an exception instead of an immediate death.
+
+    Python's default SIGTERM action kills the process without unwinding, so the local cluster
+    a command started is never closed: with the scheduler in its own process (``serve``,
+    ``demo``) its scheduler, nannies and workers outlive us as orphans, each still using CPU.
+    uvicorn catches SIGTERM to drain requests and then re-raises it with the handler it
+    found installed — this one — so a served command unwinds, closes its client and cluster,
+    and exits 143.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    install_sigterm_handler()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

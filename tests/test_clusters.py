@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -306,3 +307,43 @@ def test_kill_9_during_ingest_leaves_last_complete_index(demo_docs, tmp_path):
             ids = {r[0] for r in loaded.doc_index()}
             assert len(ids) == loaded.ntotal
     assert first["generation"] == 0 and min(outcomes) >= 0
+
+
+@pytest.mark.slow
+def test_sigterm_to_serve_closes_its_local_cluster(demo_index):
+    """``dask-rag serve`` starts its scheduler and workers as processes of their own; SIGTERM
+    (what a process manager sends) must drain, close them and exit, leaving no orphans."""
+    import httpx
+    import psutil
+
+    from dask_rag.serve.server import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "dask_rag.cli", "serve", "--index", str(demo_index), "--port",
+           str(port), "--workers", "1", "--dashboard", ":0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, f"serve exited with {proc.returncode}"
+            assert time.time() < deadline, "serve did not become ready"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/search", json={"query": "parse JSON"},
+                       timeout=30)
+        assert r.status_code == 200
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3  # scheduler, nanny, worker
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [p.cmdline()[:4] for p in alive]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
