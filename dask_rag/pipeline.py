@@ -18,6 +18,7 @@ driven from asyncio (``aask`` through the micro-batcher keeps two batches in fli
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from distributed import Client, Future
 
 from dask_rag.batching import MicroBatcher
@@ -101,25 +103,41 @@ def hits_from_result(res: ShardResult, nq: int) -> list[list[Hit]]:
 # ------------------------------------------------------------------------------------------------
 
 
+def _ranked(I: npt.NDArray[np.int64], S: npt.NDArray[np.float32], recs: Sequence[Any],
+            into: dict[int, Any]) -> list[tuple[int, float]]:
+    """One query row's ``(id, score)`` pairs, padding dropped; records go into ``into``."""
+    keep = I >= 0
+    ids = I[keep].tolist()
+    if recs is not None and len(recs):
+        for cid, rec in zip(ids, itertools.compress(recs, keep.tolist()), strict=True):
+            into.setdefault(cid, rec)
+    return list(zip(ids, S[keep].tolist(), strict=True))
+
+
 def fused_candidates(res: ShardResult, nq: int, cfg: RagConfig, mode: str, n: int
                      ) -> list[list[Hit]]:
-    """Fuse dense and sparse hits of a merged result into ``n`` candidates per query."""
-    dense = hits_from_result(res, nq)
-    sparse: list[list[Hit]] = [[] for _ in range(nq)]
+    """Fuse dense and sparse hits of a merged result into ``n`` candidates per query.
+
+    Fusion works on ``(id, score)`` pairs; :class:`Hit` objects (whose records' metadata is
+    JSON to parse) are built only for the ``n`` kept — on the serving path that was most of
+    the client's CPU per request.
+    """
+    dense: list[list[tuple[int, float]]] = [[] for _ in range(nq)]
+    sparse: list[list[tuple[int, float]]] = [[] for _ in range(nq)]
+    records: list[dict[int, Any]] = [{} for _ in range(nq)]
+    for j, row in enumerate(res.rows):
+        r = int(row)
+        dense[r] = _ranked(res.I[j], res.D[j],
+                           res.payload[j] if res.payload is not None else [], records[r])
     if res.sparse is not None:
         sp = res.sparse
         for local, row in enumerate(sp.rows):
-            sparse[int(row)] = [Hit.from_record(rec, cid, s) for cid, s, rec in
-                                zip(sp.I[local], sp.S[local], sp.payload[local], strict=True)
-                                if cid >= 0]
+            r = int(row)
+            sparse[r] = _ranked(sp.I[local], sp.S[local], sp.payload[local], records[r])
     out = []
-    for d_hits, s_hits in zip(dense, sparse, strict=True):
-        by_id = {h.id: h for h in s_hits}
-        by_id.update({h.id: h for h in d_hits})
-        ranked = fuse(mode, [(h.id, h.score) for h in d_hits], [(h.id, h.score) for h in s_hits],
-                      cfg.fusion, cfg.rrf_k, cfg.dense_weight)
-        out.append([Hit(by_id[c].id, float(s), by_id[c].text, by_id[c].source,
-                        by_id[c].metadata) for c, s in ranked[:n]])
+    for d, s_, recs in zip(dense, sparse, records, strict=True):
+        ranked = fuse(mode, d, s_, cfg.fusion, cfg.rrf_k, cfg.dense_weight)
+        out.append([Hit.from_record(recs.get(c), c, score) for c, score in ranked[:n]])
     return out
 
 
@@ -381,7 +399,7 @@ class RagPipeline:
             xq, n, self.config.nprobe, filter=flt, with_records=True,
             sparse_queries=queries if mode != "dense" else None, sparse_k=n,
             dense=mode != "sparse"))
-        hits = [c[:k] for c in fused_candidates(res, len(queries), self.config, mode, n)]
+        hits = fused_candidates(res, len(queries), self.config, mode, k)
         t2 = time.perf_counter()
         if timings is not None:
             timings.update(embed=(t1 - t0) * 1e3, search=(t2 - t1) * 1e3,

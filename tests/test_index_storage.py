@@ -272,3 +272,50 @@ class TestCorruptIndex:
         (path / "quantizer.faiss").write_bytes(b"\x00" * 64)
         with pytest.raises(CorruptIndex, match="quantizer.faiss"):
             DistributedIndex.load(client, path)
+
+
+def _fetch_rows_task(shard, *mats):
+    return shard.fetch_rows(*mats)
+
+
+def _first_ids(shard):
+    return [i for i in shard.records.column("id").to_pylist() if i not in shard.deleted][:3]
+
+
+def test_search_records_match_fetch_after_removal(client, tmp_path, data):
+    """Hybrid search returns, for every dense and BM25 hit, that id's stored record (one
+    batched lookup per shard): never another id's, never a removed one's."""
+    xb, _, xq = data
+    words = ["alpha", "beta", "gamma", "delta", "omega"]
+    records = [{"text": f"chunk {i} {words[i % 5]}", "source": f"s{i % 7}"}
+               for i in range(len(xb))]
+    index = DistributedIndex.build(client, xb, spec=IndexSpec(n_shards=2), path=tmp_path / "i",
+                                   records=records)
+    index.remove(np.arange(0, 200, 3))
+    queries = [words[i % 5] + " chunk" for i in range(len(xq))]
+    res = index.search_result(xq, 10, with_records=True, sparse_queries=queries, sparse_k=10)
+    checked = 0
+    for I, payload in ((res.I, res.payload), (res.sparse.I, res.sparse.payload)):
+        assert len(payload) == len(I)
+        for ids, recs in zip(I, payload, strict=True):
+            for cid, rec in zip(ids, recs, strict=True):
+                if cid < 0:
+                    assert rec is None
+                    continue
+                assert rec is not None and rec["id"] == cid
+                assert rec["text"] == records[cid]["text"]
+                assert set(rec) == {"id", "text", "source", "metadata"}
+                checked += 1
+    assert checked >= 600
+    assert not np.isin(res.I, np.arange(0, 200, 3)).any()
+
+    # the lookup itself: rows kept, padding and removed ids None, repeated ids share a dict
+    shard = index.shard_futures[0]
+    held = client.submit(_first_ids, shard, pure=False).result()
+    dense = np.array([[held[0], -1, held[1]], [3, held[2], held[0]]])
+    sparse = np.array([[held[1], held[0]]])
+    a, b = client.submit(_fetch_rows_task, shard, dense, sparse, pure=False).result()
+    assert [[r and r["id"] for r in row] for row in a] == [[held[0], None, held[1]],
+                                                          [None, held[2], held[0]]]
+    assert a[0][0] is a[1][2] and b[0][1] == a[0][0]
+    index.close()

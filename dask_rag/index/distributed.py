@@ -133,15 +133,18 @@ def search_shard_task(shard: Shard, rows: npt.NDArray[np.int64], xq: npt.NDArray
                             ef_search=opts.ef_search, allowed=allowed)
     else:
         D, I = empty_result(len(rows), opts.k, shard.spec.metric)
-    payload = None
-    if opts.with_records:
-        payload = [shard.fetch(row) for row in I]
     sparse = None
     if opts.sparse_queries is not None:
         from dask_rag.rag.fusion import search_sparse
 
         sparse = search_sparse(shard, rows, [opts.sparse_queries[r] for r in rows],
-                               opts.sparse_k, allowed)
+                               opts.sparse_k, allowed, with_records=not opts.with_records)
+    payload = None
+    if opts.with_records:  # dense and BM25 hits' records in one lookup
+        if sparse is None:
+            (payload,) = shard.fetch_rows(I)
+        else:
+            payload, sparse.payload = shard.fetch_rows(I, sparse.I)
     return ShardResult(rows=rows, D=D, I=I, payload=payload, sparse=sparse,
                        shards=(shard.ref.shard_no,),
                        search_ms=(time.perf_counter() - t0) * 1e3)

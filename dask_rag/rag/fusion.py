@@ -124,12 +124,14 @@ class SparseHits:
 
 
 def search_sparse(shard: Shard, rows: npt.NDArray[np.int64], queries: list[str], k: int,
-                  allowed: npt.NDArray[np.int64] | None) -> SparseHits:
+                  allowed: npt.NDArray[np.int64] | None, with_records: bool = True
+                  ) -> SparseHits:
     """BM25 search of one shard for batch rows ``rows`` (runs inside the shard's search task);
-    ``allowed``: the ids a filter lets through, or None."""
+    ``allowed``: the ids a filter lets through, or None.  ``with_records=False`` leaves
+    ``payload`` empty for the caller to fill (it fetches dense and BM25 hits together)."""
     sparse = shard.sparse_index()
     I, S = sparse.search(queries, k, allowed)
-    payload = [shard.fetch(row) for row in I]
+    payload = shard.fetch_rows(I)[0] if with_records else []
     return SparseHits(rows=np.asarray(rows, np.int64), I=I, S=S, payload=payload)
 
 
