@@ -74,6 +74,7 @@ class Telemetry:
         self.requests = Counter("dask_rag_requests_total", "Requests by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)
         self._tracer = None
+        self._explicit_provider = tracer_provider is not None
         try:
             from opentelemetry import trace
 
@@ -81,6 +82,21 @@ class Telemetry:
             self._tracer = provider.get_tracer("dask_rag")
         except ImportError:  # pragma: no cover - opentelemetry-api is a dependency
             self._tracer = None
+
+    def tracing(self) -> bool:
+        """Whether spans are recorded: a provider was given, or one is installed globally
+        (``configure_tracing``, the OTel SDK's auto-instrumentation) — checked per request, so
+        one installed after start-up counts.  Without one, the API's spans record nothing,
+        and building them (header extraction, contexts) was ~1/5 of the shim's own CPU per
+        request: skip it."""
+        if self._tracer is None:
+            return False
+        if self._explicit_provider:
+            return True
+        from opentelemetry import trace
+
+        return not isinstance(trace.get_tracer_provider(),
+                              (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
     # ---- metrics ---------------------------------------------------------------------------
 
@@ -105,7 +121,7 @@ class Telemetry:
     @contextlib.contextmanager
     def request_span(self, name: str, headers: Mapping[str, str]) -> Iterator[Any]:
         """A SERVER span continuing the caller's ``traceparent`` (no-op without a tracer)."""
-        if self._tracer is None:
+        if self._tracer is None or not self.tracing():
             yield None
             return
         from opentelemetry import propagate

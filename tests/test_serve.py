@@ -241,6 +241,22 @@ def test_traceparent_is_continued(pipe):
                                         "dask_rag.generate"} <= names
 
 
+def test_spans_only_built_when_a_tracer_provider_exists():
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        pytest.skip("a global tracer provider is installed in this process")
+    quiet = Telemetry()
+    assert not quiet.tracing()
+    with quiet.request_span("GET /x", {}) as span:
+        assert span is None
+    traced = Telemetry(TracerProvider())
+    assert traced.tracing()
+    with traced.request_span("GET /x", {}) as span:
+        assert span is not None and span.is_recording()
+
+
 def test_graceful_shutdown_drains_inflight(pipe):
     srv = _fresh(pipe).start()
 

@@ -135,8 +135,10 @@ class EmbeddingService:
 
     def embed_now(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Embed a batch on the cluster and wait (the parts run in parallel)."""
+        from dask_rag.index.distributed import gather_direct
+
         futs, rows = self.submit(texts)
-        return self._assemble(len(texts), self.client.gather(futs), rows)
+        return self._assemble(len(texts), gather_direct(self.client, futs), rows)
 
     async def aembed_now(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """:meth:`embed_now` for asyncio code."""

@@ -233,6 +233,18 @@ def write_shard_task(shard: Shard, index_dir: str, generation: int, index_uuid: 
     return shard.write(index_dir, generation, index_uuid)
 
 
+def gather_direct(client: Client, futures: Any) -> Any:
+    """``client.gather`` straight from the workers holding the results.
+
+    distributed's default for a client outside the cluster relays every result through the
+    scheduler — a second hop, and CPU on the one process every request shares (on the serving
+    path that relay was ~half of the scheduler's work).  A client created with
+    ``direct_to_workers=False`` (workers unreachable from it, e.g. behind a gateway) keeps
+    the relay.
+    """
+    return client.gather(futures, direct=client.direct_to_workers is not False)
+
+
 async def await_future(fut: Future) -> Any:
     """Await a Dask future of a synchronous client from any asyncio loop without blocking it.
 
@@ -252,7 +264,7 @@ async def await_future(fut: Future) -> Any:
 
     def _on_done(f: Future) -> None:
         try:
-            value, ok = f.result(), True
+            value, ok = gather_direct(f.client, f), True
         except BaseException as exc:
             value, ok = exc, False
         loop.call_soon_threadsafe(_deliver, ok, value)
@@ -530,7 +542,7 @@ class DistributedIndex:
                                       with_records=with_records, sparse_queries=sparse_queries,
                                       sparse_k=sparse_k, dense=dense)
         try:
-            results = self.client.gather(parts, direct=True)
+            results = gather_direct(self.client, parts)
         except Exception as exc:
             _raise_shard_error(exc)
             raise

@@ -99,7 +99,7 @@ class Guard:
         return "ip:" + (request.client.host if request.client else "?")
 
     def authorize(self, request: Request) -> None:
-        if not self._keys or request.url.path in OPEN_PATHS:
+        if not self._keys or request.scope["path"] in OPEN_PATHS:
             return
         auth = request.headers.get("authorization", "")
         if not auth.lower().startswith("bearer "):
@@ -154,7 +154,7 @@ def guarded(name: str, handler: Callable[[Request, dict[str, Any]], Awaitable[Re
         guard: Guard = state.guard
         telemetry: Telemetry = state.telemetry
         status = 500
-        with telemetry.request_span(f"{request.method} {request.url.path}",
+        with telemetry.request_span(f"{request.method} {request.scope['path']}",
                                     request.headers) as span:
             try:
                 guard.authorize(request)
