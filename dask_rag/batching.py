@@ -4,8 +4,10 @@ Callers ``await batcher.submit(item)`` one item at a time; the batcher groups wa
 calls ``process(items)`` once per batch.  A batch is flushed when ``max_batch`` items wait or the
 oldest waiting item has waited ``max_wait_ms`` — so a lone request pays at most
 ``max_wait_ms`` extra, and under load each model call / Dask graph serves up to ``max_batch``
-requests.  Up to ``max_concurrent_batches`` batches run at once, so the next batch is formed and
-submitted while the previous one computes (stages of successive batches overlap).
+requests.  While another batch is being processed the oldest may wait ``busy_wait_ms`` instead
+(see :class:`~dask_rag.config.BatchConfig`): under load, batches fill instead of splitting.
+Up to ``max_concurrent_batches`` batches run at once, so the next batch is formed and submitted
+while the previous one computes (stages of successive batches overlap).
 
 Guarantees:
 
@@ -181,6 +183,9 @@ class MicroBatcher(Generic[T, R]):
     async def _run(self) -> None:
         assert self._wakeup is not None and self._slots is not None
         max_wait = self.config.max_wait_ms / 1000.0
+        busy_wait = max(max_wait, self.config.busy_wait_ms / 1000.0)
+        busy = self.config.busy_wait_ms
+        busy_wait = max_wait if busy is None else busy / 1000.0
         while True:
             if not self._queue:
                 if self._closing:
@@ -189,7 +194,7 @@ class MicroBatcher(Generic[T, R]):
                 await self._wakeup.wait()
                 continue
             # wait until the batch is full or the oldest item has waited max_wait
-            deadline = self._queue[0].enqueued + max_wait
+            deadline = self._queue[0].enqueued + (busy_wait if self._inflight else max_wait)
             while len(self._queue) < self.config.max_batch and not self._closing:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -184,7 +184,8 @@ def _serve_config(args: argparse.Namespace) -> Any:
     keys = tuple(k.strip() for k in os.environ.get(args.api_keys_env, "").split(",")
                  if k.strip())
     return ServeConfig(host=args.host, port=args.port, batching=not args.no_batching,
-                       batch=BatchConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms),
+                       batch=BatchConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                         busy_wait_ms=args.busy_wait_ms),
                        max_inflight=args.max_inflight, rate_limit_per_s=args.rate_limit,
                        request_timeout_s=args.timeout, api_keys=keys)
 
@@ -216,8 +217,13 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--no-batching", action="store_true",
                    help="one Dask graph per request (the benchmark's naive baseline)")
-    g.add_argument("--max-batch", type=int, default=64)
-    g.add_argument("--max-wait-ms", type=float, default=5.0)
+    g.add_argument("--max-batch", type=int, default=128)
+    g.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a lone request may wait for others to batch with")
+    g.add_argument("--busy-wait-ms", type=float, default=25.0,
+                   help="the same while another batch is being processed (fills batches under "
+                        "load)")
+    g.add_argument("--busy-wait-ms", type=float, default=None)
     g.add_argument("--max-inflight", type=int, default=512)
     g.add_argument("--rate-limit", type=float, default=None, help="requests/s per API key")
     g.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")

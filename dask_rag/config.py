@@ -283,17 +283,29 @@ class EmbedConfig:
 @dataclass(frozen=True)
 class BatchConfig:
     """The async micro-batcher: flush when ``max_batch`` items wait or the oldest waited
-    ``max_wait_ms``; at most ``max_queue`` waiting items (beyond that: ``Overloaded``) and
-    ``max_concurrent_batches`` batches in flight so successive batches overlap."""
+    ``max_wait_ms`` — ``busy_wait_ms`` instead while another batch is being processed;
+    at most ``max_queue`` waiting items (beyond that: ``Overloaded``) and
+    ``max_concurrent_batches`` batches in flight so successive batches overlap.
+
+    Why two waits: an idle service should answer a lone request fast (``max_wait_ms``), but
+    under load requests arrive spread out — an HTTP server writes the responses of a batch
+    one by one and their clients come back one by one — and a short timer cuts each such wave
+    into several small batches, each paying a graph's fixed cost.  While a batch is in flight
+    the workers are busy anyway, so waiting a little longer costs little latency and fills
+    the batch.  Measured with ``POST /v1/search`` at 64 clients: mean batch 22 → 44-47 and
+    ~300 → ~380 q/s with ``busy_wait_ms`` 15-30 (``max_wait_ms`` 5).
+    """
 
     max_batch: int = 128
     max_wait_ms: float = 5.0
     max_queue: int = 4096
     max_concurrent_batches: int = 2
+    busy_wait_ms: float = 25.0
 
     def __post_init__(self) -> None:
         _check_int(self, "max_batch", 1, 1 << 20)
         _check_float(self, "max_wait_ms", 0.0, 60_000.0)
+        _check_float(self, "busy_wait_ms", 0.0, 60_000.0)
         _check_int(self, "max_queue", 1)
         _check_int(self, "max_concurrent_batches", 1, 1024)
 

@@ -159,3 +159,44 @@ def test_close_drains_queued_work():
         return [f.result() for f in futs]
 
     assert run(main()) == list(range(10))
+
+
+def test_busy_wait_fills_batches_while_one_is_in_flight():
+    """Requests trickling in while a batch computes form one batch (not one per max_wait),
+    and a lone request on an idle batcher still goes after about max_wait."""
+    calls: list[int] = []
+
+    async def process(items):
+        calls.append(len(items))
+        await asyncio.sleep(0.15)
+        return items
+
+    async def trickle(b, n, gap):
+        tasks = []
+        for i in range(n):
+            tasks.append(asyncio.create_task(b.submit(i)))
+            await asyncio.sleep(gap)
+        return await asyncio.gather(*tasks)
+
+    async def main(busy_wait_ms):
+        b = MicroBatcher(process, BatchConfig(max_batch=64, max_wait_ms=5,
+                                              busy_wait_ms=busy_wait_ms))
+        t0 = time.perf_counter()
+        first = asyncio.create_task(b.submit("lone"))
+        await asyncio.sleep(0.02)  # the lone one is in flight by now
+        assert calls == [1] and time.perf_counter() - t0 < 0.1
+        await trickle(b, 8, 0.006)  # one every 6 ms: longer than max_wait
+        await first
+        await b.close()
+
+    calls.clear()
+    run(main(80))
+    assert calls == [1, 8]
+    calls.clear()
+    run(main(0))  # without the busy wait the trickle splits into several batches
+    assert len(calls) >= 3 and sum(calls) == 9
+
+
+def test_busy_wait_validated():
+    with pytest.raises(Exception, match="busy_wait_ms"):
+        BatchConfig(busy_wait_ms=-1)
