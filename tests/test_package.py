@@ -108,3 +108,14 @@ def test_overloaded_keeps_retry_after_when_pickled():
 
     exc = pickle.loads(pickle.dumps(errors.Overloaded("busy", retry_after=3.5)))
     assert exc.retry_after == 3.5 and str(exc) == "busy"
+
+
+def test_cli_parses_every_command():
+    from dask_rag.cli import _serve_config, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--index", "idx", "--busy-wait-ms", "12"])
+    cfg = _serve_config(args)
+    assert cfg.batch.busy_wait_ms == 12.0 and cfg.batch.max_batch == 128
+    demo = _serve_config(parser.parse_args(["demo", "--no-serve"]))
+    assert demo.batch.busy_wait_ms == 25.0 and demo.batch.max_wait_ms == 5.0
