@@ -73,6 +73,9 @@ class Telemetry:
                                 ["reason"], registry=self.registry)
         self.requests = Counter("dask_rag_requests_total", "Requests by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)
+        self._stage_children = {stage: self.stage_latency.labels(stage=stage)
+                                for stage in STAGES}
+        self._request_children: dict[tuple[str, int], Any] = {}
         self._tracer = None
         self._explicit_provider = tracer_provider is not None
         try:
@@ -101,9 +104,19 @@ class Telemetry:
     # ---- metrics ---------------------------------------------------------------------------
 
     def observe_stages(self, timings_ms: Mapping[str, float]) -> None:
-        for stage in STAGES:
+        for stage, child in self._stage_children.items():
             if stage in timings_ms:
-                self.stage_latency.labels(stage=stage).observe(timings_ms[stage] / 1000.0)
+                child.observe(timings_ms[stage] / 1000.0)
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        """``dask_rag_requests_total{endpoint, status}`` += 1 (label children cached: a
+        ``labels()`` lookup per request and stage was measurable CPU on the serving path)."""
+        key = (endpoint, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(
+                endpoint=endpoint, status=str(status))
+        child.inc()
 
     def batch_observer(self, name: str) -> Any:
         def observe(size: int, seconds: float) -> None:

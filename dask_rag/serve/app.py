@@ -180,7 +180,7 @@ def guarded(name: str, handler: Callable[[Request, dict[str, Any]], Awaitable[Re
                 telemetry.stage_spans(span, timings)
             if span is not None:
                 span.set_attribute("http.status_code", status)
-            telemetry.requests.labels(endpoint=name, status=str(status)).inc()
+            telemetry.count_request(name, status)
             return response
 
     return endpoint
