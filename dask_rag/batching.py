@@ -184,8 +184,6 @@ class MicroBatcher(Generic[T, R]):
         assert self._wakeup is not None and self._slots is not None
         max_wait = self.config.max_wait_ms / 1000.0
         busy_wait = max(max_wait, self.config.busy_wait_ms / 1000.0)
-        busy = self.config.busy_wait_ms
-        busy_wait = max_wait if busy is None else busy / 1000.0
         while True:
             if not self._queue:
                 if self._closing:
@@ -193,7 +191,8 @@ class MicroBatcher(Generic[T, R]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            # wait until the batch is full or the oldest item has waited max_wait
+            # wait until the batch is full or the oldest item has waited max_wait (busy_wait
+            # while another batch is in flight)
             deadline = self._queue[0].enqueued + (busy_wait if self._inflight else max_wait)
             while len(self._queue) < self.config.max_batch and not self._closing:
                 remaining = deadline - time.monotonic()

@@ -200,3 +200,24 @@ def test_busy_wait_fills_batches_while_one_is_in_flight():
 def test_busy_wait_validated():
     with pytest.raises(Exception, match="busy_wait_ms"):
         BatchConfig(busy_wait_ms=-1)
+
+
+def test_busy_wait_never_shorter_than_max_wait():
+    calls: list[int] = []
+
+    async def process(items):
+        calls.append(len(items))
+        await asyncio.sleep(0.3)
+        return items
+
+    async def main():
+        b = MicroBatcher(process, BatchConfig(max_batch=64, max_wait_ms=40, busy_wait_ms=0))
+        first = asyncio.create_task(b.submit("lone"))
+        await asyncio.sleep(0.06)
+        a = asyncio.create_task(b.submit(1))
+        await asyncio.sleep(0.01)
+        await asyncio.gather(b.submit(2), a, first)
+        await b.close()
+
+    run(main())
+    assert calls == [1, 2]

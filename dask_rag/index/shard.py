@@ -466,7 +466,7 @@ class Shard:
         row (that per-row overhead was ~60 % of a hybrid search task) — and an id found by
         both shares one dict, which pickle then sends once.
         """
-        mats = [np.asarray(m, dtype=np.int64).reshape(len(m), -1) for m in matrices]
+        mats = [np.asarray(m, dtype=np.int64) for m in matrices]
         flat = np.concatenate([m.ravel() for m in mats]) if mats else np.zeros(0, np.int64)
         uniq, inverse = np.unique(flat, return_inverse=True)
         with self._lock.read():
