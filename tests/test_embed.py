@@ -187,3 +187,27 @@ def test_length_buckets_and_balanced_split():
             sums = [int(lens[a:b].sum()) for a, b in parts]
             assert max(sums) - min(sums) <= 2 * int(lens.max())
     assert length_buckets(np.array([5] * 10), 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_concurrent_quantization_of_one_cache_entry(tmp_path):
+    """Workers that load the same model at once quantize the same cached graph at once: none
+    may read another's half-written file (ORT's quantizer writes a shape-inferred copy next to
+    its input, so two quantizers of one file collided: 'Failed to find proper ai.onnx domain')."""
+    import concurrent.futures
+
+    import onnx
+    from sentence_transformers import SentenceTransformer
+
+    from dask_rag.embed.onnx import _export, _quantize
+    from tests.tiny_models import save_tiny_sentence_transformer
+
+    st = SentenceTransformer(str(save_tiny_sentence_transformer(tmp_path / "st")), device="cpu")
+    src = tmp_path / "model.onnx"
+    _export(st[0].auto_model, ("input_ids", "attention_mask", "token_type_ids"), src)
+    dst = tmp_path / "model_int8.onnx"
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        for f in [pool.submit(_quantize, src, dst) for _ in range(12)]:
+            f.result()
+    onnx.checker.check_model(str(dst))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
+        "model.onnx", "model_int8.onnx"]

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -128,16 +129,24 @@ def _export(auto_model: Any, input_names: Sequence[str], path: Path) -> None:
 
 
 def _quantize(src: Path, dst: Path) -> None:
-    """Per-channel dynamic int8 of the MatMul weights (activations quantized per call)."""
+    """Per-channel dynamic int8 of the MatMul weights (activations quantized per call).
+
+    ORT's quantizer writes a shape-inferred copy *next to its input* (``model-inferred.onnx``)
+    and deletes it after: workers quantizing one cache entry at once read each other's
+    half-written copies.  Each quantizes a private link to ``src`` in a folder of its own.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = _atomic_target(dst)
-    try:
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=dst.parent) as work:
+        private = Path(work) / src.name
+        try:
+            os.link(src, private)
+        except OSError:  # no hard links here (another file system, Windows shares)
+            shutil.copyfile(src, private)
+        out = Path(work) / dst.name
         with _quiet():
-            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+            quantize_dynamic(str(private), str(out), weight_type=QuantType.QInt8, per_channel=True)
+        os.replace(out, dst)
 
 
 class OnnxTransformer:
