@@ -39,7 +39,7 @@ from dask_rag.benchmarking import (
     write_result,
 )
 from dask_rag.cluster import start_local_cluster
-from dask_rag.serve.server import free_port
+from dask_rag.serve.server import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,22 +149,6 @@ def start_server(index: Path, port: int, batching: bool, workers: int) -> subpro
                             stderr=subprocess.DEVNULL)
 
 
-def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float = 240) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"server at {url} did not become ready")
-
-
 def ensure_index(path: Path, workers: int) -> Path:
     if (path / "manifest.json").exists():
         return path
@@ -236,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             procs[name] = start_server(index, port, batching, args.workers)
             urls[name] = f"http://127.0.0.1:{port}"
         for name, proc in procs.items():
-            wait_ready(proc, urls[name])
+            wait_ready(urls[name], proc)
         # the same topology as `dask-rag serve`: the scheduler in a process of its own
         with start_local_cluster(args.workers, dashboard_address=None,
                                  scheduler_process=True) as c, \

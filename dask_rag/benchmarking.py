@@ -213,6 +213,8 @@ def measure_fanout_overhead(client: Any, n_parts: int = 4, iterations: int = 200
     """
     import uuid
 
+    from dask_rag.index.distributed import gather_direct
+
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     pins = [client.submit(_pin, workers=[w], pure=False, allow_other_workers=False)
             for w in workers]
@@ -226,7 +228,7 @@ def measure_fanout_overhead(client: Any, n_parts: int = 4, iterations: int = 200
                            key=[(f"dask-rag-search-{token}", j) for j in range(n_parts)],
                            pure=False)
         if client_merge:
-            client.gather(parts, direct=True)
+            gather_direct(client, parts)
         else:
             client.submit(_noop, *parts, key=(f"dask-rag-merge-{token}", 0, 0),
                           pure=False).result()

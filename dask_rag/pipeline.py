@@ -40,7 +40,7 @@ from dask_rag.index.shard import SearchFilter, ShardResult
 from dask_rag.rag.fusion import fuse
 from dask_rag.rag.generate.base import GeneratorSpec, SamplingParams, parse_generator_spec
 
-__all__ = ["Answer", "Hit", "RagPipeline", "hits_from_result"]
+__all__ = ["Answer", "Hit", "RagPipeline"]
 
 
 @dataclass(frozen=True)
@@ -88,16 +88,6 @@ class Answer:
                 "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()}}
 
 
-def hits_from_result(res: ShardResult, nq: int) -> list[list[Hit]]:
-    """Per-query dense hits (padding dropped) from a merged search result with records."""
-    out: list[list[Hit]] = [[] for _ in range(nq)]
-    for j, row in enumerate(res.rows):
-        recs = res.payload[j] if res.payload is not None else [None] * res.I.shape[1]
-        out[int(row)] = [Hit.from_record(rec, cid, d) for cid, d, rec in
-                         zip(res.I[j], res.D[j], recs, strict=True) if cid >= 0]
-    return out
-
-
 # ------------------------------------------------------------------------------------------------
 # tasks
 # ------------------------------------------------------------------------------------------------
@@ -108,7 +98,7 @@ def _ranked(I: npt.NDArray[np.int64], S: npt.NDArray[np.float32], recs: Sequence
     """One query row's ``(id, score)`` pairs, padding dropped; records go into ``into``."""
     keep = I >= 0
     ids = I[keep].tolist()
-    if recs is not None and len(recs):
+    if len(recs):
         for cid, rec in zip(ids, itertools.compress(recs, keep.tolist()), strict=True):
             into.setdefault(cid, rec)
     return list(zip(ids, S[keep].tolist(), strict=True))

@@ -316,7 +316,7 @@ def test_sigterm_to_serve_closes_its_local_cluster(demo_index):
     import httpx
     import psutil
 
-    from dask_rag.serve.server import free_port
+    from dask_rag.serve.server import free_port, wait_ready
 
     port = free_port()
     cmd = [sys.executable, "-m", "dask_rag.cli", "serve", "--index", str(demo_index), "--port",
@@ -324,16 +324,7 @@ def test_sigterm_to_serve_closes_its_local_cluster(demo_index):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, f"serve exited with {proc.returncode}"
-            assert time.time() < deadline, "serve did not become ready"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=180)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/search", json={"query": "parse JSON"},
                        timeout=30)
         assert r.status_code == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from typing import Any
@@ -10,13 +11,32 @@ from typing import Any
 from dask_rag.config import ServeConfig
 from dask_rag.errors import DaskRagError
 
-__all__ = ["ServerThread", "free_port", "run_server"]
+__all__ = ["ServerThread", "free_port", "run_server", "wait_ready"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None,
+               timeout: float = 240.0) -> None:
+    """Poll ``url``'s ``/readyz`` until it answers 200 (a ``dask-rag serve`` started elsewhere:
+    model loading and the cluster take a while); fail early if ``proc`` exits first."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise DaskRagError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise DaskRagError(f"server at {url} did not become ready within {timeout:.0f} s")
 
 
 def _uvicorn_config(app: Any, config: ServeConfig, log_level: str) -> Any:
