@@ -257,6 +257,16 @@ class EmbedConfig:
     batch by token length and pads each bucket only to its own longest text (dynamic padding).
     ``batch_size`` is the model's forward batch: on CPUs small batches (8-32) run fastest
     (measured here: 33 texts/s at 16, 16 texts/s at 128 on one core — cache effects).
+
+    ``batch_invariant`` (default): a text's vector is a function of that text only —
+    bit-identical whether it is encoded alone or in any batch, at any position, on any worker
+    of one CPU type.  Each text runs through the transformer on its own, unpadded: dynamic
+    int8 then takes its activation scales from that text alone (batched, they came from the
+    whole padded batch tensor, and a query's vector, hence its hits, changed with its batch
+    neighbours), and no kernel sees a batch-dependent shape.  On CPU this costs nothing (the
+    matrices of one text are already ``tokens x hidden``; measured faster than padded
+    batches).  ``batch_invariant=False`` pads length buckets of ``batch_size`` texts instead:
+    faster on GPUs, but vectors then vary in their last bits with the batch.
     """
 
     model: str = "default"
@@ -267,6 +277,7 @@ class EmbedConfig:
     max_seq_length: int = 256
     normalize: bool = True
     bucketing: bool = True
+    batch_invariant: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():

@@ -32,7 +32,7 @@ from distributed import Client, as_completed
 from dask_rag.config import ChunkConfig, EmbedConfig, IndexSpec
 from dask_rag.corpus.chunking import Chunk, chunk_documents
 from dask_rag.corpus.loaders import Document, discover_files, load_file
-from dask_rag.embed.encoder import resolve_model_path
+from dask_rag.embed.encoder import recorded_config, resolve_model_path
 from dask_rag.embed.service import embed_texts_task, encoder_info_task, worker_encoder
 from dask_rag.errors import InvalidInput
 from dask_rag.index import store
@@ -118,6 +118,7 @@ def ingest(client: Client, sources: Sequence[str | os.PathLike[str] | Document],
     t_start = time.perf_counter()
     index_dir = Path(index_dir).resolve()
     report = IngestReport(index_dir=str(index_dir))
+    requested_embed = embed
     embed = embed or EmbedConfig()
     chunk = chunk or ChunkConfig()
     items: list[Any]
@@ -138,7 +139,7 @@ def ingest(client: Client, sources: Sequence[str | os.PathLike[str] | Document],
     known_docs: dict[str, tuple[str | None, list[int]]] = {}
     if (index_dir / store.MANIFEST).exists():
         existing = DistributedIndex.load(client, index_dir)
-        _check_same_encoder(existing, embed, client)
+        embed = _index_encoder(existing, requested_embed)
         for cid, source, dh in existing.doc_index():
             entry = known_docs.setdefault(source or "", (dh, []))
             entry[1].append(cid)
@@ -254,17 +255,23 @@ def _dedupe(chunks: list[Chunk], vectors: np.ndarray) -> tuple[list[Chunk], np.n
     return [chunks[i] for i in rows], vectors[rows]
 
 
-def _check_same_encoder(index: DistributedIndex, embed: EmbedConfig, client: Client) -> None:
+def _index_encoder(index: DistributedIndex, requested: EmbedConfig | None) -> EmbedConfig:
+    """The encoder new chunks of an existing index are embedded with: the one its manifest
+    records (a different model is refused; other differences are logged)."""
     recorded = index.manifest.get("embed") or {}
     if not recorded:
+        index.close()
         raise InvalidInput(f"{index.path} was not built by ingestion (no encoder recorded); "
                            "ingest into a new index directory")
-    if recorded.get("model") != embed.model:
+    if requested is not None and recorded.get("model") != requested.model:
+        index.close()
         raise InvalidInput(
             f"{index.path} was built with encoder {recorded.get('model')!r}, not "
-            f"{embed.model!r}; use the same model or a new index directory")
+            f"{requested.model!r}; use the same model or a new index directory")
     if int(recorded.get("dim", -1)) != index.dim:
+        index.close()
         raise InvalidInput(f"{index.path}: recorded encoder dimension does not match the index")
+    return recorded_config(recorded, requested)
 
 
 def _progress(enabled: bool, desc: str) -> Any:

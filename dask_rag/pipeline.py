@@ -33,6 +33,7 @@ from distributed import Client, Future
 
 from dask_rag.batching import MicroBatcher
 from dask_rag.config import BatchConfig, EmbedConfig, RagConfig
+from dask_rag.embed.encoder import recorded_config
 from dask_rag.embed.service import EmbeddingService
 from dask_rag.errors import InvalidInput
 from dask_rag.index.distributed import DistributedIndex, await_future, merge_results_task
@@ -318,11 +319,10 @@ class RagPipeline:
         index = DistributedIndex.load(client, path)
         try:
             recorded = index.manifest.get("embed") or {}
-            if embed is None:
-                if not recorded:
-                    raise InvalidInput(f"{path}: the index records no encoder; pass embed=...")
-                embed = EmbedConfig(model=recorded.get("model", "default"),
-                                    normalize=bool(recorded.get("normalize", True)))
+            if not recorded and embed is None:
+                raise InvalidInput(f"{path}: the index records no encoder; pass embed=...")
+            # the index's own encoder settings, not what "auto" means on this machine
+            embed = recorded_config(recorded, embed) if recorded else embed
             embedder = EmbeddingService(client, embed, batch)
             return cls(client, index, embedder, config, batch)
         except BaseException:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -34,6 +35,8 @@ __all__ = [
     "SentenceEncoder",
     "default_model_path",
     "length_buckets",
+    "model_fingerprint",
+    "recorded_config",
     "resolve_backend",
     "resolve_device",
     "resolve_model_path",
@@ -73,6 +76,76 @@ def resolve_model_path(model: str) -> str:
     if not path.is_dir():
         raise ModelLoadError(f"model path {model!r} is not a directory")
     return str(path.resolve())
+
+
+def model_fingerprint(model_path: str) -> str:
+    """A short hash of a model directory that is the same on every machine holding the model:
+    relative file names and sizes, and the content of the small files (configs, vocabularies)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(model_path)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        size = f.stat().st_size
+        h.update(f"{rel}:{size}\0".encode())
+        if size <= 1 << 20:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def recorded_config(recorded: dict[str, Any], override: EmbedConfig | None = None
+                    ) -> EmbedConfig:
+    """The encoder an index's queries must use: what its manifest records (``recorded``, from
+    :meth:`SentenceEncoder.describe` at ingestion), not what ``"auto"`` means on this machine.
+
+    ``override`` replaces it; when the override would produce different vectors (another
+    model, precision, backend or batching) that is logged once per process.
+    """
+    fields: dict[str, Any] = {"model": recorded.get("model", "default")}
+    for key in ("precision", "backend"):
+        if recorded.get(key) in ("fp32", "fp16", "bf16", "int8", "onnx", "torch"):
+            fields[key] = recorded[key]
+    for key in ("normalize", "batch_invariant"):
+        if key in recorded:
+            fields[key] = bool(recorded[key])
+    if isinstance(recorded.get("max_seq_length"), int):
+        fields["max_seq_length"] = recorded["max_seq_length"]
+    config = EmbedConfig(**fields)
+    if override is None:
+        return config
+    index_side, query_side = _effective(config), _effective(override)
+    changed = [k for k in index_side if index_side[k] != query_side[k]]
+    if changed:
+        _warn_once(f"queries use an encoder that differs from the index's in "
+                   f"{', '.join(changed)} (index: "
+                   f"{', '.join(f'{k}={index_side[k]!r}' for k in changed)}; queries: "
+                   f"{', '.join(f'{k}={query_side[k]!r}' for k in changed)}): their vectors "
+                   "will not match how the documents were embedded")
+    return override
+
+
+def _effective(config: EmbedConfig) -> dict[str, Any]:
+    """The settings that decide a vector, with ``"auto"`` resolved on this machine."""
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    return {"model": config.model, "precision": precision,
+            "backend": resolve_backend(config.backend, precision, device),
+            "batch_invariant": config.batch_invariant, "normalize": config.normalize,
+            "max_seq_length": config.max_seq_length}
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    import logging
+
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logging.getLogger("dask_rag.embed").warning(message)
 
 
 def resolve_device(device: str) -> str:
@@ -216,6 +289,7 @@ class SentenceEncoder:
         if not dim:
             raise ModelLoadError(f"{self.model_path!r} does not declare an embedding dimension")
         self.dim = int(dim)
+        self._pooling = _numpy_pooling(model)
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads
         self.model_calls = 0  # forward passes
         self.encode_calls = 0  # calls of encode(): one per micro-batch / task
@@ -226,9 +300,16 @@ class SentenceEncoder:
         return Path(self.model_path).name
 
     def describe(self) -> dict[str, Any]:
-        """What the index manifest records about the encoder."""
-        return {"model": self.config.model, "model_path": self.model_path, "dim": self.dim,
+        """What the index manifest records about the encoder (see :func:`recorded_config`).
+
+        No path of this machine is recorded: an index is served from other machines, whose
+        copy of the model lives elsewhere; ``model_fingerprint`` lets them check it is the
+        same model.
+        """
+        return {"model": self.config.model, "model_name": self.name,
+                "model_fingerprint": model_fingerprint(self.model_path), "dim": self.dim,
                 "precision": self.precision, "backend": self.backend,
+                "batch_invariant": self.config.batch_invariant,
                 "normalize": self.config.normalize,
                 "max_seq_length": self.max_seq_length}
 
@@ -244,9 +325,12 @@ class SentenceEncoder:
 
     def encode(self, texts: Sequence[str], batch_size: int | None = None,
                bucketing: bool | None = None) -> npt.NDArray[np.float32]:
-        """Embeddings ``(n, dim)`` float32 (L2-normalised when the config says so)."""
-        import torch
+        """Embeddings ``(n, dim)`` float32 (L2-normalised when the config says so).
 
+        With ``EmbedConfig.batch_invariant`` (the default) every text is encoded on its own,
+        so row ``i`` is bit-identical to ``encode([texts[i]])``; ``batch_size`` and
+        ``bucketing`` then do not apply.
+        """
         if isinstance(texts, str):
             raise InvalidInput("encode() takes a sequence of strings, not a single string")
         texts = list(texts)
@@ -256,19 +340,85 @@ class SentenceEncoder:
             if not isinstance(t, str):
                 raise InvalidInput(f"text {i} is {type(t).__name__}, not a string")
         self.encode_calls += 1
-        bs = batch_size or self.config.batch_size
-        bucket = self.config.bucketing if bucketing is None else bucketing
         tokens = self._tokenize(texts)
+        if self.config.batch_invariant:
+            return self._encode_each(tokens, len(texts))
+        return self._encode_buckets(tokens, len(texts), batch_size or self.config.batch_size,
+                                    self.config.bucketing if bucketing is None else bucketing)
+
+    def _encode_each(self, tokens: dict[str, list[list[int]]], n: int
+                     ) -> npt.NDArray[np.float32]:
+        """One unpadded forward per text: the batch-invariant path (see EmbedConfig)."""
+        import torch
+
+        out = np.empty((n, self.dim), dtype=np.float32)
+        feats = [{k: np.asarray([v[i]], dtype=np.int64) for k, v in tokens.items()}
+                 for i in range(n)]
+        with self._lock, torch.inference_mode():
+            if self._onnx is not None:
+                # texts run in parallel on single-threaded sessions when there are threads
+                for i, hidden in enumerate(self._onnx.forward_many(feats)):
+                    out[i] = self._pool_one(hidden)
+            else:
+                for i, f in enumerate(feats):
+                    emb = self._forward_torch({k: torch.from_numpy(v) for k, v in f.items()})
+                    out[i] = _unit(emb.cpu().numpy()[0]) if self.config.normalize else \
+                        emb.cpu().numpy()[0]
+            self.model_calls += n
+            self.texts_encoded += n
+        return out
+
+    def _pool_one(self, hidden: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The sentence embedding of one unpadded text from its token embeddings ``(1, L, H)``.
+
+        Standard poolings (mean, CLS, max, last token) and normalisation are computed here in
+        float64 numpy, whose reductions depend only on the array's shape (torch may split a
+        reduction across its intra-op threads, and a worker and a notebook differ in those);
+        other module stacks run the model's own torch modules on the one text.
+        """
+        if self._pooling is None:
+            import torch
+
+            features: dict[str, Any] = {
+                "token_embeddings": torch.from_numpy(hidden),
+                "attention_mask": torch.ones(hidden.shape[:2], dtype=torch.int64)}
+            for module in list(self.model)[1:]:
+                features = module(features)
+            emb = features["sentence_embedding"].float().cpu().numpy()[0]
+            return _unit(emb) if self.config.normalize else emb
+        tokens = hidden[0].astype(np.float64)
+        parts = []
+        for mode in self._pooling.modes:
+            if mode == "cls":
+                parts.append(tokens[0])
+            elif mode == "lasttoken":
+                parts.append(tokens[-1])
+            elif mode == "max":
+                parts.append(tokens.max(axis=0))
+            elif mode == "mean":
+                parts.append(tokens.sum(axis=0) / tokens.shape[0])
+            else:  # mean_sqrt_len_tokens
+                parts.append(tokens.sum(axis=0) / np.sqrt(tokens.shape[0]))
+        emb = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if self._pooling.normalize or self.config.normalize:
+            return _unit(emb)
+        return emb.astype(np.float32)
+
+    def _encode_buckets(self, tokens: dict[str, list[list[int]]], n: int, bs: int,
+                        bucket: bool) -> npt.NDArray[np.float32]:
+        """Length-bucketed padded batches (``batch_invariant=False``)."""
+        import torch
+
         lengths = np.fromiter((len(ids) for ids in tokens["input_ids"]), dtype=np.int64,
-                              count=len(texts))
+                              count=n)
         # longest first: the biggest bucket is allocated first, later ones reuse the memory
         if bucket:
             order = np.argsort(-lengths, kind="stable")
             buckets = length_buckets(lengths[order], bs)
         else:
-            order = np.arange(len(texts))
-            buckets = [(a, min(a + bs, len(texts))) for a in range(0, len(texts), bs)]
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
+            order = np.arange(n)
+            buckets = [(a, min(a + bs, n)) for a in range(0, n, bs)]
+        out = np.empty((n, self.dim), dtype=np.float32)
         with self._lock, torch.inference_mode():
             if self._onnx is not None:
                 feats = [self.tokenizer.pad(self._rows(tokens, order[a:b]), padding=True,
@@ -308,3 +458,38 @@ class SentenceEncoder:
         for module in list(self.model)[1:]:
             features = module(features)
         return features["sentence_embedding"].float()
+
+
+@dataclass(frozen=True)
+class _Pooling:
+    """A model's pooling that :meth:`SentenceEncoder._pool_one` computes in numpy."""
+
+    modes: tuple[str, ...]
+    normalize: bool
+
+
+_NUMPY_POOLINGS = frozenset({"cls", "lasttoken", "max", "mean", "mean_sqrt_len_tokens"})
+
+
+def _numpy_pooling(model: Any) -> _Pooling | None:
+    """The model's pooling when its modules after the transformer are exactly a standard
+    ``Pooling`` (optionally followed by ``Normalize``); None otherwise (Dense layers, weighted
+    means, prompts excluded from pooling: those run as the model's own torch modules)."""
+    modules = list(model)[1:]
+    names = [type(m).__name__ for m in modules]
+    if names not in (["Pooling"], ["Pooling", "Normalize"]):
+        return None
+    pooling = modules[0]
+    mode = getattr(pooling, "pooling_mode", None)
+    modes = (mode,) if isinstance(mode, str) else tuple(mode or ())
+    if not modes or not set(modes) <= _NUMPY_POOLINGS or not getattr(pooling,
+                                                                     "include_prompt", True):
+        return None
+    return _Pooling(modes=modes, normalize=names[-1] == "Normalize")
+
+
+def _unit(v: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    """``v / ||v||`` computed in float64, as float32 (a zero vector stays zero)."""
+    v64 = np.asarray(v, dtype=np.float64)
+    norm = float(np.sqrt(np.dot(v64, v64)))
+    return (v64 / norm if norm > 1e-12 else v64).astype(np.float32)

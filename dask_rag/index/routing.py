@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dask_rag.errors import InvalidInput
+from dask_rag.index.exact import ExactRescorer, FlatVectors
 
 __all__ = [
     "RoutedRows",
@@ -112,6 +113,7 @@ class Router:
         self.quantizer = quantizer
         self.list_to_shard = None if list_to_shard is None else np.asarray(list_to_shard, np.int32)
         self.boundaries = None if boundaries is None else np.asarray(boundaries, np.int64)
+        self._rescorer: ExactRescorer | None = None
 
     # ---- vectors -> shards ---------------------------------------------------------------
 
@@ -135,11 +137,23 @@ class Router:
 
     def probe(self, xq: npt.NDArray[np.float32], nprobe: int
               ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """Coarse-quantize a query batch once: ``(Dq, Iq)`` of shape ``(nq, nprobe)``."""
+        """Coarse-quantize a query batch once: ``(Dq, Iq)`` of shape ``(nq, nprobe)``, the
+        ``nprobe`` nearest centroids by exact distance (ties by list number), so a query
+        probes the same lists whatever else is in its batch (see :mod:`dask_rag.index.exact`).
+        """
         assert self.quantizer is not None
         nprobe = min(nprobe, int(self.quantizer.ntotal))
-        Dq, Iq = self.quantizer.search(xq, nprobe)
-        return Dq, Iq
+        return self._centroids().search(np.ascontiguousarray(xq, dtype=np.float32), nprobe)
+
+    def _centroids(self) -> ExactRescorer:
+        if self._rescorer is None:
+            n = int(self.quantizer.ntotal)
+            store = FlatVectors(np.arange(n, dtype=np.int64),
+                                np.asarray(self.quantizer.reconstruct_n(0, n), dtype=np.float32))
+            metric = "ip" if int(self.quantizer.metric_type) == 0 else "l2"
+            self._rescorer = ExactRescorer(store, metric, self.quantizer.search, n,
+                                           lambda: np.arange(n, dtype=np.int64))
+        return self._rescorer
 
     def route(self, xq: npt.NDArray[np.float32], nprobe: int | None) -> list[RoutedRows]:
         """Split a query batch into the per-shard work it needs (shards with no work omitted).

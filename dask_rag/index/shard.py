@@ -31,6 +31,7 @@ from dask.sizeof import sizeof
 from dask_rag.config import IndexSpec
 from dask_rag.errors import CorruptIndex, InvalidInput
 from dask_rag.index import store
+from dask_rag.index.exact import ExactRescorer, FlatVectors, exact_scores, topk_ties_by_id
 from dask_rag.index.merge import empty_result, merge_topk
 
 __all__ = [
@@ -243,6 +244,7 @@ class Shard:
         self._lock = _RWLock()
         self._nbytes_disk = nbytes_on_disk
         self._accelerated: Any = None  # torch / ScaNN / faiss-gpu view, rebuilt after mutation
+        self._flat: FlatVectors | None = None  # flat shards' vectors by id, rebuilt likewise
         self._sparse: Any = None  # BM25 over the records' text, rebuilt lazily after mutation
         self._sparse_lock = threading.Lock()
         self._prepare()
@@ -296,6 +298,7 @@ class Shard:
 
     def _prepare(self) -> None:
         """(Re)build the search structure that is derived from the stored index."""
+        self._flat = None
         if self.kind == "scann":
             self._accelerated = _ScannView.build(self)
         elif self.spec.backend == "torch":
@@ -391,19 +394,84 @@ class Shard:
                        nprobe: int | None, ef_search: int | None,
                        allowed: npt.NDArray[np.int64] | None
                        ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        import faiss
-
+        """Top-``k`` by score, ties by id, each query's answer independent of its batch:
+        flat shards re-score faiss's candidates exactly (:mod:`dask_rag.index.exact`); IVF and
+        HNSW score every vector on its own (no BLAS) and only need ties at the cut resolved."""
         nq = xq.shape[0]
         if nq == 0 or self.index.ntotal == 0 or (allowed is not None and allowed.size == 0):
             return empty_result(nq, k, self.spec.metric)
-        if self.kind == "scann" or self.spec.backend == "torch":
-            if allowed is None and self.deleted:
-                allowed = self._live(self._table_ids())
-            return self._accelerated.search(xq, k, self, sel_ids=allowed)
+        if allowed is None and self.deleted:
+            allowed = self._live(self._table_ids())
+        n_live = self.ntotal if allowed is None else int(allowed.size)
+        if self.kind == "flat":
+            return self._flat_rescorer(allowed, n_live).search(xq, k)
+        if self.kind == "scann":
+            return topk_ties_by_id(
+                lambda rows, m: self._accelerated.search(xq[rows], m, self, sel_ids=allowed),
+                nq, k, self.spec.metric, n_live)
         sel = self._selector(allowed)
-        # faiss-gpu shards search their GPU copy; CPU shards the index itself
+
+        def run(rows: npt.NDArray[np.int64], m: int
+                ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+            return self._search_rows(xq[rows], m, sel, nprobe=nprobe, ef_search=ef_search,
+                                     Iq=None if Iq is None else Iq[rows],
+                                     Dq=None if Dq is None else Dq[rows])
+
+        return topk_ties_by_id(run, nq, k, self.spec.metric, n_live)
+
+    def _flat_rescorer(self, allowed: npt.NDArray[np.int64] | None, n_live: int
+                       ) -> ExactRescorer:
+        """Exact re-scoring of the candidates of this flat shard's own backend (faiss, a GPU
+        copy or torch tensors)."""
+        store = self._flat_view()
+        if self.spec.backend == "torch":
+            def propose(q: npt.NDArray[np.float32], m: int
+                        ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+                return self._accelerated.search(q, m, self, sel_ids=allowed)
+        else:
+            import faiss
+
+            sel = self._selector(allowed)
+            params = faiss.SearchParameters(sel=sel) if sel is not None else None
+            index = self._accelerated if self._accelerated is not None else self.index
+
+            def propose(q: npt.NDArray[np.float32], m: int
+                        ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+                with _GpuGuard(self._accelerated):
+                    D, I = index.search(q, m, params=params)
+                return D, I
+
+        def allowed_rows() -> npt.NDArray[np.int64]:
+            if allowed is None:
+                return np.arange(len(store.ids), dtype=np.int64)
+            rows = store.rows_of(allowed)
+            return rows[rows >= 0]
+
+        return ExactRescorer(store, self.spec.metric, propose, n_live, allowed_rows)
+
+    def _flat_view(self) -> FlatVectors:
+        """The flat shard's vectors by id, a view of faiss's own storage (no copy)."""
+        if self._flat is None:
+            import faiss
+
+            n, d = int(self.index.ntotal), self.dim
+            ids = (faiss.vector_to_array(self.index.id_map).astype(np.int64) if n
+                   else np.zeros(0, np.int64))
+            flat = faiss.downcast_index(self.index.index)
+            vecs = (faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d) if n
+                    else np.zeros((0, d), np.float32))
+            self._flat = FlatVectors(ids, vecs)
+        return self._flat
+
+    def _search_rows(self, xq: npt.NDArray[np.float32], m: int, sel: Any, *,
+                     nprobe: int | None, ef_search: int | None, Iq: Any, Dq: Any
+                     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """faiss's top-``m`` of IVF / HNSW shards (then the exact refine stage, if any)."""
+        import faiss
+
+        nq = xq.shape[0]
         index = self._accelerated if self._accelerated is not None else self.index
-        k_base = k * self.spec.refine_k_factor if self.refine is not None else k
+        k_base = m * self.spec.refine_k_factor if self.refine is not None else m
         if self.kind == "ivf":
             if Iq is not None:
                 params = faiss.SearchParametersIVF(nprobe=int(Iq.shape[1]), sel=sel)
@@ -420,15 +488,11 @@ class Shard:
                 params = faiss.SearchParametersIVF(nprobe=int(nprobe or self.spec.nprobe), sel=sel)
                 with _GpuGuard(self._accelerated):
                     D, I = index.search(xq, k_base, params=params)
-        elif self.kind == "hnsw":
-            ef = max(int(ef_search or self.spec.ef_search), k)
-            D, I = self.index.search(xq, k, params=faiss.SearchParametersHNSW(efSearch=ef, sel=sel))
-        else:
-            params = faiss.SearchParameters(sel=sel) if sel is not None else None
-            with _GpuGuard(self._accelerated):
-                D, I = index.search(xq, k, params=params)
+        else:  # hnsw
+            ef = max(int(ef_search or self.spec.ef_search), m)
+            D, I = self.index.search(xq, m, params=faiss.SearchParametersHNSW(efSearch=ef, sel=sel))
         if self.refine is not None:
-            D, I = self._refine(xq, D, I, k)
+            D, I = self._refine(xq, D, I, m)
         return D, I
 
     def _refine(self, xq: npt.NDArray[np.float32], D: npt.NDArray[np.float32],
@@ -442,12 +506,7 @@ class Shard:
         if not valid.any():
             return empty_result(nq, k, self.spec.metric)
         vecs = self.refine.reconstruct_batch(flat_ids).reshape(nq, kk, self.dim)
-        if self.spec.metric == "ip":
-            exact = np.einsum("qd,qkd->qk", xq, vecs)
-        else:
-            diff = vecs - xq[:, None, :]
-            exact = np.einsum("qkd,qkd->qk", diff, diff)
-        exact = exact.astype(np.float32)
+        exact = exact_scores(xq, vecs, self.spec.metric)
         return merge_topk([exact], [np.where(valid, I, -1)], k, self.spec.metric)
 
     # ---- records ----------------------------------------------------------------------------

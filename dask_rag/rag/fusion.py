@@ -88,29 +88,49 @@ class SparseIndex:
     def search(self, queries: Sequence[str], k: int,
                allowed: npt.NDArray[np.int64] | None = None
                ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """Top-``k`` ids and BM25 scores per query (-1 / 0 where fewer match)."""
+        """Top-``k`` ids and BM25 scores per query (-1 / 0 where fewer match), by score, then
+        by id: a query's scores over all chunks are computed on their own (``get_scores``)
+        and cut with ties broken by id, so its hits never depend on the other queries of its
+        batch, nor on which equal-scoring chunk a partial sort met first."""
         nq = len(queries)
         I = np.full((nq, k), -1, dtype=np.int64)
         S = np.zeros((nq, k), dtype=np.float32)
         if self.retriever is None or nq == 0 or len(self.ids) == 0:
             return I, S
-        kk = min(k, len(self.ids))
         mask = None
         if allowed is not None:
-            mask = np.isin(self.ids, allowed).astype(np.float32)
+            mask = np.isin(self.ids, allowed)
             if not mask.any():
                 return I, S
-        try:
-            pos, scores = self.retriever.retrieve(_tokenize(queries), k=kk, weight_mask=mask,
-                                                  show_progress=False, n_threads=1)
-        except ValueError:  # every query token unknown to this shard's vocabulary
-            return I, S
-        pos = np.asarray(pos, dtype=np.int64)
-        scores = np.asarray(scores, dtype=np.float32)
-        found = scores > 0
-        I[:, :kk] = np.where(found, self.ids[np.clip(pos, 0, len(self.ids) - 1)], -1)
-        S[:, :kk] = np.where(found, scores, 0.0)
+        for r, tokens in enumerate(_query_tokens(queries)):
+            if not tokens:
+                continue
+            scores = np.asarray(self.retriever.get_scores(tokens), dtype=np.float32)
+            if mask is not None:
+                scores = np.where(mask, scores, np.float32(0))
+            top = top_scores(scores, self.ids, k)
+            I[r, :len(top)] = self.ids[top]
+            S[r, :len(top)] = scores[top]
         return I, S
+
+
+def _query_tokens(queries: Sequence[str]) -> list[list[str]]:
+    """Each query's BM25 terms (stop words dropped), tokenized like the chunks."""
+    import bm25s
+
+    return [list(t) for t in bm25s.tokenize(list(queries), stopwords="en", return_ids=False,
+                                             show_progress=False)]
+
+
+def top_scores(scores: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], k: int
+               ) -> npt.NDArray[np.int64]:
+    """Positions of the best ``k`` positive scores, best first, equal scores by ascending id."""
+    cand = np.flatnonzero(scores > 0)
+    if cand.size > k:
+        kth = np.partition(scores[cand], cand.size - k)[cand.size - k]
+        cand = cand[scores[cand] >= kth]  # everything tied with the k-th stays in the race
+    order = np.lexsort((ids[cand], -scores[cand]))
+    return cand[order[:k]]
 
 
 @dataclass

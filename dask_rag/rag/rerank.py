@@ -1,7 +1,8 @@
 """Optional cross-encoder rerank (sentence-transformers ``CrossEncoder`` from a local path).
 
-All (query, passage) pairs of a query batch go through the model in one ``predict`` call on the
-worker holding the model, so reranking a batch of 64 questions x 20 candidates is one task.
+A query batch is reranked by one task on the worker holding the model; each query's
+(query, passage) pairs are one ``predict`` call, so a query's scores are the same whatever else
+is in its batch.
 """
 
 from __future__ import annotations
@@ -46,19 +47,25 @@ class CrossEncoderReranker:
 
     def scores(self, queries: Sequence[str], passages: Sequence[Sequence[str]]
                ) -> list[list[float]]:
-        """Scores of each query's passages, computed in one batched call."""
-        pairs = [(q, p) for q, ps in zip(queries, passages, strict=True) for p in ps]
-        if not pairs:
-            return [[] for _ in queries]
-        flat = np.asarray(self.model.predict(pairs, batch_size=self.batch_size,
-                                             show_progress_bar=False), dtype=np.float64)
-        if flat.ndim > 1:  # multi-label heads: use the first logit
-            flat = flat[:, 0]
-        self.model_calls += 1
-        out, i = [], 0
-        for ps in passages:
-            out.append([float(x) for x in flat[i:i + len(ps)]])
-            i += len(ps)
+        """Scores of each query's passages.
+
+        One model call per query, over exactly that query's passages: the pairs of a call are
+        padded to their longest, and padded batches round differently with their shape, so a
+        call mixing several queries' pairs (as a micro-batch would) made a query's scores, and
+        its order, depend on the other questions in its batch.
+        """
+        out: list[list[float]] = []
+        for q, ps in zip(queries, passages, strict=True):
+            if not ps:
+                out.append([])
+                continue
+            scores = np.asarray(self.model.predict([(q, p) for p in ps],
+                                                   batch_size=max(1, len(ps)),
+                                                   show_progress_bar=False), dtype=np.float64)
+            if scores.ndim > 1:  # multi-label heads: use the first logit
+                scores = scores[:, 0]
+            self.model_calls += 1
+            out.append([float(x) for x in scores])
         return out
 
 

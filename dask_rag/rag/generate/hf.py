@@ -1,6 +1,7 @@
 """``hf:PATH``: a transformers causal LM from a local directory.
 
-Batched generation pads on the left (decoder-only models continue from the right edge).
+Each prompt is generated on its own, so an answer never depends on its micro-batch (see
+:meth:`HFGenerator.generate`).
 Streaming uses a token streamer that receives token ids as they are generated and emits the
 decoded text delta every ``stream_chunk_tokens`` tokens; stop strings end both paths at the same
 place, so the streamed pieces always concatenate to what :meth:`HFGenerator.generate` returns.
@@ -80,16 +81,21 @@ class HFGenerator:
             torch.manual_seed(params.seed)
 
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[str]:
+        """One ``generate`` call per prompt, each seeded alike: an answer is a function of its
+        prompt and the sampling parameters only.  Batched generation pads prompts on the left
+        to the batch's longest, and a padded row's logits differ in their last bits from the
+        unpadded ones, which is enough to change a greedy choice: an answer would depend on
+        the other questions of its micro-batch."""
         import torch
 
-        if not prompts:
-            return []
-        enc = self._encode(prompts, params)
-        with self._lock, torch.inference_mode():
-            self._seed(params)
-            out = self.model.generate(**enc, **self._kwargs(params))
-        new = out[:, enc["input_ids"].shape[1]:]
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts = []
+        for prompt in prompts:
+            enc = self._encode([prompt], params)
+            with self._lock, torch.inference_mode():
+                self._seed(params)
+                out = self.model.generate(**enc, **self._kwargs(params))
+            new = out[:, enc["input_ids"].shape[1]:]
+            texts.append(self.tokenizer.batch_decode(new, skip_special_tokens=True)[0])
         return [cut_at_stop(t, params.stop)[0] for t in texts]
 
     async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[str]:
