@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dask_rag.benchmarking import RESULTS_DIR, write_result
+from benchmarks.common import RESULTS_DIR, write_result
 
 
 def chunks(n: int) -> list[str]:

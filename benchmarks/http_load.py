@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from dask_rag.benchmarking import (
+from benchmarks.common import (
     RESULTS_DIR,
     LatencyStats,
     median_round,

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from dask_rag.benchmarking import RESULTS_DIR, write_result
+from benchmarks.common import RESULTS_DIR, write_result
 from dask_rag.cluster import start_local_cluster
 
 ROOT = Path(__file__).resolve().parent.parent

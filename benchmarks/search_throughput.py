@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from dask_rag import CommConfig, DistributedIndex, IndexSpec
-from dask_rag.benchmarking import (
+from benchmarks.common import (
     RESULTS_DIR,
     LatencyStats,
     measure_fanout_overhead,
@@ -42,7 +42,7 @@ from dask_rag.benchmarking import (
 )
 from dask_rag.cluster import start_local_cluster
 from dask_rag.datasets import clustered_vectors, exact_search, recall_at_k, same_up_to_ties
-from dask_rag.plugins import tune_comms
+from dask_rag.cluster.plugins import tune_comms
 
 DEFAULT_FACTORIES = ["Flat", "IVF1024,Flat", "IVF1024,PQ48", "HNSW32", "ScaNN"]
 
@@ -89,7 +89,7 @@ class SingleProcess:
         info = IndexSpec(factory=factory).info
         d = xb.shape[1]
         if info.kind == "ivf":
-            self.index = faiss.clone_index(dist._template)  # the very same quantizer
+            self.index = faiss.read_index(str(dist.path / "quantizer.faiss"))  # same quantizer
             self.index.add(xb)
             self.index.nprobe = nprobe
         elif info.kind == "hnsw":

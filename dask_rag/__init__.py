@@ -32,9 +32,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "DistributedIndex": "dask_rag.index.distributed",
-    "SearchFilter": "dask_rag.index.shard",
+    "SearchFilter": "dask_rag.index.query",
     "merge_topk": "dask_rag.index.merge",
-    "tune_comms": "dask_rag.plugins",
+    "tune_comms": "dask_rag.cluster.plugins",
     "RagPipeline": "dask_rag.pipeline",
     "Hit": "dask_rag.pipeline",
     "Answer": "dask_rag.pipeline",
@@ -70,10 +70,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from dask_rag.cluster.plugins import tune_comms
     from dask_rag.index.distributed import DistributedIndex
     from dask_rag.index.merge import merge_topk
-    from dask_rag.index.shard import SearchFilter
-    from dask_rag.plugins import tune_comms
+    from dask_rag.index.query import SearchFilter
 
 
 def __getattr__(name: str) -> Any:

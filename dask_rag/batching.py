@@ -93,14 +93,6 @@ class MicroBatcher(Generic[T, R]):
 
     # ---- public API ------------------------------------------------------------------------
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    @property
-    def in_flight_batches(self) -> int:
-        return len(self._inflight)
-
     async def submit(self, item: T) -> R:
         """Queue one item and wait for its result."""
         if self._closing:
@@ -123,10 +115,6 @@ class MicroBatcher(Generic[T, R]):
         except asyncio.CancelledError:
             self.stats.cancelled += 1
             raise
-
-    async def submit_many(self, items: Sequence[T]) -> list[R]:
-        """Submit several items (they may land in different batches)."""
-        return list(await asyncio.gather(*(self.submit(i) for i in items)))
 
     async def close(self, drain: bool = True) -> None:
         """Stop accepting work; with ``drain`` finish queued items, else fail them."""

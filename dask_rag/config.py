@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from dask_rag.errors import InvalidInput
 
 __all__ = [
+    "FUSIONS",
+    "MAX_K",
+    "MAX_TEXT_CHARS",
+    "MODES",
     "BatchConfig",
     "ChunkConfig",
     "CommConfig",
@@ -27,6 +31,15 @@ __all__ = [
     "ServeConfig",
     "parse_factory",
 ]
+
+#: the most hits any request may ask for: search, ask, and the index's own search
+MAX_K = 1024
+#: the longest query, question or text to embed, in characters
+MAX_TEXT_CHARS = 8192
+#: retrieval modes: faiss alone, BM25 alone, or both fused
+MODES = ("dense", "sparse", "hybrid")
+#: how hybrid mode fuses the dense and BM25 rankings (see dask_rag.rag.fusion)
+FUSIONS = ("rrf", "weighted", "dbsf")
 
 Metric = Literal["ip", "l2"]
 Sharding = Literal["auto", "ivf", "hash", "range"]
@@ -99,10 +112,6 @@ class FactoryInfo:
             return self.factory
         return self.factory.rsplit(",", 1)[0]
 
-    @property
-    def needs_training(self) -> bool:
-        return self.kind == "ivf"
-
 
 def parse_factory(factory: str) -> FactoryInfo:
     """Parse and validate an index factory string (raises InvalidInput for unknown forms)."""
@@ -151,7 +160,6 @@ class IndexSpec:
     nprobe: int = 16
     ef_search: int = 64
     refine_k_factor: int = 4
-    max_k: int = 1024
     backend: str = "faiss"
     train_size: int = 65_536
     seed: int = 1234
@@ -164,7 +172,6 @@ class IndexSpec:
         _check_int(self, "nprobe", 1)
         _check_int(self, "ef_search", 1)
         _check_int(self, "refine_k_factor", 1, 1024)
-        _check_int(self, "max_k", 1, 1 << 16)
         _check_int(self, "train_size", 1)
         _check_int(self, "seed", 0)
         _check_choice(self, "backend", _BACKENDS)
@@ -196,6 +203,8 @@ class IndexSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IndexSpec:
         known = {f.name for f in fields(cls)}
+        # "max_k" was a per-index limit before MAX_K; older manifests still record it
+        data = {k: v for k, v in data.items() if k != "max_k"}
         unknown = set(data) - known
         if unknown:
             raise InvalidInput(f"IndexSpec: unknown field(s) {sorted(unknown)}")
@@ -341,8 +350,6 @@ class ChunkConfig:
 # Retrieval-augmented generation
 # --------------------------------------------------------------------------------------------
 
-_MODES = ("dense", "sparse", "hybrid")
-_FUSIONS = ("rrf", "weighted")
 
 
 @dataclass(frozen=True)
@@ -360,32 +367,27 @@ class RagConfig:
     rerank_top_n: int = 20
     generator: str = "extractive"
     token_budget: int = 1024
-    max_question_chars: int = 2000
     max_answer_sentences: int = 3
     stream_chunk_tokens: int = 32
     dedup_threshold: float = 0.9
 
     def __post_init__(self) -> None:
-        _check_int(self, "k", 1, 1024)
-        _check_choice(self, "mode", _MODES)
-        _check_choice(self, "fusion", _FUSIONS)
+        _check_int(self, "k", 1, MAX_K)
+        _check_choice(self, "mode", MODES)
+        _check_choice(self, "fusion", FUSIONS)
         _check_int(self, "rrf_k", 1)
         _check_float(self, "dense_weight", 0.0, 1.0)
-        _check_int(self, "candidates", 1, 1024)
+        _check_int(self, "candidates", 1, MAX_K)
         if self.nprobe is not None:
             _check_int(self, "nprobe", 1)
-        _check_int(self, "rerank_top_n", 1, 1024)
+        _check_int(self, "rerank_top_n", 1, MAX_K)
         if not isinstance(self.generator, str) or not self.generator:
             raise _fail(self, "generator", self.generator,
                         "must be 'extractive', 'hf:PATH' or 'vllm:PATH'")
         _check_int(self, "token_budget", 16)
-        _check_int(self, "max_question_chars", 1)
         _check_int(self, "max_answer_sentences", 1, 64)
         _check_int(self, "stream_chunk_tokens", 1)
         _check_float(self, "dedup_threshold", 0.0, 1.0)
-
-    def with_(self, **changes: Any) -> RagConfig:
-        return replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -402,8 +404,6 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     request_timeout_s: float = 30.0
     api_keys: tuple[str, ...] = ()
-    max_k: int = 100
-    max_text_chars: int = 8192
     max_batch_inputs: int = 256
 
     def __post_init__(self) -> None:
@@ -414,8 +414,6 @@ class ServeConfig:
         _check_int(self, "rate_limit_burst", 1)
         _check_int(self, "max_body_bytes", 64)
         _check_float(self, "request_timeout_s", 0.001)
-        _check_int(self, "max_k", 1, 1 << 16)
-        _check_int(self, "max_text_chars", 1)
         _check_int(self, "max_batch_inputs", 1)
         if not isinstance(self.api_keys, tuple) or not all(
             isinstance(k, str) and k for k in self.api_keys

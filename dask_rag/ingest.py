@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 from distributed import Client, as_completed
 
+from dask_rag.cluster.plugins import ensure_model_cache
 from dask_rag.config import ChunkConfig, EmbedConfig, IndexSpec
 from dask_rag.corpus.chunking import Chunk, chunk_documents
 from dask_rag.corpus.loaders import Document, discover_files, load_file
@@ -37,7 +38,6 @@ from dask_rag.embed.service import embed_texts_task, encoder_info_task, worker_e
 from dask_rag.errors import InvalidInput
 from dask_rag.index import store
 from dask_rag.index.distributed import DistributedIndex
-from dask_rag.plugins import ensure_model_cache
 
 __all__ = ["IngestReport", "auto_spec", "ingest"]
 

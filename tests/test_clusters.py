@@ -19,7 +19,7 @@ from distributed import Client
 
 from dask_rag import DistributedIndex, IndexSpec
 from dask_rag.cluster import WORKER_MALLOC_ENV, start_local_cluster, tune_worker_malloc
-from dask_rag.clusterspec import ClusterSpec, load_spec, start_from_spec
+from dask_rag.cluster.spec import ClusterSpec, load_spec, start_from_spec
 from dask_rag.errors import InvalidInput
 
 ROOT = Path(__file__).resolve().parent.parent

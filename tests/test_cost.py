@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dask_rag.cost import PriceTable, cost_rows, format_cost_table
+from benchmarks.cost import PriceTable, cost_rows, format_cost_table
 from dask_rag.errors import InvalidInput
 
 
@@ -37,7 +37,7 @@ def test_cost_inputs_validated():
 
 def test_median_round_and_round_ratios():
     """Benchmarks report the median round (with its own latencies) and per-round ratios."""
-    from dask_rag.benchmarking import median_round, round_ratios
+    from benchmarks.common import median_round, round_ratios
 
     rows = [{"qps": 30.0, "p50_ms": 9.0}, {"qps": 10.0, "p50_ms": 5.0},
             {"qps": 20.0, "p50_ms": 7.0}]

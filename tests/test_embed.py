@@ -161,7 +161,7 @@ def test_micro_batched_service_on_cluster(client, texts):
     # one encoder per worker, loaded once
     loaded = client.run(lambda dask_worker: dask_worker.plugins["dask-rag-models"].loaded())
     for keys in loaded.values():
-        assert sum(1 for k in keys if k[0] == "encoder" and k[1] == cfg) == 1
+        assert sum(1 for k in keys if k[0] == "encoder" and k[1].precision == "fp32") == 1
 
 
 def test_length_buckets_and_balanced_split():

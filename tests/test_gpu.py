@@ -80,7 +80,7 @@ def test_local_cuda_spec_starts():
     pytest.importorskip("dask_cuda")
     from pathlib import Path
 
-    from dask_rag.clusterspec import start_from_spec
+    from dask_rag.cluster.spec import start_from_spec
 
     spec = Path(__file__).resolve().parent.parent / "clusters" / "local-cuda.yaml"
     client, cluster = start_from_spec(spec)

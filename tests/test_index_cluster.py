@@ -13,6 +13,7 @@ from distributed import Client
 from dask_rag import DistributedIndex, IndexSpec
 from dask_rag.cluster import start_local_cluster
 from dask_rag.datasets import clustered_vectors, exact_search
+from dask_rag.index.merge import merge_results
 
 
 def _transferred_keys(client):
@@ -71,11 +72,12 @@ def test_worker_killed_during_searches_shards_reload_from_disk(tmp_path):
         locations = index.shard_locations()
         victim = locations[0][0]
         pids = client.run(os.getpid)
-        futures = [index.submit_search(xq, k=10) for _ in range(5)]
+        futures = [index.submit_search(index.query(10), xq) for _ in range(5)]
         os.kill(pids[victim], signal.SIGKILL)
         # searches submitted before, during and after the kill all return the exact answer
-        for f in futures:
-            np.testing.assert_array_equal(f.result().I, expected)
+        for parts in futures:
+            merged = merge_results(len(xq), 10, index.metric, client.gather(parts))
+            np.testing.assert_array_equal(merged.I, expected)
         for _ in range(10):
             np.testing.assert_array_equal(index.search(xq, k=10)[1], expected)
         after = index.shard_locations()
@@ -97,7 +99,7 @@ def test_worker_killed_during_searches_shards_reload_from_disk(tmp_path):
 def test_fanout_overhead_probe_runs_its_graphs(client, client_merge):
     """The benchmark's empty fan-out probe: one map of pinned no-ops (+ a merge task or a
     direct gather) per iteration, and it releases what it pinned."""
-    from dask_rag.benchmarking import measure_fanout_overhead
+    from benchmarks.common import measure_fanout_overhead
 
     before = len(client.who_has())
     stats = measure_fanout_overhead(client, n_parts=3, iterations=5, warmup=1,

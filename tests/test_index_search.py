@@ -9,6 +9,7 @@ from distributed import get_task_stream
 
 from dask_rag import DistributedIndex, IndexSpec
 from dask_rag.datasets import clustered_vectors, exact_search, recall_at_k
+from dask_rag.index.merge import merge_results
 
 D_DIM = 32
 
@@ -26,7 +27,7 @@ def _data(kind: str, n: int = 6000, nq: int = 64, seed: int = 0):
 
 def _single_ivf(index: DistributedIndex, xb, ids, nprobe):
     """A single faiss IVF index with the same trained quantizer, built the plain faiss way."""
-    single = faiss.clone_index(index._template)
+    single = faiss.read_index(str(index.path / "quantizer.faiss"))  # the on-disk template
     single.add_with_ids(xb, ids)
     single.nprobe = nprobe
     return single
@@ -73,7 +74,7 @@ def test_ivf_factory_with_hash_and_range_sharding_equals_single_ivf(client, shar
 
 def test_more_k_than_vectors_pads_with_minus_one(client):
     xb, xq = _data("random", n=12, nq=3)
-    with DistributedIndex.build(client, xb, spec=IndexSpec(n_shards=4, max_k=64)) as index:
+    with DistributedIndex.build(client, xb, spec=IndexSpec(n_shards=4)) as index:
         D, I = index.search(xq, k=20)
         assert (I[:, :12] >= 0).all() and (I[:, 12:] == -1).all()
         assert np.all(D[:, 12:] == -np.finfo(np.float32).max)
@@ -90,7 +91,7 @@ def test_batch_probing_one_shard_runs_tasks_on_that_shard_only(client):
         # queries sitting exactly on centroids owned by `target` probe only those lists
         xq = np.stack([quantizer.reconstruct(int(lst)) for lst in lists])
         routed = index.router.route(xq, 1)
-        assert [r.shard for r in routed] == [target]
+        assert routed.shards(index.n_shards) == [target]
         with get_task_stream(client) as ts:
             _, I = index.search(xq, k=5, nprobe=1)
         searched = [t["key"] for t in ts.data if "dask-rag-search" in str(t["key"])]
@@ -100,7 +101,8 @@ def test_batch_probing_one_shard_runs_tasks_on_that_shard_only(client):
         np.testing.assert_array_equal(I, Is)
         # each shard receives only the query rows that probe it
         xq2 = np.concatenate([xq[:2], xb[:50]])
-        for r in index.router.route(xq2, 2):
+        routed = index.router.route(xq2, 2)
+        for r in map(routed.for_shard, routed.shards(index.n_shards)):
             mine = (owner[r.Iq[r.Iq >= 0]] == r.shard).all()
             assert mine and len(r.rows) <= len(xq2)
 
@@ -110,13 +112,14 @@ def test_tree_merge_with_more_than_four_shards(client):
     spec = IndexSpec(factory="Flat", n_shards=9)
     with DistributedIndex.build(client, xb, spec=spec) as index:
         with get_task_stream(client) as ts:
-            res = index.submit_search(xq, k=8).result()
+            parts = index.submit_search(index.query(8), xq)
+            res = merge_results(len(xq), 8, index.metric, client.gather(parts))
         merges = [t["key"] for t in ts.data if "dask-rag-merge" in str(t["key"])]
-        # 9 parts -> 3 level-0 merges (fan-in 4) -> 1 final merge
-        assert sorted(k[1] for k in merges) == [0, 0, 0, 1]
+        # 9 parts -> 3 level-0 merges (fan-in 4) -> 3 parts for the caller's last merge
+        assert len(parts) == 3 and sorted(k[1] for k in merges) == [0, 0, 0]
         truth = exact_search(xb, xq, 8)[1]
         np.testing.assert_array_equal(res.I, truth)
-        # search() runs the same tree but does the last merge in the client
+        # search() runs the same tree and does the last merge in the client
         with get_task_stream(client) as ts:
             _, I = index.search(xq, k=8)
         merges = [t["key"] for t in ts.data if "dask-rag-merge" in str(t["key"])]

@@ -54,7 +54,7 @@ def test_unknown_factory_rejected(factory):
     ({"n_shards": 0}, "n_shards"),
     ({"metric": "cosine"}, "metric"),
     ({"sharding": "ivf", "factory": "Flat"}, "sharding"),
-    ({"max_k": 0}, "max_k"),
+    ({"train_size": 0}, "train_size"),
     ({"nprobe": -1}, "nprobe"),
     ({"backend": "torch", "factory": "HNSW32"}, "backend"),
     ({"sharding": "ivf", "factory": "ScaNN"}, "sharding"),
@@ -119,3 +119,18 @@ def test_cli_parses_every_command():
     assert cfg.batch.busy_wait_ms == 12.0 and cfg.batch.max_batch == 128
     demo = _serve_config(parser.parse_args(["demo", "--no-serve"]))
     assert demo.batch.busy_wait_ms == 25.0 and demo.batch.max_wait_ms == 5.0
+
+
+def test_layer_contract_holds():
+    """The package's layers (pyproject's [tool.importlinter]): each imports only from layers
+    below it, index/ and embed/ never import each other, serve/ never imports them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    lint = Path(sys.executable).parent / "lint-imports"
+    result = subprocess.run([str(lint), "--no-cache"], cwd=root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "2 kept, 0 broken" in result.stdout

@@ -38,6 +38,7 @@ __all__ = [
     "model_fingerprint",
     "recorded_config",
     "resolve_backend",
+    "resolve_config",
     "resolve_device",
     "resolve_model_path",
     "resolve_precision",
@@ -125,6 +126,17 @@ def recorded_config(recorded: dict[str, Any], override: EmbedConfig | None = Non
                    f"{', '.join(f'{k}={query_side[k]!r}' for k in changed)}): their vectors "
                    "will not match how the documents were embedded")
     return override
+
+
+def resolve_config(config: EmbedConfig) -> EmbedConfig:
+    """``config`` with ``"auto"`` device, precision and backend resolved on this machine: two
+    configs that resolve alike load one encoder (a worker caches encoders by this)."""
+    from dataclasses import replace
+
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    return replace(config, device=device, precision=precision,
+                   backend=resolve_backend(config.backend, precision, device))
 
 
 def _effective(config: EmbedConfig) -> dict[str, Any]:

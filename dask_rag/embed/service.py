@@ -18,27 +18,29 @@ import numpy.typing as npt
 from distributed import Client, Future
 
 from dask_rag.batching import MicroBatcher
+from dask_rag.cluster.futures import await_future, gather_direct
+from dask_rag.cluster.plugins import ensure_model_cache, worker_model_cache
 from dask_rag.config import BatchConfig, EmbedConfig
-from dask_rag.embed.encoder import SentenceEncoder, resolve_model_path
+from dask_rag.embed.encoder import SentenceEncoder, resolve_config, resolve_model_path
 from dask_rag.errors import InvalidInput
-from dask_rag.plugins import ensure_model_cache, worker_model_cache
+from dask_rag.faults import fault_point
 
 __all__ = ["EmbeddingService", "embed_texts_task", "split_balanced", "worker_encoder"]
 
 
 def worker_encoder(config: EmbedConfig) -> SentenceEncoder:
-    """The encoder for ``config`` on this worker (loaded on first use, then cached)."""
-    enc: SentenceEncoder = worker_model_cache().get(("encoder", config),
-                                                    lambda: SentenceEncoder(config))
+    """The encoder for ``config`` on this worker (loaded on first use, then cached under the
+    config with ``"auto"`` resolved, so ``precision="auto"`` and the precision it means here
+    share one model)."""
+    resolved = resolve_config(config)
+    enc: SentenceEncoder = worker_model_cache().get(("encoder", resolved),
+                                                    lambda: SentenceEncoder(resolved))
     return enc
 
 
 def embed_texts_task(config: EmbedConfig, texts: list[str]) -> npt.NDArray[np.float32]:
+    fault_point("embed.batch")
     return worker_encoder(config).encode(texts)
-
-
-def count_tokens_task(config: EmbedConfig, texts: list[str]) -> list[int]:
-    return worker_encoder(config).count_tokens(texts)
 
 
 def encoder_info_task(config: EmbedConfig) -> dict[str, Any]:
@@ -97,15 +99,17 @@ class EmbeddingService:
         """(encode calls, texts encoded) summed over the cluster's encoders."""
         return encoder_counters(self.client, self.config)
 
-    def submit(self, texts: Sequence[str]) -> tuple[list[Future], list[npt.NDArray[np.int64]]]:
-        """One embed task per worker's share of ``texts``: the futures and, for each, the
-        positions in ``texts`` of the rows it returns.
+    def submit(self, texts: Sequence[str]) -> list[tuple[Future, npt.NDArray[np.int64]]]:
+        """One embed task per worker's share of ``texts``: ``(future, rows)`` pieces, each
+        future holding the vectors of the texts at positions ``rows`` — the form
+        :meth:`~dask_rag.index.distributed.DistributedIndex.submit_search` takes, so query
+        vectors go from the embedding tasks to the search tasks without visiting the client.
 
         A batch is split across the workers so that all of them encode at once: on CPU the
         encoder is compute-bound, and one task would leave the other workers idle.  The batch
-        is sorted by length and cut into contiguous runs of about equal total length: each
-        worker's length buckets then hold texts of nearly the same length (less padding than
-        a split in arrival order), and the workers finish together.
+        is sorted by length and cut into contiguous runs of about equal total length, so the
+        workers finish together.  (Vectors do not depend on the split: the default encoder is
+        batch-invariant.)
         """
         texts = _check_texts(texts)
         n_workers = self._n_workers()
@@ -114,15 +118,15 @@ class EmbeddingService:
         parts = split_balanced(np.fromiter((len(texts[i]) for i in order), dtype=np.int64,
                                            count=len(texts)), n_parts)
         rows = [order[a:b] for a, b in parts]
-        futs = [self.client.submit(embed_texts_task, self.config, [texts[i] for i in r],
-                                   pure=False, priority=5) for r in rows]
-        return futs, rows
+        return [(self.client.submit(embed_texts_task, self.config, [texts[i] for i in r],
+                                    pure=False, priority=5), r) for r in rows]
 
-    def _assemble(self, n: int, parts: list[npt.NDArray[np.float32]],
-                  rows: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.float32]:
+    def _assemble(self, n: int, parts: Sequence[npt.NDArray[np.float32]],
+                  pieces: list[tuple[Future, npt.NDArray[np.int64]]]
+                  ) -> npt.NDArray[np.float32]:
         out = np.empty((n, self.dim), dtype=np.float32)
-        for part, r in zip(parts, rows, strict=True):
-            out[r] = part
+        for part, (_, rows) in zip(parts, pieces, strict=True):
+            out[rows] = part
         return out
 
     def _n_workers(self) -> int:
@@ -135,18 +139,15 @@ class EmbeddingService:
 
     def embed_now(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Embed a batch on the cluster and wait (the parts run in parallel)."""
-        from dask_rag.index.distributed import gather_direct
-
-        futs, rows = self.submit(texts)
-        return self._assemble(len(texts), gather_direct(self.client, futs), rows)
+        pieces = self.submit(texts)
+        return self._assemble(len(texts), gather_direct(self.client, [f for f, _ in pieces]),
+                              pieces)
 
     async def aembed_now(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """:meth:`embed_now` for asyncio code."""
-        from dask_rag.index.distributed import await_future
-
-        futs, rows = self.submit(texts)
-        parts = await asyncio.gather(*(await_future(f) for f in futs))
-        return self._assemble(len(texts), list(parts), rows)
+        pieces = self.submit(texts)
+        parts = await asyncio.gather(*(await_future(f) for f, _ in pieces))
+        return self._assemble(len(texts), parts, pieces)
 
     async def aembed(self, text: str) -> npt.NDArray[np.float32]:
         if not isinstance(text, str):

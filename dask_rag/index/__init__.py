@@ -2,6 +2,6 @@
 
 from dask_rag.index.distributed import DistributedIndex
 from dask_rag.index.merge import merge_topk
-from dask_rag.index.shard import SearchFilter
+from dask_rag.index.query import IndexQuery, SearchFilter
 
-__all__ = ["DistributedIndex", "SearchFilter", "merge_topk"]
+__all__ = ["DistributedIndex", "IndexQuery", "SearchFilter", "merge_topk"]

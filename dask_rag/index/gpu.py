@@ -124,7 +124,7 @@ class GpuResourcesPlugin(WorkerPlugin):
 
 
 def _gpu_plugin() -> GpuResourcesPlugin:
-    from dask_rag.plugins import worker_plugin
+    from dask_rag.cluster.plugins import worker_plugin
 
     try:
         return worker_plugin(GpuResourcesPlugin)

@@ -15,6 +15,8 @@ import numpy as np
 import numpy.typing as npt
 
 from dask_rag.errors import InvalidInput
+from dask_rag.index.query import ShardResult
+from dask_rag.index.sparse import merge_sparse
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -22,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "FLT_MAX",
     "empty_result",
+    "merge_results",
     "merge_topk",
     "merge_topk_torch",
     "topk_positions",
@@ -129,3 +132,43 @@ def merge_topk_torch(D_parts: Sequence[Any], I_parts: Sequence[Any], k: int,
     D_out[:, :width] = torch.where(I_sel < 0, torch.full_like(D_sel, worst), D_sel)
     I_out[:, :width] = I_sel
     return D_out, I_out
+
+
+def merge_results(nq: int, k: int, metric: str, parts: Sequence[ShardResult]) -> ShardResult:
+    """Merge partial results (each covering some rows of an ``nq``-query batch) into one
+    result over the union of their rows: dense hits by :func:`merge_topk`, records aligned
+    with them, BM25 hits by score then id.  Pure: the same parts give the same result in a
+    task or in the client, in any order."""
+    rows = np.unique(np.concatenate([p.rows for p in parts])) if parts else np.zeros(0, np.int64)
+    D_full, I_full = [], []
+    payload_cols: list[list[list[dict[str, Any] | None]]] = []
+    with_payload = any(p.payload is not None for p in parts)
+    for p in parts:
+        D, I = empty_result(nq, p.D.shape[1], metric)
+        D[p.rows] = p.D
+        I[p.rows] = p.I
+        D_full.append(D)
+        I_full.append(I)
+        if with_payload:
+            cols: list[list[dict[str, Any] | None]] = [[None] * p.D.shape[1] for _ in range(nq)]
+            for r, recs in zip(p.rows, p.payload or [], strict=False):
+                cols[int(r)] = list(recs)
+            payload_cols.append(cols)
+    D_cat = np.concatenate(D_full, axis=1)
+    I_cat = np.concatenate(I_full, axis=1)
+    D_m, I_m = merge_topk([D_cat], [I_cat], k, metric)
+    payload = None
+    if with_payload:
+        pos = topk_positions(D_cat, I_cat, k, metric)
+        flat_rows = [[rec for c in payload_cols for rec in c[r]] for r in range(nq)]
+        payload = [[flat_rows[r][int(p)] if I_m[r, j] >= 0 else None
+                    for j, p in enumerate(pos[r])] for r in range(nq)]
+        payload = [row + [None] * (k - len(row)) for row in payload]
+    sparse = None
+    if any(p.sparse is not None for p in parts):
+        sparse = merge_sparse(nq, [p for p in parts if p.sparse is not None])
+    return ShardResult(rows=rows, D=D_m[rows], I=I_m[rows],
+                       payload=None if payload is None else [payload[int(r)] for r in rows],
+                       sparse=sparse,
+                       search_ms=max((p.search_ms for p in parts), default=0.0),
+                       started_at=min((p.started_at for p in parts), default=0.0))

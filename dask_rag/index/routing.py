@@ -26,10 +26,12 @@ from dask_rag.errors import InvalidInput
 from dask_rag.index.exact import ExactRescorer, FlatVectors
 
 __all__ = [
+    "RoutedBatch",
     "RoutedRows",
     "Router",
     "balance_lists",
     "coarse_assign",
+    "plan_moves",
     "range_boundaries",
 ]
 
@@ -85,14 +87,44 @@ def range_boundaries(ids: npt.NDArray[np.int64], n_shards: int) -> npt.NDArray[n
 class RoutedRows:
     """The part of a query batch one shard must answer.
 
-    ``rows`` index into the batch; ``Iq``/``Dq`` are the coarse probes of those rows with lists
-    owned by other shards replaced by ``-1`` (faiss skips them), or ``None`` for non-IVF shards.
+    ``rows`` index into the batch and ``xq`` holds their vectors (None for a BM25-only batch);
+    ``Iq``/``Dq`` are the coarse probes of those rows with lists owned by other shards replaced
+    by ``-1`` (faiss skips them), or ``None`` for shards without a coarse quantizer.
     """
 
     shard: int
     rows: npt.NDArray[np.int64]
+    xq: npt.NDArray[np.float32] | None
     Iq: npt.NDArray[np.int64] | None
     Dq: npt.NDArray[np.float32] | None
+
+
+@dataclass(frozen=True)
+class RoutedBatch:
+    """A whole query batch with its coarse probes: what a route task hands every shard's
+    search task, each of which keeps its own part (:meth:`for_shard`)."""
+
+    xq: npt.NDArray[np.float32]
+    Iq: npt.NDArray[np.int64] | None = None
+    Dq: npt.NDArray[np.float32] | None = None
+    #: shard owning each probed list (ivf sharding), or None: every shard answers every row
+    owner: npt.NDArray[np.int32] | None = None
+
+    def for_shard(self, shard: int) -> RoutedRows:
+        nq = self.xq.shape[0]
+        if self.owner is None:
+            return RoutedRows(shard, np.arange(nq, dtype=np.int64), self.xq, self.Iq, self.Dq)
+        assert self.Iq is not None and self.Dq is not None
+        mine = self.owner == shard
+        rows = np.flatnonzero(mine.any(axis=1)).astype(np.int64)
+        return RoutedRows(shard, rows, self.xq[rows], np.where(mine[rows], self.Iq[rows], -1),
+                          self.Dq[rows])
+
+    def shards(self, n_shards: int) -> list[int]:
+        """The shards with at least one row to answer."""
+        if self.owner is None:
+            return list(range(n_shards))
+        return [int(s) for s in np.unique(self.owner[self.owner >= 0])]
 
 
 class Router:
@@ -155,28 +187,17 @@ class Router:
                                            lambda: np.arange(n, dtype=np.int64))
         return self._rescorer
 
-    def route(self, xq: npt.NDArray[np.float32], nprobe: int | None) -> list[RoutedRows]:
-        """Split a query batch into the per-shard work it needs (shards with no work omitted).
-
-        With a quantizer (IVF factories, any sharding) the batch is coarse-quantized here once;
-        with ``ivf`` sharding a shard receives only the rows probing its lists.
-        """
-        nq = xq.shape[0]
-        all_rows = np.arange(nq, dtype=np.int64)
+    def route(self, xq: npt.NDArray[np.float32], nprobe: int | None) -> RoutedBatch:
+        """Coarse-quantize a query batch once (with a quantizer and ``nprobe``); with ``ivf``
+        sharding, record which shard owns each probe, so each shard gets only its rows."""
         if self.quantizer is None or nprobe is None:
-            return [RoutedRows(s, all_rows, None, None) for s in range(self.n_shards)]
+            return RoutedBatch(xq)
         Dq, Iq = self.probe(xq, nprobe)
         if self.sharding != "ivf":
-            return [RoutedRows(s, all_rows, Iq, Dq) for s in range(self.n_shards)]
+            return RoutedBatch(xq, Iq, Dq)
         assert self.list_to_shard is not None
-        owner = np.where(Iq >= 0, self.list_to_shard[np.maximum(Iq, 0)], -1)
-        routed = []
-        for s in np.unique(owner[owner >= 0]):
-            mine = owner == s
-            rows = np.flatnonzero(mine.any(axis=1)).astype(np.int64)
-            Iq_s = np.where(mine[rows], Iq[rows], -1)
-            routed.append(RoutedRows(int(s), rows, Iq_s, Dq[rows]))
-        return routed
+        owner = np.where(Iq >= 0, self.list_to_shard[np.maximum(Iq, 0)], -1).astype(np.int32)
+        return RoutedBatch(xq, Iq, Dq, owner)
 
     def to_manifest(self) -> dict[str, Any]:
         data: dict[str, Any] = {"sharding": self.sharding}
@@ -185,3 +206,31 @@ class Router:
         if self.boundaries is not None:
             data["boundaries"] = self.boundaries.tolist()
         return data
+
+
+def plan_moves(locations: dict[int, list[str]], workers: list[str], n_shards: int
+               ) -> list[tuple[int, str]]:
+    """``(shard, worker)`` moves that spread shards evenly over ``workers``: every worker ends
+    with ``floor(n_shards / len(workers))`` or one more; the fewest moves, deterministic.
+
+    ``locations`` maps each shard to the workers holding it (its first one counts)."""
+    if not workers:
+        return []
+    load: dict[str, list[int]] = {w: [] for w in workers}
+    for s, where in sorted(locations.items()):
+        if where and where[0] in load:
+            load[where[0]].append(s)
+    cap = -(-n_shards // len(workers))
+    floor = n_shards // len(workers)
+    moves = []
+    donors = sorted(load, key=lambda w: -len(load[w]))
+    for w in sorted(load, key=lambda w: len(load[w])):
+        while len(load[w]) < floor:
+            donor = next((d for d in donors if len(load[d]) > cap or (
+                len(load[d]) > floor and len(load[d]) - len(load[w]) > 1)), None)
+            if donor is None:
+                break
+            s = load[donor].pop()
+            load[w].append(s)
+            moves.append((s, w))
+    return moves

@@ -20,7 +20,7 @@ import json
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +31,20 @@ from dask.sizeof import sizeof
 from dask_rag.config import IndexSpec
 from dask_rag.errors import CorruptIndex, InvalidInput
 from dask_rag.index import store
+from dask_rag.index.backends import (
+    GpuGuard,
+    ScannView,
+    add_to_index,
+    all_vectors,
+    configure_faiss,
+    new_shard_index,
+)
 from dask_rag.index.exact import ExactRescorer, FlatVectors, exact_scores, topk_ties_by_id
+from dask_rag.index.filters import MetadataColumns, SearchFilter
 from dask_rag.index.merge import empty_result, merge_topk
+from dask_rag.index.wal import read_wal
 
-__all__ = [
-    "SearchFilter",
-    "Shard",
-    "ShardRef",
-    "ShardResult",
-    "build_shard_files",
-    "load_shard",
-    "make_records_table",
-]
+__all__ = ["HIT_COLUMNS", "Shard", "ShardRef", "load_shard", "make_records_table"]
 
 
 @dataclass(frozen=True)
@@ -52,66 +54,6 @@ class ShardRef:
     index_dir: str
     shard_no: int
     index_uuid: str
-
-
-@dataclass(frozen=True)
-class SearchFilter:
-    """Metadata filter applied inside each shard *during* the search.
-
-    ``source_prefix`` keeps chunks whose source starts with it; ``metadata`` keeps chunks whose
-    metadata contains every given key with the given value.  Because the filter becomes a faiss
-    ID selector, a filtered search still returns ``k`` hits when ``k`` matching chunks exist.
-    """
-
-    source_prefix: str | None = None
-    metadata: tuple[tuple[str, Any], ...] = ()
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> SearchFilter | None:
-        if data is None:
-            return None
-        if not isinstance(data, dict):
-            raise InvalidInput("filter must be an object with 'source_prefix' and/or 'metadata'")
-        unknown = set(data) - {"source_prefix", "metadata"}
-        if unknown:
-            raise InvalidInput(f"filter has unknown field(s) {sorted(unknown)}; "
-                               "allowed: 'source_prefix', 'metadata'")
-        prefix = data.get("source_prefix")
-        if prefix is not None and not isinstance(prefix, str):
-            raise InvalidInput("filter.source_prefix must be a string")
-        meta = data.get("metadata") or {}
-        if not isinstance(meta, dict):
-            raise InvalidInput("filter.metadata must be an object of key: value")
-        for key, value in meta.items():
-            if not isinstance(value, (str, int, float, bool)) or value is None:
-                raise InvalidInput(f"filter.metadata[{key!r}] must be a string, number or bool")
-        return cls(source_prefix=prefix, metadata=tuple(sorted(meta.items())))
-
-    def matches(self, source: str | None, metadata_json: str | None) -> bool:
-        if self.source_prefix is not None and not (source or "").startswith(self.source_prefix):
-            return False
-        if self.metadata:
-            meta = json.loads(metadata_json) if metadata_json else {}
-            return all(meta.get(key) == value for key, value in self.metadata)
-        return True
-
-
-@dataclass
-class ShardResult:
-    """A (partial) search answer: rows of the query batch and their top-k.
-
-    ``payload`` optionally carries one record dict (or None) per hit, aligned with ``I``, so
-    that chunk text travels with the hits from the worker that found them.
-    """
-
-    rows: npt.NDArray[np.int64]
-    D: npt.NDArray[np.float32]
-    I: npt.NDArray[np.int64]
-    payload: list[list[dict[str, Any] | None]] | None = None
-    sparse: Any = None
-    shards: tuple[int, ...] = field(default_factory=tuple)
-    #: slowest search task of the parts merged here, in milliseconds
-    search_ms: float = 0.0
 
 
 def make_records_table(ids: npt.NDArray[np.int64],
@@ -184,47 +126,6 @@ class _RWLock:
                 self._cond.notify_all()
 
 
-#: faiss switches exhaustive search from its per-query SIMD loop to BLAS when nq * d reaches
-#: this (faiss 1.15 defaults to 128000, i.e. ~334 queries at d=384).  Measured here at d=384,
-#: one thread: 16 queries x 50k vectors take 81 ms without BLAS and 18 ms with it; below ~3
-#: queries the SIMD loop wins.  1024 makes BLAS kick in from 3 queries at d=384.
-FAISS_BLAS_THRESHOLD = 1024
-
-
-def configure_faiss() -> None:
-    """Process-wide faiss settings dask-rag relies on (idempotent, cheap)."""
-    import faiss
-
-    faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_THRESHOLD
-
-
-def _faiss_metric(metric: str) -> int:
-    import faiss
-
-    return int(faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2)
-
-
-def new_shard_index(spec: IndexSpec, dim: int, template: Any | None) -> Any:
-    """An empty faiss index for one shard (a clone of the trained template for IVF)."""
-    import faiss
-
-    kind = spec.info.kind
-    if kind == "ivf":
-        assert template is not None
-        return faiss.clone_index(template)
-    if kind == "hnsw":
-        hnsw = faiss.IndexHNSWFlat(dim, spec.info.hnsw_m, _faiss_metric(spec.metric))
-        return faiss.IndexIDMap2(hnsw)
-    # flat, and the vector store behind ScaNN / torch shards
-    return faiss.IndexIDMap2(faiss.IndexFlat(dim, _faiss_metric(spec.metric)))
-
-
-def _new_refine_store(dim: int, metric: str) -> Any:
-    import faiss
-
-    return faiss.IndexIDMap2(faiss.IndexFlat(dim, _faiss_metric(metric)))
-
-
 class Shard:
     """A searchable, mutable shard.  Created by :func:`load_shard` on a worker."""
 
@@ -258,6 +159,7 @@ class Shard:
     def records(self, table: Any) -> None:
         self._records = table
         self._ids = None  # the id column's numpy copy, rebuilt on first use
+        self._columns: MetadataColumns | None = None  # what filters test, rebuilt likewise
 
     def _table_ids(self) -> npt.NDArray[np.int64]:
         """The records' ids as numpy, cached: every fetch binary-searches them, and a chunked
@@ -300,11 +202,11 @@ class Shard:
         """(Re)build the search structure that is derived from the stored index."""
         self._flat = None
         if self.kind == "scann":
-            self._accelerated = _ScannView.build(self)
+            self._accelerated = ScannView.build(self)
         elif self.spec.backend == "torch":
             from dask_rag.index.gpu import TorchFlatIndex
 
-            ids, vecs = _all_vectors(self.index)
+            ids, vecs = all_vectors(self.index)
             self._accelerated = TorchFlatIndex(vecs, ids, self.spec.metric)
         elif self.spec.backend == "faiss-gpu":
             from dask_rag.index.gpu import to_faiss_gpu
@@ -326,7 +228,7 @@ class Shard:
 
     def sparse_index(self) -> Any:
         """This shard's BM25 index (loaded with the shard, or built from its records)."""
-        from dask_rag.rag.fusion import SparseIndex
+        from dask_rag.index.sparse import SparseIndex
 
         with self._sparse_lock:
             if self._sparse is None:
@@ -367,14 +269,15 @@ class Shard:
         """Ids of this shard's live chunks that pass ``flt``.
 
         Takes the read lock: the search task calls it before :meth:`search`, and a concurrent
-        ``add``/``remove`` swaps the records table and the tombstones.
+        ``add``/``remove`` swaps the records table and the tombstones.  The metadata columns
+        are parsed on the first filtered search and kept until the records change.
         """
         with self._lock.read():
-            ids = self.records.column("id").to_numpy()
-            sources = self.records.column("source").to_pylist()
-            metas = self.records.column("metadata").to_pylist()
-            keep = [i for i, s, m in zip(ids, sources, metas, strict=True) if flt.matches(s, m)]
-            return self._live(np.asarray(keep, dtype=np.int64))
+            if self._columns is None:
+                self._columns = MetadataColumns(self.records.column("source").to_pylist(),
+                                                self.records.column("metadata").to_pylist())
+            mask = flt.mask(self._columns)
+            return self._live(self._table_ids()[mask])
 
     def search(self, xq: npt.NDArray[np.float32], k: int, *,
                Iq: npt.NDArray[np.int64] | None = None, Dq: npt.NDArray[np.float32] | None = None,
@@ -423,7 +326,7 @@ class Shard:
                        ) -> ExactRescorer:
         """Exact re-scoring of the candidates of this flat shard's own backend (faiss, a GPU
         copy or torch tensors)."""
-        store = self._flat_view()
+        vectors = self._flat_view()
         if self.spec.backend == "torch":
             def propose(q: npt.NDArray[np.float32], m: int
                         ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
@@ -437,17 +340,17 @@ class Shard:
 
             def propose(q: npt.NDArray[np.float32], m: int
                         ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-                with _GpuGuard(self._accelerated):
+                with GpuGuard(self._accelerated):
                     D, I = index.search(q, m, params=params)
                 return D, I
 
         def allowed_rows() -> npt.NDArray[np.int64]:
             if allowed is None:
-                return np.arange(len(store.ids), dtype=np.int64)
-            rows = store.rows_of(allowed)
+                return np.arange(len(vectors.ids), dtype=np.int64)
+            rows = vectors.rows_of(allowed)
             return rows[rows >= 0]
 
-        return ExactRescorer(store, self.spec.metric, propose, n_live, allowed_rows)
+        return ExactRescorer(vectors, self.spec.metric, propose, n_live, allowed_rows)
 
     def _flat_view(self) -> FlatVectors:
         """The flat shard's vectors by id, a view of faiss's own storage (no copy)."""
@@ -480,13 +383,13 @@ class Shard:
                 Iq = np.ascontiguousarray(Iq, dtype=np.int64)
                 Dq = np.ascontiguousarray(Dq, dtype=np.float32)
                 xq = np.ascontiguousarray(xq, dtype=np.float32)
-                with _GpuGuard(self._accelerated):
+                with GpuGuard(self._accelerated):
                     index.search_preassigned_c(
                         nq, faiss.swig_ptr(xq), k_base, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq),
                         faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
             else:
                 params = faiss.SearchParametersIVF(nprobe=int(nprobe or self.spec.nprobe), sel=sel)
-                with _GpuGuard(self._accelerated):
+                with GpuGuard(self._accelerated):
                     D, I = index.search(xq, k_base, params=params)
         else:  # hnsw
             ef = max(int(ef_search or self.spec.ef_search), m)
@@ -582,7 +485,7 @@ class Shard:
         if len(ids) == 0:
             return 0
         with self._lock.write():
-            _add_to_index(self.index, xb, ids, lists)
+            add_to_index(self.index, xb, ids, lists)
             if self.refine is not None:
                 self.refine.add_with_ids(xb, ids)
             # an id removed earlier and added again is alive again (tombstoned kinds)
@@ -625,7 +528,7 @@ class Shard:
         if not self.deleted:
             return
         with self._lock.write():
-            ids, vecs = _all_vectors(self.index)
+            ids, vecs = all_vectors(self.index)
             gone = self._deleted_ids()
             keep = ~np.isin(ids, gone)
             fresh = new_shard_index(self.spec, self.dim, None)
@@ -643,210 +546,15 @@ class Shard:
         has_text = self.records.column("text").null_count < self.records.num_rows
         sparse = self.sparse_index() if has_text else None
         with self._lock.read():
-            return write_shard_files(Path(index_dir), self.ref.shard_no, generation, index_uuid,
-                                     self.index, self.records, self.refine, sparse)
+            return store.write_shard_files(Path(index_dir), self.ref.shard_no, generation,
+                                           index_uuid, self.index, self.records, self.refine,
+                                           sparse)
 
 
 def _pa_ids(ids: npt.NDArray[np.int64]) -> Any:
     import pyarrow as pa
 
     return pa.array(np.asarray(ids, dtype=np.int64), type=pa.int64())
-
-
-def _add_to_index(index: Any, xb: npt.NDArray[np.float32], ids: npt.NDArray[np.int64],
-                  lists: npt.NDArray[np.int64] | None) -> None:
-    import faiss
-
-    xb = np.ascontiguousarray(xb, dtype=np.float32)
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if lists is not None and isinstance(index, faiss.IndexIVF):
-        # use the central coarse assignment so each vector lands in exactly the list (and thus
-        # the shard) the router expects, bit-for-bit
-        lists = np.ascontiguousarray(lists, dtype=np.int64)
-        index.add_core(len(ids), faiss.swig_ptr(xb), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
-    else:
-        index.add_with_ids(xb, ids)
-
-
-def _all_vectors(index: Any) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """(ids, vectors) stored in an IndexIDMap2-wrapped flat or HNSW index."""
-    import faiss
-
-    n = int(index.ntotal)
-    ids = faiss.vector_to_array(index.id_map).astype(np.int64) if n else np.zeros(0, np.int64)
-    vecs = index.index.reconstruct_n(0, n) if n else np.zeros((0, index.d), np.float32)
-    return ids, np.asarray(vecs, dtype=np.float32)
-
-
-class _GpuGuard:
-    """Serialise calls into a faiss-gpu index (they are not thread-safe)."""
-
-    def __init__(self, accelerated: Any) -> None:
-        self._lock = getattr(accelerated, "_dask_rag_lock", None)
-
-    def __enter__(self) -> None:
-        if self._lock is not None:
-            self._lock.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._lock is not None:
-            self._lock.release()
-
-
-class _ScannView:
-    """A ScaNN searcher over a shard's vectors (ScaNN shards are rebuilt after mutations)."""
-
-    def __init__(self, searcher: Any, ids: npt.NDArray[np.int64], vecs: npt.NDArray[np.float32],
-                 metric: str) -> None:
-        self.searcher = searcher
-        self.ids = ids
-        self.vecs = vecs
-        self.metric = metric
-
-    @classmethod
-    def build(cls, shard: Shard) -> _ScannView:
-        try:
-            import scann
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise InvalidInput("ScaNN shards need the 'scann' extra: pip install dask-rag[scann]"
-                               ) from exc
-        ids, vecs = _all_vectors(shard.index)
-        n = len(ids)
-        if n == 0:
-            return cls(None, ids, vecs, shard.spec.metric)
-        distance = "dot_product" if shard.spec.metric == "ip" else "squared_l2"
-        leaves = shard.spec.info.scann_leaves or max(1, int(np.sqrt(n)))
-        leaves = min(leaves, n)
-        to_search = max(1, min(leaves, shard.spec.nprobe))
-        builder = scann.scann_ops_pybind.builder(vecs, 10, distance)
-        if n >= 64 and leaves > 1:
-            builder = builder.tree(num_leaves=leaves, num_leaves_to_search=to_search,
-                                   training_sample_size=min(n, 100_000))
-        if n >= 256 and vecs.shape[1] >= 2:
-            builder = builder.score_ah(2, anisotropic_quantization_threshold=0.2).reorder(
-                min(n, 100))
-        else:
-            builder = builder.score_brute_force()
-        return cls(builder.build(), ids, vecs, shard.spec.metric)
-
-    def search(self, xq: npt.NDArray[np.float32], k: int, shard: Shard,
-               sel_ids: npt.NDArray[np.int64] | None = None
-               ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        nq = xq.shape[0]
-        if self.searcher is None:
-            return empty_result(nq, k, self.metric)
-        if sel_ids is not None:
-            # filtered or tombstoned: exact search over the allowed subset (ScaNN has no
-            # selectors); correct, and the allowed subset is usually small
-            keep = np.isin(self.ids, sel_ids)
-            vecs, ids = self.vecs[keep], self.ids[keep]
-            scores = xq @ vecs.T if self.metric == "ip" else (
-                (xq * xq).sum(1)[:, None] - 2 * xq @ vecs.T + (vecs * vecs).sum(1)[None, :])
-            cand = np.broadcast_to(ids, scores.shape)
-            return merge_topk([scores.astype(np.float32)], [cand], k, self.metric)
-        kk = min(k, len(self.ids))
-        pos, dist = self.searcher.search_batched(np.ascontiguousarray(xq), final_num_neighbors=kk)
-        pos = np.asarray(pos, dtype=np.int64)
-        dist = np.asarray(dist, dtype=np.float32)
-        I = np.where(pos >= 0, self.ids[np.maximum(pos, 0)], -1)
-        D_out, I_out = empty_result(nq, k, self.metric)
-        D_out[:, :kk] = dist
-        I_out[:, :kk] = I
-        return D_out, I_out
-
-
-# ------------------------------------------------------------------------------------------------
-# files
-# ------------------------------------------------------------------------------------------------
-
-
-def shard_file_names(shard_no: int, generation: int) -> tuple[str, str, str, str]:
-    """(faiss, records, refine store, BM25 directory) names of a shard's files."""
-    suffix = "" if generation == 0 else f".g{generation}"
-    base = f"shards/{shard_no:05d}{suffix}"
-    return f"{base}.faiss", f"{base}.parquet", f"{base}.refine.faiss", f"{base}.bm25"
-
-
-def write_shard_files(index_dir: Path, shard_no: int, generation: int, index_uuid: str,
-                      index: Any, records: Any, refine: Any | None,
-                      sparse: Any | None = None) -> dict[str, Any]:
-    import faiss
-
-    faiss_name, meta_name, refine_name, bm25_name = shard_file_names(shard_no, generation)
-    data = faiss.serialize_index(index).tobytes()
-    store.atomic_write_bytes(index_dir / faiss_name, data)
-    store.write_records(index_dir / meta_name, records, index_uuid, shard_no)
-    entry: dict[str, Any] = {
-        "file": faiss_name,
-        "meta": meta_name,
-        "count": int(index.ntotal),
-        "bytes": len(data),
-        "checksum": store.file_checksum(index_dir / faiss_name),
-        "meta_checksum": store.file_checksum(index_dir / meta_name),
-    }
-    if refine is not None:
-        rdata = faiss.serialize_index(refine).tobytes()
-        store.atomic_write_bytes(index_dir / refine_name, rdata)
-        entry["refine_file"] = refine_name
-        entry["refine_checksum"] = store.file_checksum(index_dir / refine_name)
-    if sparse is not None:
-        # derived from the records: no checksum; an unreadable one is rebuilt at load
-        sparse.save(index_dir / bm25_name)
-        entry["bm25"] = bm25_name
-    return entry
-
-
-def build_shard_files(index_dir: str, shard_no: int, generation: int, index_uuid: str,
-                      spec: IndexSpec, dim: int, template_bytes: bytes | None,
-                      xb: npt.NDArray[np.float32], ids: npt.NDArray[np.int64],
-                      lists: npt.NDArray[np.int64] | None,
-                      records: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """Build one shard from its vectors and write its files (runs as a task on a worker)."""
-    import faiss
-
-    configure_faiss()
-    template = None
-    if template_bytes is not None:
-        template = faiss.deserialize_index(np.frombuffer(template_bytes, dtype=np.uint8))
-    index = new_shard_index(spec, dim, template)
-    if len(ids):
-        _add_to_index(index, xb, ids, lists)
-    refine = None
-    if spec.info.refine:
-        refine = _new_refine_store(dim, spec.metric)
-        if len(ids):
-            refine.add_with_ids(np.ascontiguousarray(xb, np.float32), ids)
-    table = make_records_table(ids, records)
-    sparse = None
-    if records is not None and any(r.get("text") for r in records):
-        from dask_rag.rag.fusion import SparseIndex
-
-        sparse = SparseIndex.build(table.column("id").to_numpy(),
-                                   table.column("text").to_pylist())
-    return write_shard_files(Path(index_dir), shard_no, generation, index_uuid, index, table,
-                             refine, sparse)
-
-
-def _read_faiss_file(path: Path, expected_checksum: str | None, what: str) -> tuple[Any, int]:
-    import faiss
-
-    if not path.is_file():
-        raise CorruptIndex(f"{path}: {what} file is missing")
-    data = path.read_bytes()
-    if expected_checksum is not None:
-        import hashlib
-
-        got = hashlib.blake2b(data, digest_size=16).hexdigest()
-        if got != expected_checksum:
-            raise CorruptIndex(
-                f"{path}: {what} checksum mismatch (file truncated, modified, or from another "
-                "index)")
-    try:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-    except RuntimeError as exc:
-        raise CorruptIndex(f"{path}: not a readable faiss index ({str(exc).splitlines()[0]})"
-                           ) from None
-    return index, len(data)
 
 
 def load_shard(ref: ShardRef) -> Shard:
@@ -866,7 +574,7 @@ def load_shard(ref: ShardRef) -> Shard:
     dim = int(manifest["dim"])
     entry = manifest["shards"][ref.shard_no]
     path = store.resolve_index_file(ref.index_dir, entry["file"])
-    index, nbytes = _read_faiss_file(path, entry["checksum"], "shard")
+    index, nbytes = store.read_faiss_file(path, entry["checksum"], "shard")
     if index.d != dim:
         raise CorruptIndex(f"{path}: shard dimension {index.d} != manifest dim {dim}")
     if int(index.ntotal) != entry["count"]:
@@ -875,7 +583,7 @@ def load_shard(ref: ShardRef) -> Shard:
     refine = None
     if spec.info.refine:
         rpath = store.resolve_index_file(ref.index_dir, entry.get("refine_file", ""))
-        refine, _ = _read_faiss_file(rpath, entry.get("refine_checksum"), "refine store")
+        refine, _ = store.read_faiss_file(rpath, entry.get("refine_checksum"), "refine store")
     meta_path = store.resolve_index_file(ref.index_dir, entry["meta"])
     if not meta_path.is_file():
         raise CorruptIndex(f"{meta_path}: shard records file is missing")
@@ -893,7 +601,7 @@ def _load_sparse(index_dir: str, name: str) -> Any:
     """The persisted BM25 index, or None (then it is rebuilt from the records on first use)."""
     import logging
 
-    from dask_rag.rag.fusion import SparseIndex
+    from dask_rag.index.sparse import SparseIndex
 
     try:
         return SparseIndex.load(store.resolve_index_file(index_dir, name))
@@ -905,7 +613,7 @@ def _load_sparse(index_dir: str, name: str) -> Any:
 
 def _replay_wal(shard: Shard, index_dir: str, after_seq: int) -> None:
     shard.applied_seq = after_seq
-    for entry in store.read_wal(index_dir, after_seq):
+    for entry in read_wal(index_dir, after_seq):
         shard.applied_seq = entry.seq
         if entry.op == "add":
             assert entry.shards is not None and entry.vectors is not None

@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
-import re
+import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from dask_rag.errors import CorruptIndex, IndexNotFound, InvalidInput
 
@@ -42,26 +38,26 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
     "RECORD_COLUMNS",
-    "WalEntry",
-    "append_wal",
     "atomic_write_bytes",
     "atomic_write_json",
     "file_checksum",
     "new_index_uuid",
+    "read_faiss_file",
     "read_manifest",
     "read_records",
-    "read_wal",
     "resolve_index_file",
+    "shard_file_names",
+    "staging_dir",
+    "swap_into_place",
     "validate_manifest",
-    "wal_files",
     "write_records",
+    "write_shard_files",
 ]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 QUANTIZER = "quantizer.faiss"
 RECORD_COLUMNS = ("id", "text", "source", "metadata", "doc_hash")
-_WAL_RE = re.compile(r"^(\d{12})\.npz$")
 
 
 def new_index_uuid() -> str:
@@ -237,79 +233,6 @@ def read_records(path: Path, index_uuid: str | None = None, shard_no: int | None
 
 
 # --------------------------------------------------------------------------------------------
-# write-ahead log
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WalEntry:
-    """One acknowledged mutation: ``add`` (ids, vectors, target shards, records) or ``remove``."""
-
-    seq: int
-    op: str
-    ids: npt.NDArray[np.int64]
-    shards: npt.NDArray[np.int32] | None = None
-    vectors: npt.NDArray[np.float32] | None = None
-    lists: npt.NDArray[np.int64] | None = None
-    records_json: bytes | None = None
-
-    def records(self) -> list[dict[str, Any]] | None:
-        if self.records_json is None:
-            return None
-        out: list[dict[str, Any]] = json.loads(self.records_json.decode("utf-8"))
-        return out
-
-
-def wal_files(index_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    wal = Path(index_dir) / "wal"
-    if not wal.is_dir():
-        return []
-    found = []
-    for p in wal.iterdir():
-        m = _WAL_RE.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def append_wal(index_dir: str | os.PathLike[str], entry: WalEntry) -> None:
-    """Durably record a mutation before it is applied anywhere."""
-    arrays: dict[str, Any] = {"op": np.frombuffer(entry.op.encode(), dtype=np.uint8),
-                              "ids": entry.ids}
-    if entry.shards is not None:
-        arrays["shards"] = entry.shards
-    if entry.vectors is not None:
-        arrays["vectors"] = entry.vectors
-    if entry.lists is not None:
-        arrays["lists"] = entry.lists
-    if entry.records_json is not None:
-        arrays["records"] = np.frombuffer(entry.records_json, dtype=np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(Path(index_dir) / "wal" / f"{entry.seq:012d}.npz", buf.getvalue())
-
-
-def read_wal(index_dir: str | os.PathLike[str], after_seq: int) -> Iterator[WalEntry]:
-    """WAL entries with ``seq > after_seq`` in order."""
-    for seq, path in wal_files(index_dir):
-        if seq <= after_seq:
-            continue
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                op = bytes(z["op"]).decode()
-                yield WalEntry(
-                    seq=seq,
-                    op=op,
-                    ids=z["ids"].astype(np.int64),
-                    shards=z["shards"].astype(np.int32) if "shards" in z else None,
-                    vectors=z["vectors"].astype(np.float32) if "vectors" in z else None,
-                    lists=z["lists"].astype(np.int64) if "lists" in z else None,
-                    records_json=bytes(z["records"]) if "records" in z else None,
-                )
-        except (OSError, ValueError, KeyError) as exc:
-            raise CorruptIndex(f"{path}: unreadable write-ahead log entry ({exc})") from None
-
-
 def check_fresh_target(path: Path) -> None:
     """Refuse to write an index into a non-empty directory that is not a dask-rag index."""
     if path.exists() and not path.is_dir():
@@ -339,3 +262,91 @@ def recover_interrupted_swap(path: Path) -> None:
 
 def now() -> float:
     return time.time()
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh hidden sibling of ``target`` to write a whole index into before it is swapped
+    into place (same file system, so the swap is two renames)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+
+
+def swap_into_place(staging: Path, target: Path) -> None:
+    """Move a completely written index directory to ``target`` (replacing an old index).
+
+    A crash between the two renames leaves the old index beside ``target``;
+    :func:`recover_interrupted_swap` puts it back on the next load.
+    """
+    if not target.exists():
+        staging.rename(target)
+        return
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+        staging.rename(target)
+        return
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# shard files
+# --------------------------------------------------------------------------------------------
+
+
+def shard_file_names(shard_no: int, generation: int) -> tuple[str, str, str, str]:
+    """(faiss, records, refine store, BM25 directory) names of a shard's files."""
+    suffix = "" if generation == 0 else f".g{generation}"
+    base = f"shards/{shard_no:05d}{suffix}"
+    return f"{base}.faiss", f"{base}.parquet", f"{base}.refine.faiss", f"{base}.bm25"
+
+
+def write_shard_files(index_dir: Path, shard_no: int, generation: int, index_uuid: str,
+                      index: Any, records: Any, refine: Any | None,
+                      sparse: Any | None = None) -> dict[str, Any]:
+    import faiss
+
+    faiss_name, meta_name, refine_name, bm25_name = shard_file_names(shard_no, generation)
+    data = faiss.serialize_index(index).tobytes()
+    atomic_write_bytes(index_dir / faiss_name, data)
+    write_records(index_dir / meta_name, records, index_uuid, shard_no)
+    entry: dict[str, Any] = {
+        "file": faiss_name,
+        "meta": meta_name,
+        "count": int(index.ntotal),
+        "bytes": len(data),
+        "checksum": file_checksum(index_dir / faiss_name),
+        "meta_checksum": file_checksum(index_dir / meta_name),
+    }
+    if refine is not None:
+        rdata = faiss.serialize_index(refine).tobytes()
+        atomic_write_bytes(index_dir / refine_name, rdata)
+        entry["refine_file"] = refine_name
+        entry["refine_checksum"] = file_checksum(index_dir / refine_name)
+    if sparse is not None:
+        # derived from the records: no checksum; an unreadable one is rebuilt at load
+        sparse.save(index_dir / bm25_name)
+        entry["bm25"] = bm25_name
+    return entry
+
+
+def read_faiss_file(path: Path, expected_checksum: str | None, what: str) -> tuple[Any, int]:
+    import faiss
+
+    if not path.is_file():
+        raise CorruptIndex(f"{path}: {what} file is missing")
+    data = path.read_bytes()
+    if expected_checksum is not None:
+        import hashlib
+
+        got = hashlib.blake2b(data, digest_size=16).hexdigest()
+        if got != expected_checksum:
+            raise CorruptIndex(
+                f"{path}: {what} checksum mismatch (file truncated, modified, or from another "
+                "index)")
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as exc:
+        raise CorruptIndex(f"{path}: not a readable faiss index ({str(exc).splitlines()[0]})"
+                           ) from None
+    return index, len(data)

@@ -1,190 +1,70 @@
-"""Hybrid retrieval: a BM25 index per shard (bm25s), and fusion of dense and sparse rankings.
+"""Fusion of one query's dense and sparse (BM25) rankings into one ranking.
 
-Each shard keeps a BM25 index over its own chunks' text, persisted beside its faiss file and
-searched *in the same task* as the dense search, so hybrid retrieval costs no extra fan-out.
-BM25 statistics (IDF) are per shard, as in Elasticsearch's default ``query_then_fetch``: with
-hash sharding the shards are random samples of one corpus, so their statistics agree closely.
+Three methods, each weighted (``dense_weight`` for the dense side, ``1 - dense_weight`` for
+BM25):
 
-Fusion: reciprocal rank fusion (``sum 1 / (rrf_k + rank)``, k = 60 by default) or a weighted
-sum of per-query min-max normalised scores.
+``rrf``
+    weighted reciprocal rank fusion, ``w / (rrf_k + rank_dense) + (1 - w) / (rrf_k + rank_bm25)``
+    (ranks from 1; ``w = 0.5`` orders exactly like plain RRF).  Uses ranks only.
+``weighted``
+    a convex combination of per-query min-max normalised scores.
+``dbsf``
+    distribution-based score fusion: each list's scores are normalised with its mean and
+    standard deviation (``mean - 3 sd`` to ``mean + 3 sd`` maps to 0..1, clipped), then combined
+    convexly; less sensitive than min-max to one outlying top score.
+
+A chunk missing from one list contributes 0 from it.  Every method breaks ties by the best
+rank in either list, then by id, so the fused order is a function of the two lists alone.
+Plain RRF pays a price when one retriever is much weaker than the other (it lets the weak list
+push its top hits up); the weights are what ``dask-rag eval --tune-fusion`` tunes per index.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Literal
 
 import numpy as np
-import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dask_rag.config import FUSIONS
 from dask_rag.errors import InvalidInput
 
-if TYPE_CHECKING:  # pragma: no cover
-    from dask_rag.index.shard import Shard, ShardResult
+__all__ = ["Fusion", "distribution_fusion", "fuse", "reciprocal_rank_fusion",
+           "weighted_fusion"]
 
-__all__ = [
-    "SparseHits",
-    "SparseIndex",
-    "fuse",
-    "merge_sparse",
-    "reciprocal_rank_fusion",
-    "search_sparse",
-    "weighted_fusion",
-]
+Ranked = Sequence[tuple[int, float]]
 
 
-def _tokenize(texts: Sequence[str]) -> Any:
-    import bm25s
+class Fusion(BaseModel):
+    """How hybrid mode fuses the two rankings (see the module docstring)."""
 
-    return bm25s.tokenize(list(texts), stopwords="en", show_progress=False)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
+    method: str = Field("rrf", json_schema_extra={"enum": list(FUSIONS)})
+    dense_weight: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
+    rrf_k: int = Field(60, ge=1, le=100_000, strict=True)
 
-class SparseIndex:
-    """BM25 over one shard's chunks (ids in index order)."""
-
-    def __init__(self, retriever: Any, ids: npt.NDArray[np.int64]) -> None:
-        self.retriever = retriever
-        self.ids = ids
-
+    @field_validator("method")
     @classmethod
-    def build(cls, ids: npt.NDArray[np.int64], texts: Sequence[str | None]) -> SparseIndex:
-        import bm25s
-
-        keep = [i for i, t in enumerate(texts) if t]
-        retriever = bm25s.BM25()
-        if keep:
-            retriever.index(_tokenize([texts[i] or "" for i in keep]), show_progress=False)
-        return cls(retriever if keep else None, np.asarray(ids, np.int64)[keep])
-
-    def save(self, directory: Path) -> None:
-        """Write atomically: into a temporary sibling directory, then rename."""
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            np.save(tmp / "ids.npy", self.ids)
-            if self.retriever is not None:
-                self.retriever.save(str(tmp), show_progress=False)
-            if directory.exists():
-                shutil.rmtree(directory)
-            tmp.rename(directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    @classmethod
-    def load(cls, directory: Path) -> SparseIndex:
-        import bm25s
-
-        ids = np.load(directory / "ids.npy", allow_pickle=False)
-        retriever = None
-        if (directory / "params.index.json").exists():
-            retriever = bm25s.BM25.load(str(directory), show_progress=False)
-        return cls(retriever, ids.astype(np.int64))
-
-    def search(self, queries: Sequence[str], k: int,
-               allowed: npt.NDArray[np.int64] | None = None
-               ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """Top-``k`` ids and BM25 scores per query (-1 / 0 where fewer match), by score, then
-        by id: a query's scores over all chunks are computed on their own (``get_scores``)
-        and cut with ties broken by id, so its hits never depend on the other queries of its
-        batch, nor on which equal-scoring chunk a partial sort met first."""
-        nq = len(queries)
-        I = np.full((nq, k), -1, dtype=np.int64)
-        S = np.zeros((nq, k), dtype=np.float32)
-        if self.retriever is None or nq == 0 or len(self.ids) == 0:
-            return I, S
-        mask = None
-        if allowed is not None:
-            mask = np.isin(self.ids, allowed)
-            if not mask.any():
-                return I, S
-        for r, tokens in enumerate(_query_tokens(queries)):
-            if not tokens:
-                continue
-            scores = np.asarray(self.retriever.get_scores(tokens), dtype=np.float32)
-            if mask is not None:
-                scores = np.where(mask, scores, np.float32(0))
-            top = top_scores(scores, self.ids, k)
-            I[r, :len(top)] = self.ids[top]
-            S[r, :len(top)] = scores[top]
-        return I, S
+    def _known(cls, value: str) -> str:
+        if value not in FUSIONS:
+            raise ValueError(f"must be one of {', '.join(map(repr, FUSIONS))}")
+        return value
 
 
-def _query_tokens(queries: Sequence[str]) -> list[list[str]]:
-    """Each query's BM25 terms (stop words dropped), tokenized like the chunks."""
-    import bm25s
-
-    return [list(t) for t in bm25s.tokenize(list(queries), stopwords="en", return_ids=False,
-                                             show_progress=False)]
-
-
-def top_scores(scores: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], k: int
-               ) -> npt.NDArray[np.int64]:
-    """Positions of the best ``k`` positive scores, best first, equal scores by ascending id."""
-    cand = np.flatnonzero(scores > 0)
-    if cand.size > k:
-        kth = np.partition(scores[cand], cand.size - k)[cand.size - k]
-        cand = cand[scores[cand] >= kth]  # everything tied with the k-th stays in the race
-    order = np.lexsort((ids[cand], -scores[cand]))
-    return cand[order[:k]]
+def _ranks(ranked: Ranked) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for rank, (cid, _) in enumerate((c for c in ranked if c[0] >= 0), start=1):
+        out.setdefault(cid, rank)
+    return out
 
 
-@dataclass
-class SparseHits:
-    """BM25 results of some query rows: ids, scores and the hit records."""
+def _sorted(scores: dict[int, float], ranks: Sequence[dict[int, int]]) -> list[tuple[int, float]]:
+    def best(cid: int) -> int:
+        return min(r.get(cid, 1 << 30) for r in ranks)
 
-    rows: npt.NDArray[np.int64]
-    I: npt.NDArray[np.int64]
-    S: npt.NDArray[np.float32]
-    payload: list[list[dict[str, Any] | None]]
-
-
-def search_sparse(shard: Shard, rows: npt.NDArray[np.int64], queries: list[str], k: int,
-                  allowed: npt.NDArray[np.int64] | None, with_records: bool = True
-                  ) -> SparseHits:
-    """BM25 search of one shard for batch rows ``rows`` (runs inside the shard's search task);
-    ``allowed``: the ids a filter lets through, or None.  ``with_records=False`` leaves
-    ``payload`` empty for the caller to fill (it fetches dense and BM25 hits together)."""
-    sparse = shard.sparse_index()
-    I, S = sparse.search(queries, k, allowed)
-    payload = shard.fetch_rows(I)[0] if with_records else []
-    return SparseHits(rows=np.asarray(rows, np.int64), I=I, S=S, payload=payload)
-
-
-def merge_sparse(nq: int, parts: Sequence[ShardResult]) -> SparseHits:
-    """Merge per-shard BM25 hits (rows are batch rows) into per-query top-k by score."""
-    per_row: list[list[tuple[float, int, dict[str, Any] | None]]] = [[] for _ in range(nq)]
-    k = 0
-    for part in parts:
-        sp: SparseHits = part.sparse
-        k = max(k, sp.I.shape[1])
-        for local, row in enumerate(sp.rows):
-            for cid, score, rec in zip(sp.I[local], sp.S[local], sp.payload[local],
-                                       strict=True):
-                if cid >= 0:
-                    per_row[int(row)].append((float(score), int(cid), rec))
-    I = np.full((nq, k), -1, dtype=np.int64)
-    S = np.zeros((nq, k), dtype=np.float32)
-    payload: list[list[dict[str, Any] | None]] = [[None] * k for _ in range(nq)]
-    for r, cands in enumerate(per_row):
-        seen: set[int] = set()
-        best = []
-        for score, cid, rec in sorted(cands, key=lambda c: (-c[0], c[1])):
-            if cid not in seen:
-                seen.add(cid)
-                best.append((score, cid, rec))
-        for j, (score, cid, rec) in enumerate(best[:k]):
-            I[r, j], S[r, j], payload[r][j] = cid, score, rec
-    return SparseHits(rows=np.arange(nq, dtype=np.int64), I=I, S=S, payload=payload)
-
-
-# ------------------------------------------------------------------------------------------------
-# fusion
-# ------------------------------------------------------------------------------------------------
+    return sorted(scores.items(), key=lambda kv: (-kv[1], best(kv[0]), kv[0]))
 
 
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], rrf_k: int = 60,
@@ -196,39 +76,54 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], rrf_k: int = 60,
     if rrf_k < 1:
         raise InvalidInput(f"rrf_k={rrf_k} is invalid: must be >= 1")
     weights = weights or [1.0] * len(rankings)
+    rank_maps = [_ranks([(c, 0.0) for c in ranking]) for ranking in rankings]
     scores: dict[int, float] = {}
-    best: dict[int, int] = {}
-    for ranking, w in zip(rankings, weights, strict=True):
-        for rank, cid in enumerate(ranking, start=1):
-            if cid < 0:
-                continue
+    for ranks, w in zip(rank_maps, weights, strict=True):
+        for cid, rank in ranks.items():
             scores[cid] = scores.get(cid, 0.0) + w / (rrf_k + rank)
-            best[cid] = min(best.get(cid, rank), rank)
-    return sorted(scores.items(), key=lambda kv: (-kv[1], best[kv[0]], kv[0]))
+    return _sorted(scores, rank_maps)
 
 
-def _minmax(values: Sequence[float]) -> list[float]:
-    if not values:
-        return []
-    lo, hi = min(values), max(values)
-    if hi - lo <= 1e-12:
-        return [1.0] * len(values)
-    return [(v - lo) / (hi - lo) for v in values]
+def _convex(dense: Ranked, sparse: Ranked, dense_weight: float,
+            normalise: Literal["minmax", "distribution"]) -> list[tuple[int, float]]:
+    def norm(ranked: Ranked) -> dict[int, float]:
+        ranked = [(c, s) for c, s in ranked if c >= 0]
+        if not ranked:
+            return {}
+        values = np.asarray([s for _, s in ranked], dtype=np.float64)
+        if normalise == "minmax":
+            lo, hi = values.min(), values.max()
+        else:
+            mean, sd = values.mean(), values.std()
+            lo, hi = mean - 3 * sd, mean + 3 * sd
+        if hi - lo <= 1e-12:
+            out = np.ones_like(values)
+        else:
+            out = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+        result: dict[int, float] = {}
+        for (cid, _), v in zip(ranked, out.tolist(), strict=True):
+            result.setdefault(cid, v)
+        return result
 
-
-def weighted_fusion(dense: Sequence[tuple[int, float]], sparse: Sequence[tuple[int, float]],
-                    dense_weight: float = 0.5) -> list[tuple[int, float]]:
-    """``w * norm(dense) + (1 - w) * norm(sparse)`` with per-query min-max normalisation;
-    a candidate missing from one list gets 0 for it."""
-    d = dict(zip([c for c, _ in dense], _minmax([s for _, s in dense]), strict=True))
-    s = dict(zip([c for c, _ in sparse], _minmax([v for _, v in sparse]), strict=True))
+    d, s = norm(dense), norm(sparse)
     fused = {cid: dense_weight * d.get(cid, 0.0) + (1 - dense_weight) * s.get(cid, 0.0)
-             for cid in set(d) | set(s) if cid >= 0}
-    return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
+             for cid in set(d) | set(s)}
+    return _sorted(fused, [_ranks(dense), _ranks(sparse)])
 
 
-def fuse(mode: str, dense: Sequence[tuple[int, float]], sparse: Sequence[tuple[int, float]],
-         method: str = "rrf", rrf_k: int = 60, dense_weight: float = 0.5
+def weighted_fusion(dense: Ranked, sparse: Ranked, dense_weight: float = 0.5
+                    ) -> list[tuple[int, float]]:
+    """``w * minmax(dense) + (1 - w) * minmax(sparse)``, per query."""
+    return _convex(dense, sparse, dense_weight, "minmax")
+
+
+def distribution_fusion(dense: Ranked, sparse: Ranked, dense_weight: float = 0.5
+                        ) -> list[tuple[int, float]]:
+    """``w * dbsf(dense) + (1 - w) * dbsf(sparse)``: scores normalised by mean +- 3 sd."""
+    return _convex(dense, sparse, dense_weight, "distribution")
+
+
+def fuse(mode: str, dense: Ranked, sparse: Ranked, fusion: Fusion | None = None
          ) -> list[tuple[int, float]]:
     """Rank candidates for ``mode`` in {dense, sparse, hybrid}: (id, score), best first."""
     if mode == "dense":
@@ -237,8 +132,11 @@ def fuse(mode: str, dense: Sequence[tuple[int, float]], sparse: Sequence[tuple[i
         return [(c, s) for c, s in sparse if c >= 0]
     if mode != "hybrid":
         raise InvalidInput(f"mode={mode!r} is invalid: must be 'dense', 'sparse' or 'hybrid'")
-    if method == "rrf":
-        return reciprocal_rank_fusion([[c for c, _ in dense], [c for c, _ in sparse]], rrf_k)
-    if method == "weighted":
-        return weighted_fusion(dense, sparse, dense_weight)
-    raise InvalidInput(f"fusion={method!r} is invalid: must be 'rrf' or 'weighted'")
+    fusion = fusion or Fusion()
+    w = fusion.dense_weight
+    if fusion.method == "rrf":
+        return reciprocal_rank_fusion([[c for c, _ in dense], [c for c, _ in sparse]],
+                                      fusion.rrf_k, [w, 1 - w])
+    if fusion.method == "weighted":
+        return weighted_fusion(dense, sparse, w)
+    return distribution_fusion(dense, sparse, w)

@@ -72,7 +72,7 @@ class CrossEncoderReranker:
 def rerank_scores_task(path: str, queries: list[str], passages: list[list[str]]
                        ) -> list[list[float]]:
     """Runs on a worker: the cross-encoder is loaded once per worker."""
-    from dask_rag.plugins import worker_model_cache
+    from dask_rag.cluster.plugins import worker_model_cache
 
     model: CrossEncoderReranker = worker_model_cache().get(
         ("cross-encoder", path), lambda: CrossEncoderReranker(path))

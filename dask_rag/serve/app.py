@@ -36,7 +36,7 @@ from dask_rag.errors import (
     http_status,
 )
 from dask_rag.serve.openapi import openapi_document
-from dask_rag.serve.schemas import AskRequest, EmbedRequest, SearchRequest, parse_json_body
+from dask_rag.serve.schemas import AskRequest, EmbedRequest, SearchRequest, parse_body
 from dask_rag.telemetry import Telemetry
 
 __all__ = ["create_app"]
@@ -145,9 +145,10 @@ class Guard:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def guarded(name: str, handler: Callable[[Request, dict[str, Any]], Awaitable[Response]],
+def guarded(name: str, handler: Callable[[Request, bytes], Awaitable[Response]],
             needs_body: bool = True) -> Handler:
-    """Wrap a handler with auth, admission, body parsing, timeout, metrics and tracing."""
+    """Wrap a handler with auth, admission, the body (read under its size limit), timeout,
+    metrics and tracing; the handler parses the body into its request model."""
 
     async def endpoint(request: Request) -> Response:
         state = request.app.state
@@ -162,7 +163,7 @@ def guarded(name: str, handler: Callable[[Request, dict[str, Any]], Awaitable[Re
                 guard.inflight += 1
                 telemetry.inflight.inc()
                 try:
-                    body = parse_json_body(await guard.body(request)) if needs_body else {}
+                    body = await guard.body(request) if needs_body else b""
                     response = await wait_at_most(handler(request, body),
                                                   guard.config.request_timeout_s)
                 finally:
@@ -197,51 +198,46 @@ def _json(data: Any, timings: dict[str, float] | None = None) -> JSONResponse:
 # ------------------------------------------------------------------------------------------------
 
 
-async def search(request: Request, body: dict[str, Any]) -> Response:
+async def search(request: Request, body: bytes) -> Response:
     state = request.app.state
-    req = SearchRequest.parse(body, state.config)
+    req = parse_body(SearchRequest, body)
     pipe = state.pipeline
-    t0 = time.perf_counter()
     if state.config.batching:
-        hits, timings = await pipe.asearch_timed(req.query, req.k, req.filter, req.mode)
+        hits, timings = await pipe.asearch_timed(req)
     else:  # naive mode: one graph per request (the benchmark's baseline)
-        timings = {}
-        hits = (await asyncio.to_thread(pipe.search_many, [req.query], req.k, req.filter,
-                                        req.mode, timings))[0]
-        timings["total"] = (time.perf_counter() - t0) * 1e3
+        hits, timings = await pipe.asearch_now(req)
     return _json({"hits": [h.to_dict() for h in hits],
                   "timings_ms": {k: round(v, 3) for k, v in timings.items()}}, timings)
 
 
-async def embed(request: Request, body: dict[str, Any]) -> Response:
+async def embed(request: Request, body: bytes) -> Response:
     state = request.app.state
-    req = EmbedRequest.parse(body, state.config)
+    texts = parse_body(EmbedRequest, body).texts(state.config.max_batch_inputs)
     embedder = state.pipeline.embedder
     t0 = time.perf_counter()
     if state.config.batching:
-        vectors = await asyncio.gather(*(embedder.aembed(t) for t in req.inputs))
+        vectors = await asyncio.gather(*(embedder.aembed(t) for t in texts))
     else:
-        vectors = list(await embedder.aembed_now(list(req.inputs)))
+        vectors = list(await embedder.aembed_now(texts))
     timings = {"embed": (time.perf_counter() - t0) * 1e3}
     timings["total"] = timings["embed"]
-    tokens = sum(len(t.split()) for t in req.inputs)
+    tokens = sum(len(t.split()) for t in texts)
     return _json({"object": "list", "model": embedder.config.model,
                   "data": [{"object": "embedding", "index": i, "embedding": v.tolist()}
                            for i, v in enumerate(vectors)],
                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, timings)
 
 
-async def ask(request: Request, body: dict[str, Any]) -> Response:
+async def ask(request: Request, body: bytes) -> Response:
     state = request.app.state
     pipe = state.pipeline
-    req = AskRequest.parse(body, state.config, pipe.config.stream_chunk_tokens)
+    req = parse_body(AskRequest, body)
     if req.stream:
         return await _ask_stream(request, req)
     if state.config.batching:
-        answer = await pipe.aask(req.question, req.k, req.filter, req.params, req.mode)
+        answer = await pipe.aask(req)
     else:
-        answer = (await asyncio.to_thread(pipe.ask_many, [req.question], req.k, req.filter,
-                                          req.params, req.mode))[0]
+        answer = await pipe.aask_now(req)
     return _json(answer.to_dict(), answer.timings_ms)
 
 
@@ -249,7 +245,7 @@ async def _ask_stream(request: Request, req: AskRequest) -> Response:
     """Server-Sent Events: ``citations``, ``text`` pieces, then ``done`` (or ``error``)."""
     pipe = request.app.state.pipeline
     telemetry: Telemetry = request.app.state.telemetry
-    events = pipe.astream(req.question, req.k, req.filter, req.params, req.mode)
+    events = pipe.astream(req)
     # fail before the 200 if retrieval itself fails (bad filter, shard loss, ...)
     first = await events.__anext__()
 
@@ -285,7 +281,7 @@ async def readyz(request: Request) -> Response:
                         status_code=200 if ok else 503)
 
 
-async def metrics(request: Request, body: dict[str, Any]) -> Response:
+async def metrics(request: Request, body: bytes) -> Response:
     data, content_type = request.app.state.telemetry.exposition()
     return Response(data, media_type=content_type)
 

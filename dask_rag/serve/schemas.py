@@ -1,27 +1,26 @@
-"""Request bodies of the HTTP API: parsing and validation into plain, typed values.
+"""The HTTP API's bodies, defined once as pydantic models: request bodies are parsed into them
+(the search and ask requests are the pipeline's own request objects), and the OpenAPI document
+(:mod:`dask_rag.serve.openapi`) is generated from them, responses included.
 
-Every rule here is mirrored in the OpenAPI document (:mod:`dask_rag.serve.openapi`); a body that
-breaks one gets a 4xx with a message naming the field — never a 500.
+A body that breaks a rule gets a 4xx whose message names the field (``request.k: ...``) —
+never a 500.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from dask_rag.config import ServeConfig
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
 from dask_rag.errors import InvalidInput, MalformedRequest
-from dask_rag.rag.generate.base import SamplingParams
+from dask_rag.rag.requests import AskRequest, SearchRequest, Text, parse_request
 
-__all__ = ["AskRequest", "EmbedRequest", "SearchRequest", "parse_json_body"]
-
-MODES = ("dense", "sparse", "hybrid")
+__all__ = ["AskRequest", "EmbedRequest", "SearchRequest", "parse_body", "parse_json_body"]
 
 
-def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object (400 for bytes that are not JSON, 422 for non-objects)."""
+def parse_json_body(raw: bytes) -> Any:
+    """The body's JSON value (400 for bytes that are not UTF-8 JSON)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -29,149 +28,96 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     if not text.strip():
         raise MalformedRequest("request body is empty; expected a JSON object")
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise MalformedRequest(f"request body is not valid JSON: {exc.msg} at line "
                                f"{exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise MalformedRequest("request body nests too deeply") from None
-    if not isinstance(data, dict):
-        raise InvalidInput(f"request body must be a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _reject_constant(name: str) -> Any:
     raise MalformedRequest(f"request body contains {name}, which is not valid JSON")
 
 
-def _check_keys(body: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise InvalidInput(f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+def parse_body(model: type[Any], raw: bytes) -> Any:
+    """``raw`` (a JSON object) as ``model``: 400 when it is not JSON, 422 naming the field."""
+    data = parse_json_body(raw)
+    if not isinstance(data, dict):
+        raise InvalidInput(f"request body must be a JSON object, got {type(data).__name__}")
+    return parse_request(model, data)
 
 
-def _text(body: dict[str, Any], name: str, cfg: ServeConfig, required: bool = True) -> str:
-    if name not in body:
-        if required:
-            raise InvalidInput(f"missing required field '{name}'")
-        return ""
-    value = body[name]
-    if not isinstance(value, str):
-        raise InvalidInput(f"field '{name}' must be a string, got {_json_type(value)}")
-    if not value.strip():
-        raise InvalidInput(f"field '{name}' is empty")
-    if len(value) > cfg.max_text_chars:
-        raise InvalidInput(f"field '{name}' is {len(value)} characters long; the limit is "
-                           f"{cfg.max_text_chars}")
-    if "\x00" in value:
-        raise InvalidInput(f"field '{name}' contains a NUL character")
-    return value
+class EmbedRequest(BaseModel):
+    """``POST /v1/embed``: OpenAI's embeddings body (one text or a list)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input: Text | list[Text] = Field(min_length=1)
+    model: StrictStr | None = None
+    encoding_format: Literal["float"] = "float"
+    user: StrictStr | None = None
+
+    def texts(self, max_inputs: int) -> list[str]:
+        texts = [self.input] if isinstance(self.input, str) else list(self.input)
+        if len(texts) > max_inputs:
+            raise InvalidInput(f"request.input has {len(texts)} items; the limit is "
+                               f"{max_inputs}")
+        return texts
 
 
-def _int(body: dict[str, Any], name: str, lo: int, hi: int, default: int | None
-         ) -> int | None:
-    if name not in body or body[name] is None:
-        return default
-    value = body[name]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"field '{name}' must be an integer, got {_json_type(value)}")
-    if not lo <= value <= hi:
-        raise InvalidInput(f"field '{name}'={value} is out of range [{lo}, {hi}]")
-    return value
+# ---- responses (for the OpenAPI document; handlers build them as plain dicts) --------------
 
 
-def _json_type(value: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
-            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
+class HitOut(BaseModel):
+    id: int
+    score: float
+    text: str
+    source: str
+    metadata: dict[str, Any]
+    n: int | None = None
 
 
-def _mode(body: dict[str, Any]) -> str | None:
-    mode = body.get("mode")
-    if mode is None:
-        return None
-    if mode not in MODES:
-        raise InvalidInput(f"field 'mode' must be one of {list(MODES)}, got {mode!r}")
-    return str(mode)
+class SearchResponse(BaseModel):
+    hits: list[HitOut]
+    timings_ms: dict[str, float]
 
 
-def _filter(body: dict[str, Any]) -> dict[str, Any] | None:
-    from dask_rag.index.shard import SearchFilter
-
-    flt = body.get("filter")
-    if flt is None:
-        return None
-    SearchFilter.from_dict(flt)  # validates, raises InvalidInput naming the problem
-    return dict(flt)
-
-
-@dataclass(frozen=True)
-class SearchRequest:
-    query: str
-    k: int | None
-    filter: dict[str, Any] | None
-    mode: str | None
-
-    @classmethod
-    def parse(cls, body: dict[str, Any], cfg: ServeConfig) -> SearchRequest:
-        _check_keys(body, {"query", "k", "filter", "mode"})
-        return cls(query=_text(body, "query", cfg), k=_int(body, "k", 1, cfg.max_k, None),
-                   filter=_filter(body), mode=_mode(body))
-
-
-@dataclass(frozen=True)
-class EmbedRequest:
-    inputs: tuple[str, ...]
-    single: bool
-
-    @classmethod
-    def parse(cls, body: dict[str, Any], cfg: ServeConfig) -> EmbedRequest:
-        _check_keys(body, {"input", "model", "encoding_format", "user"})
-        if "input" not in body:
-            raise InvalidInput("missing required field 'input'")
-        value = body["input"]
-        fmt = body.get("encoding_format", "float")
-        if fmt != "float":
-            raise InvalidInput("field 'encoding_format' must be 'float'")
-        if isinstance(value, str):
-            return cls((_text(body, "input", cfg),), True)
-        if not isinstance(value, list) or not value:
-            raise InvalidInput("field 'input' must be a string or a non-empty array of strings")
-        if len(value) > cfg.max_batch_inputs:
-            raise InvalidInput(f"field 'input' has {len(value)} items; the limit is "
-                               f"{cfg.max_batch_inputs}")
-        texts = tuple(_text({"input": v}, "input", cfg) for v in value)
-        return cls(texts, False)
-
-
-@dataclass(frozen=True)
-class AskRequest:
+class AskResponse(BaseModel):
     question: str
-    k: int | None
-    filter: dict[str, Any] | None
-    mode: str | None
-    stream: bool
-    params: SamplingParams
+    answer: str
+    citations: list[HitOut]
+    prompt_tokens: int
+    timings_ms: dict[str, float]
 
-    @classmethod
-    def parse(cls, body: dict[str, Any], cfg: ServeConfig, stream_chunk_tokens: int
-              ) -> AskRequest:
-        sampling = {"max_tokens", "temperature", "top_k", "top_p", "stop", "seed",
-                    "stream_chunk_tokens"}
-        _check_keys(body, {"question", "k", "filter", "mode", "stream"} | sampling)
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise InvalidInput(f"field 'stream' must be a boolean, got {_json_type(stream)}")
-        raw = {k: body[k] for k in sampling if k in body and body[k] is not None}
-        for name in ("temperature", "top_p"):
-            v = raw.get(name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                  or not math.isfinite(v)):
-                raise InvalidInput(f"field '{name}' must be a number, got {_json_type(v)}")
-        stop = raw.get("stop")
-        if stop is not None and not (isinstance(stop, str) or (
-                isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
-            raise InvalidInput("field 'stop' must be a string or an array of strings")
-        raw.setdefault("stream_chunk_tokens", stream_chunk_tokens)
-        params = SamplingParams.from_dict(raw)
-        return cls(question=_text(body, "question", cfg), k=_int(body, "k", 1, cfg.max_k, None),
-                   filter=_filter(body), mode=_mode(body), stream=stream, params=params)
+
+class EmbeddingOut(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbedResponse(BaseModel):
+    object: Literal["list"]
+    model: str
+    data: list[EmbeddingOut]
+    usage: Usage
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Status(BaseModel):
+    status: str
+    detail: str | None = None

@@ -166,7 +166,7 @@ class ClusterSpec:
 
     def build_cluster(self) -> Any:
         """The Dask cluster object (started for local kinds, not yet scaled for SLURM)."""
-        from dask_rag.cluster import tune_worker_malloc
+        from dask_rag.cluster.workers import tune_worker_malloc
 
         tune_worker_malloc()
         if self.kind == "local":
@@ -208,7 +208,7 @@ class ClusterSpec:
                                "'dask-rag[clusters]'") from exc
         s = dict(self.sections["slurm"])
         s.pop("jobs", None)
-        from dask_rag.cluster import WORKER_MALLOC_ENV
+        from dask_rag.cluster.workers import WORKER_MALLOC_ENV
 
         # the job's shell exports dask-rag's worker malloc settings (see dask_rag.cluster);
         # the spec's own prologue lines come after them and can override them
@@ -228,7 +228,7 @@ class ClusterSpec:
         """The DaskCluster custom resource for the dask-kubernetes operator."""
         from dask_kubernetes.operator import make_cluster_spec
 
-        from dask_rag.cluster import WORKER_MALLOC_ENV
+        from dask_rag.cluster.workers import WORKER_MALLOC_ENV
 
         k = self.sections["kubernetes"]
         # dask-rag's worker malloc settings (see dask_rag.cluster) unless the spec sets them
@@ -263,7 +263,7 @@ def start_from_spec(path: str | os.PathLike[str]) -> tuple[Any, Any]:
     """``(client, cluster)`` for a spec; ``cluster`` is None for ``kind: scheduler``."""
     from distributed import Client
 
-    from dask_rag.plugins import tune_comms
+    from dask_rag.cluster.plugins import tune_comms
 
     spec = load_spec(path)
     sec = spec.security()

@@ -213,7 +213,7 @@ def measure_fanout_overhead(client: Any, n_parts: int = 4, iterations: int = 200
     """
     import uuid
 
-    from dask_rag.index.distributed import gather_direct
+    from dask_rag.cluster.futures import gather_direct
 
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     pins = [client.submit(_pin, workers=[w], pure=False, allow_other_workers=False)

@@ -1,4 +1,4 @@
-"""Starting and connecting to Dask clusters (local CPU, local CUDA, or an existing scheduler)."""
+"""Dask workers as dask-rag wants them: malloc settings, local clusters, resources, discovery."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ from typing import Any
 
 from distributed import Client, LocalCluster
 
-from dask_rag.config import CommConfig
 from dask_rag.errors import InvalidInput
-from dask_rag.plugins import tune_comms
 
-__all__ = ["WORKER_MALLOC_ENV", "connect", "resource_request", "start_local_cluster",
+__all__ = ["WORKER_MALLOC_ENV", "current_workers", "resource_request", "start_local_cluster",
            "tune_worker_malloc"]
 
 logger = logging.getLogger(__name__)
@@ -100,35 +98,6 @@ def start_local_cluster(n_workers: int | None = None, threads_per_worker: int = 
                         dashboard_address=dashboard_address, **kwargs)
 
 
-def connect(scheduler: str | None = None, *, spec: str | None = None,
-            comms: CommConfig | None = CommConfig(), **cluster_kwargs: Any
-            ) -> tuple[Client, Any]:
-    """A client for ``scheduler`` (an address), a cluster spec file, or a new local cluster.
-
-    Returns ``(client, cluster)``; ``cluster`` is None when connecting to an existing scheduler
-    (the caller owns the cluster it started and must close it).
-    """
-    cluster = None
-    if scheduler and spec:
-        raise InvalidInput("give either a scheduler address or a cluster spec, not both")
-    if scheduler:
-        client = Client(scheduler)
-    elif spec:
-        from dask_rag.clusterspec import start_from_spec
-
-        client, cluster = start_from_spec(spec)  # applies the spec's own comm intervals
-        logger.info("Dask dashboard: %s", client.dashboard_link)
-        return client, cluster
-    else:
-        kwargs = {k: v for k, v in cluster_kwargs.items() if v is not None}
-        cluster = start_local_cluster(**kwargs)
-        client = Client(cluster)
-    if comms is not None:
-        tune_comms(client, comms)
-    logger.info("Dask dashboard: %s", client.dashboard_link)
-    return client, cluster
-
-
 def resource_request(client: Client, name: str) -> dict[str, float] | None:
     """``{name: 1}`` when some worker of the cluster declares resource ``name``, else None.
 
@@ -139,3 +108,12 @@ def resource_request(client: Client, name: str) -> dict[str, float] | None:
     if any(name in (w.get("resources") or {}) for w in workers.values()):
         return {name: 1}
     return None
+
+
+def current_workers(client: Client, timeout: float = 60.0) -> list[str]:
+    """Addresses of the workers now (waiting for at least one, e.g. during a restart)."""
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    if not workers:
+        client.wait_for_workers(1, timeout=timeout)
+        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    return workers

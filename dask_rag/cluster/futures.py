@@ -1,0 +1,116 @@
+"""Getting results out of Dask futures, and what to do when the cluster changes under them.
+
+* :func:`gather_direct` — results straight from the workers holding them;
+* :func:`await_future` — await a (synchronous client's) future from any asyncio loop;
+* :data:`TRANSIENT_ERRORS` — the one table of failures that a retry can fix (a worker or a
+  connection lost mid-request), :func:`retry_once` / :func:`aretry_once` — the one retry
+  policy: run again once, then report :class:`~dask_rag.errors.ShardUnavailable` (HTTP 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from distributed import Client, Future
+
+from dask_rag.errors import DaskRagError, ShardUnavailable
+
+__all__ = ["TRANSIENT_ERRORS", "aretry_once", "await_future", "gather_direct", "is_transient",
+           "retry_once"]
+
+T = TypeVar("T")
+
+#: names of the exceptions raised when a worker, a connection or the scheduler went away while
+#: a request was in flight (by name: several live in modules that move between releases)
+TRANSIENT_ERRORS = frozenset({"KilledWorker", "FutureCancelledError", "CancelledError",
+                              "CommClosedError", "OSError", "TimeoutError",
+                              "ConnectionRefusedError", "FutureLostError"})
+
+
+def gather_direct(client: Client, futures: Any) -> Any:
+    """``client.gather`` straight from the workers holding the results.
+
+    distributed's default for a client outside the cluster relays every result through the
+    scheduler — a second hop, and CPU on the one process every request shares (on the serving
+    path that relay was ~half of the scheduler's work).  A client created with
+    ``direct_to_workers=False`` (workers unreachable from it, e.g. behind a gateway) keeps
+    the relay.
+    """
+    return client.gather(futures, direct=client.direct_to_workers is not False)
+
+
+async def await_future(fut: Future) -> Any:
+    """Await a Dask future of a synchronous client from any asyncio loop without blocking it.
+
+    distributed runs done-callbacks in a helper thread, so the (possibly blocking) ``result()``
+    call happens there and only the outcome is handed to the event loop.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def _deliver(ok: bool, value: Any) -> None:
+        if done.done():
+            return
+        if ok:
+            done.set_result(value)
+        else:
+            done.set_exception(value)
+
+    def _on_done(f: Future) -> None:
+        try:
+            value, ok = gather_direct(f.client, f), True
+        except BaseException as exc:
+            value, ok = exc, False
+        loop.call_soon_threadsafe(_deliver, ok, value)
+
+    fut.add_done_callback(_on_done)
+    return await done
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure that a retry can fix: a worker or connection lost mid-request."""
+    if isinstance(exc, ShardUnavailable):
+        return True
+    if isinstance(exc, DaskRagError):
+        return False  # bad input, overload, ...: retrying would not help
+    return type(exc).__name__ in TRANSIENT_ERRORS
+
+
+def _gave_up(first: BaseException, second: BaseException) -> ShardUnavailable:
+    return ShardUnavailable(f"request failed twice while the cluster was changing: "
+                            f"{type(first).__name__}, then {type(second).__name__}: {second}")
+
+
+def retry_once(fn: Callable[[], T]) -> T:
+    """Run ``fn``; if a worker or connection was lost under it, run it once more, then report
+    :class:`~dask_rag.errors.ShardUnavailable` (HTTP 503)."""
+    try:
+        return fn()
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        first = exc
+    try:
+        return fn()
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise _gave_up(first, exc) from exc
+
+
+async def aretry_once(fn: Callable[[], Awaitable[T]]) -> T:
+    """:func:`retry_once` for a coroutine function."""
+    try:
+        return await fn()
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        first = exc
+    try:
+        return await fn()
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise _gave_up(first, exc) from exc

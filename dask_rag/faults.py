@@ -1,0 +1,126 @@
+"""Named fault points: deterministic fault injection for tests, inert in production.
+
+The real code paths call :func:`fault_point` at the places where a crash matters::
+
+    wal.appended          a mutation is in the write-ahead log, not yet applied to any shard
+    save.shards_written   a save wrote the new shard files; the manifest commit comes next
+    build.shards_written  a build wrote every shard; the manifest comes next
+    embed.batch           an embedding task is about to encode its texts
+    search.shard          a shard's search task is about to search
+
+A test arms points through the environment (``DASK_RAG_FAULTS``), in the client process
+(``monkeypatch.setenv``) or on workers (:class:`ArmFaults`, a worker plugin; a nanny's new
+worker inherits the nanny's environment, the plugin re-arms it)::
+
+    DASK_RAG_FAULTS="save.shards_written=raise,embed.batch=kill@3"
+
+Actions: ``raise`` (raise :class:`InjectedFault`), ``kill`` (SIGKILL this process: no cleanup,
+no flush — a power cut for the process), ``@N`` fires only on the N-th time the point is
+reached (counted per process).  Every time an armed point is reached it appends a line
+``<point> <pid> <count> <action|pass>`` to ``DASK_RAG_FAULTS_REPORT`` (flushed and fsynced
+*before* the action), so a test proves its fault landed in the phase it claims — never by a
+timer.  With nothing armed, a fault point is a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+__all__ = ["FAULTS_ENV", "REPORT_ENV", "ArmFaults", "InjectedFault", "fault_point",
+           "read_report"]
+
+FAULTS_ENV = "DASK_RAG_FAULTS"
+REPORT_ENV = "DASK_RAG_FAULTS_REPORT"
+POINTS = frozenset({"wal.appended", "save.shards_written", "build.shards_written",
+                    "embed.batch", "search.shard"})
+
+_counts: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+class InjectedFault(RuntimeError):
+    """Raised by an armed ``raise`` fault point."""
+
+
+def _armed(name: str) -> tuple[str, int] | None:
+    spec = os.environ.get(FAULTS_ENV)
+    if not spec:
+        return None
+    for item in spec.split(","):
+        point, _, action = item.strip().partition("=")
+        if point == name:
+            action, _, nth = action.partition("@")
+            return action or "raise", int(nth or 0)
+    return None
+
+
+def fault_point(name: str) -> None:
+    """Fire the fault armed at ``name``, if any (see the module docstring)."""
+    armed = _armed(name)
+    if armed is None:
+        return
+    action, nth = armed
+    with _lock:
+        _counts[name] = count = _counts.get(name, 0) + 1
+    fires = nth == 0 or count == nth
+    _report(f"{name} {os.getpid()} {count} {action if fires else 'pass'}")
+    if not fires:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFault(f"fault injected at {name} (call {count})")
+
+
+def _report(line: str) -> None:
+    path = os.environ.get(REPORT_ENV)
+    if not path:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_report(path: str | os.PathLike[str]) -> list[tuple[str, int, int, str]]:
+    """``(point, pid, count, action)`` for every time an armed point was reached."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        point, pid, count, action = line.split()
+        out.append((point, int(pid), int(count), action))
+    return out
+
+
+class ArmFaults(WorkerPlugin):
+    """Arm fault points on every worker (present and future): sets the environment of the
+    worker processes.  ``ArmFaults({})`` disarms them."""
+
+    name = "dask-rag-faults"
+
+    def __init__(self, faults: dict[str, str], report: str | None = None) -> None:
+        unknown = set(faults) - POINTS
+        if unknown:
+            raise ValueError(f"unknown fault point(s) {sorted(unknown)}; known: {sorted(POINTS)}")
+        self.spec = ",".join(f"{k}={v}" for k, v in faults.items())
+        self.report = report
+
+    def setup(self, worker: Any) -> None:
+        if self.spec:
+            os.environ[FAULTS_ENV] = self.spec
+        else:
+            os.environ.pop(FAULTS_ENV, None)
+        if self.report:
+            os.environ[REPORT_ENV] = self.report
+        with _lock:
+            _counts.clear()

@@ -1,0 +1,146 @@
+"""Every function the index submits to workers, in one place.
+
+Shard tasks take the shard future as their first argument, so the scheduler runs them where the
+shard lives (and :data:`~dask_rag.cluster.plugins.NEVER_STEAL_PREFIXES` keeps the work stealer
+from moving them): only query rows, ids and results cross the network, never a shard.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dask_rag.faults import fault_point
+from dask_rag.index.build import load_router
+from dask_rag.index.merge import empty_result, merge_results
+from dask_rag.index.query import IndexQuery, ShardResult
+from dask_rag.index.routing import RoutedBatch, RoutedRows, Router
+from dask_rag.index.shard import Shard, load_shard
+from dask_rag.index.sparse import search_sparse
+
+__all__ = [
+    "QueryVectors",
+    "apply_add_task",
+    "apply_remove_task",
+    "contains_task",
+    "doc_index_task",
+    "fetch_task",
+    "load_router",
+    "load_shard",
+    "merge_group_task",
+    "route_task",
+    "search_shard_task",
+    "shard_count_task",
+    "write_shard_task",
+]
+
+#: query vectors still in pieces: ``(vectors, rows)`` pairs, as the embedding tasks of a batch
+#: return them (each piece holds the batch rows ``rows``)
+QueryVectors = Sequence[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]]
+
+
+def assemble(parts: QueryVectors) -> npt.NDArray[np.float32]:
+    """The ``(nq, d)`` query matrix of a batch from its embedded pieces."""
+    n = sum(len(rows) for _, rows in parts)
+    out = np.empty((n, parts[0][0].shape[1]), dtype=np.float32)
+    for vecs, rows in parts:
+        out[rows] = vecs
+    return out
+
+
+# ---- search ------------------------------------------------------------------------------------
+
+
+def route_task(router: Router, nprobe: int | None, parts: QueryVectors) -> RoutedBatch:
+    """Coarse-quantize a batch where the router lives (IVF factories)."""
+    return router.route(assemble(parts), nprobe)
+
+
+def search_shard_task(shard: Shard, source: RoutedBatch | RoutedRows | QueryVectors | None,
+                      query: IndexQuery, nq: int) -> ShardResult:
+    """One shard's answer to a batch of ``nq`` queries: its dense top-k of the rows routed to
+    it, BM25 over every row when the query has texts, and the hits' records."""
+    fault_point("search.shard")
+    started_at = time.time()
+    t0 = time.perf_counter()
+    no = shard.ref.shard_no
+    all_rows = np.arange(nq, dtype=np.int64)
+    if isinstance(source, RoutedBatch):
+        part = source.for_shard(no)
+    elif isinstance(source, RoutedRows):
+        part = source
+    elif source is None:  # BM25 only
+        part = RoutedRows(no, all_rows, None, None, None)
+    else:
+        part = RoutedRows(no, all_rows, assemble(source), None, None)
+    metric = shard.spec.metric
+    # the filter is a pass over the shard's records: evaluate it once for dense and BM25
+    allowed = shard.filter_ids(query.filter) if query.filter is not None else None
+    if query.dense and part.xq is not None and len(part.rows):
+        D, I = shard.search(part.xq, query.k, Iq=part.Iq, Dq=part.Dq, nprobe=query.nprobe,
+                            ef_search=query.ef_search, allowed=allowed)
+    else:
+        D, I = empty_result(len(part.rows), query.k, metric)
+    sparse = None
+    if query.texts is not None:  # BM25 has no quantizer to route by: every row, every shard
+        sparse = search_sparse(shard, all_rows, list(query.texts), query.sparse_k, allowed,
+                               with_records=not query.with_records)
+    payload = None
+    if query.with_records:  # dense and BM25 hits' records in one lookup
+        if sparse is None:
+            (payload,) = shard.fetch_rows(I)
+        else:
+            payload, sparse.payload = shard.fetch_rows(I, sparse.I)
+    return ShardResult(rows=part.rows, D=D, I=I, payload=payload, sparse=sparse,
+                       search_ms=(time.perf_counter() - t0) * 1e3, started_at=started_at)
+
+
+def merge_group_task(parts: list[ShardResult], nq: int, k: int, metric: str) -> ShardResult:
+    """One node of the merge tree (``client.map`` passes its group of parts as one list)."""
+    return merge_results(nq, k, metric, parts)
+
+
+# ---- mutation and inspection --------------------------------------------------------------------
+
+
+def apply_add_task(shard: Shard, seq: int, xb: npt.NDArray[np.float32],
+                   ids: npt.NDArray[np.int64], records: list[dict[str, Any]] | None,
+                   lists: npt.NDArray[np.int64] | None) -> int:
+    if seq <= shard.applied_seq:  # already replayed from the WAL by a reload
+        return 0
+    n = shard.add(xb, ids, records, lists)
+    shard.applied_seq = seq
+    return n
+
+
+def apply_remove_task(shard: Shard, seq: int, ids: npt.NDArray[np.int64]) -> int:
+    if seq <= shard.applied_seq:
+        return 0
+    n = shard.remove(ids)
+    shard.applied_seq = seq
+    return n
+
+
+def shard_count_task(shard: Shard) -> int:
+    return shard.ntotal
+
+
+def contains_task(shard: Shard, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    return shard.contains(ids)
+
+
+def fetch_task(shard: Shard, ids: npt.NDArray[np.int64]) -> list[dict[str, Any] | None]:
+    return shard.fetch(ids)
+
+
+def doc_index_task(shard: Shard) -> list[tuple[int, str | None, str | None]]:
+    return shard.doc_index()
+
+
+def write_shard_task(shard: Shard, index_dir: str, generation: int, index_uuid: str
+                     ) -> dict[str, Any]:
+    return shard.write(index_dir, generation, index_uuid)

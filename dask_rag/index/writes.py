@@ -1,0 +1,194 @@
+"""Writes to a :class:`~dask_rag.index.distributed.DistributedIndex`: ``add``, ``remove``,
+``save`` (in place, compacting the write-ahead log) and export to another directory.
+
+Durability rules: a mutation is appended to the WAL (fsynced) before any shard applies it, so
+an acknowledged write survives the loss of the worker that applied it; a save writes new shard
+files, then commits by replacing the manifest atomically, then deletes what the new manifest no
+longer names.  A failure at any point leaves the previous state loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from distributed import Client, Future, wait
+
+from dask_rag.config import IndexSpec
+from dask_rag.errors import InvalidInput
+from dask_rag.faults import fault_point
+from dask_rag.index import store
+from dask_rag.index.build import jsonable_record
+from dask_rag.index.query import check_ids, check_vectors
+from dask_rag.index.routing import Router
+from dask_rag.index.tasks import (
+    apply_add_task,
+    apply_remove_task,
+    contains_task,
+    write_shard_task,
+)
+from dask_rag.index.wal import WalEntry, append_wal, wal_files
+
+__all__ = ["IndexWrites"]
+
+
+class IndexWrites:
+    """The write half of :class:`~dask_rag.index.distributed.DistributedIndex` (a mixin: the
+    attributes below are the index's own)."""
+
+    client: Client
+    path: Path
+    manifest: dict[str, Any]
+    spec: IndexSpec
+    router: Router
+    _counts: list[int]
+    _write_lock: threading.Lock
+
+    @property
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def index_uuid(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def shard_futures(self) -> list[Future]:
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
+        raise NotImplementedError
+
+    def _next_seq(self) -> int:
+        files = wal_files(self.path)
+        last = files[-1][0] if files else 0
+        return max(last, int(self.manifest["wal_seq"])) + 1
+
+    def add(self, xb: Any, ids: Any, records: Sequence[dict[str, Any]] | None = None) -> int:
+        """Add vectors with ids (and records) to their owning shards; durable when it returns."""
+        self._check_open()
+        xb = check_vectors(xb, self.dim, "xb")
+        ids = check_ids(ids, xb.shape[0])
+        if records is not None and len(records) != len(ids):
+            raise InvalidInput(f"records has {len(records)} entries for {len(ids)} vectors")
+        recs_json = None if records is None else json.dumps(
+            [jsonable_record(r) for r in records]).encode()
+        with self._write_lock:
+            present = np.concatenate(self.client.gather([
+                self.client.submit(contains_task, f, ids, pure=False) for f in self.shard_futures]))
+            if present.size:
+                raise InvalidInput(f"ids already in the index, e.g. {int(present[0])}; "
+                                   "remove them first")
+            shard_of, lists = self.router.assign(xb, ids)
+            seq = self._next_seq()
+            append_wal(self.path, WalEntry(seq, "add", ids, shard_of, xb, lists, recs_json))
+            fault_point("wal.appended")
+            futs = {}
+            for s in np.unique(shard_of):
+                m = shard_of == s
+                recs = None if records is None else [dict(r) for r, keep in
+                                                     zip(records, m, strict=True) if keep]
+                futs[int(s)] = self.client.submit(
+                    apply_add_task, self.shard_futures[int(s)], seq, xb[m], ids[m], recs,
+                    None if lists is None else lists[m],
+                    key=(f"dask-rag-apply-{uuid.uuid4().hex}", int(s)), pure=False)
+            wait(list(futs.values()))
+            for s, f in futs.items():
+                f.result()
+                self._counts[s] += int((shard_of == s).sum())
+            return len(ids)
+
+    def remove(self, ids: Any) -> int:
+        """Remove ids from whichever shards hold them; returns how many were removed."""
+        self._check_open()
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise InvalidInput(f"ids must be a 1-D array of integers, got shape {arr.shape}")
+        arr = np.unique(arr.astype(np.int64))
+        if arr.size == 0:
+            return 0
+        with self._write_lock:
+            seq = self._next_seq()
+            append_wal(self.path, WalEntry(seq, "remove", arr))
+            fault_point("wal.appended")
+            futs = [self.client.submit(apply_remove_task, f, seq, arr,
+                                       key=(f"dask-rag-apply-{uuid.uuid4().hex}", s), pure=False)
+                    for s, f in enumerate(self.shard_futures)]
+            removed = [int(x) for x in self.client.gather(futs)]
+            for s, n in enumerate(removed):
+                self._counts[s] -= n
+            return int(sum(removed))
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the current state durably and atomically.
+
+        ``save()`` compacts in place: new shard files, then the manifest is replaced atomically,
+        then old files and the write-ahead log are deleted.  ``save(other)`` exports a copy to
+        another directory (staged, then renamed into place).  A failure at any point leaves
+        the previous index at the target loadable and unchanged.
+        """
+        self._check_open()
+        target = self.path if path is None else Path(path).resolve()
+        with self._write_lock:
+            if target == self.path:
+                self._save_in_place()
+            else:
+                self._export(target)
+        return target
+
+    def _write_all(self, directory: Path, generation: int, index_uuid: str) -> list[dict[str, Any]]:
+        futs = [self.client.submit(write_shard_task, f, str(directory), generation, index_uuid,
+                                   key=(f"dask-rag-write-{uuid.uuid4().hex}", s), pure=False)
+                for s, f in enumerate(self.shard_futures)]
+        entries: list[dict[str, Any]] = self.client.gather(futs)
+        return entries
+
+    def _save_in_place(self) -> None:
+        old = store.read_manifest(self.path)
+        generation = int(old["generation"]) + 1
+        files = wal_files(self.path)
+        wal_seq = max([int(old["wal_seq"])] + [seq for seq, _ in files])
+        entries = self._write_all(self.path, generation, self.index_uuid)
+        fault_point("save.shards_written")
+        manifest = dict(old)
+        manifest.update(shards=entries, generation=generation, wal_seq=wal_seq,
+                        updated_at=store.now(), ntotal=sum(e["count"] for e in entries))
+        store.atomic_write_json(self.path / store.MANIFEST, manifest)  # the commit point
+        self.manifest = manifest
+        # the new manifest is committed: old shard files and folded WAL entries can go
+        keep = {e[key] for e in entries for key in ("file", "meta", "refine_file", "bm25")
+                if key in e}
+        for p in (self.path / "shards").iterdir():
+            if f"shards/{p.name}" not in keep:
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        for seq, p in files:
+            if seq <= wal_seq:
+                p.unlink(missing_ok=True)
+
+    def _export(self, target: Path) -> None:
+        store.check_fresh_target(target)
+        staging = store.staging_dir(target)
+        try:
+            index_uuid = store.new_index_uuid()
+            entries = self._write_all(staging, 0, index_uuid)
+            fault_point("save.shards_written")
+            manifest = dict(self.manifest)
+            manifest.update(index_uuid=index_uuid, shards=entries, generation=0, wal_seq=0,
+                            created_at=store.now(), ntotal=sum(e["count"] for e in entries))
+            if manifest["quantizer"] is not None:
+                shutil.copyfile(self.path / store.QUANTIZER, staging / store.QUANTIZER)
+            store.atomic_write_json(staging / store.MANIFEST, manifest)
+            store.swap_into_place(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
