@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from dask_rag import DistributedIndex, IndexSpec
 from benchmarks.common import RESULTS_DIR, write_result
+from dask_rag import DistributedIndex, IndexSpec
 from dask_rag.cluster import start_local_cluster
 from dask_rag.datasets import clustered_vectors, exact_search, recall_at_k
 

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from dask_rag import CommConfig, DistributedIndex, IndexSpec
 from benchmarks.common import (
     RESULTS_DIR,
     LatencyStats,
@@ -40,9 +39,10 @@ from benchmarks.common import (
     time_concurrent,
     write_result,
 )
+from dask_rag import CommConfig, DistributedIndex, IndexSpec
 from dask_rag.cluster import start_local_cluster
-from dask_rag.datasets import clustered_vectors, exact_search, recall_at_k, same_up_to_ties
 from dask_rag.cluster.plugins import tune_comms
+from dask_rag.datasets import clustered_vectors, exact_search, recall_at_k, same_up_to_ties
 
 DEFAULT_FACTORIES = ["Flat", "IVF1024,Flat", "IVF1024,PQ48", "HNSW32", "ScaNN"]
 
