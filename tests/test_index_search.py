@@ -183,3 +183,47 @@ def test_async_search_matches_sync(client):
         _, I = index.search(xq, k=5)
         _, Ia = asyncio.run(index.asearch(xq, k=5))
         np.testing.assert_array_equal(I, Ia)
+
+
+@pytest.mark.parametrize("factory,n_shards", [("Flat", 1), ("Flat", 3), ("IVF32,Flat", 4),
+                                              ("IVF32,PQ8,RFlat", 2), ("HNSW16", 2)])
+def test_a_querys_hits_do_not_depend_on_its_batch(client, factory, n_shards):
+    """Alone, in a batch, or in a shuffled batch: the same ids and bit-identical scores.  With
+    duplicate vectors (exact ties), flat search returns exactly "top-k by exact score, then
+    by id" — the oracle is float64 numpy, not faiss."""
+    xb = clustered_vectors(4000, D_DIM, n_clusters=30, seed=11)
+    xb[2000:2040] = xb[7]  # 41 equal vectors: more ties than k at the top of some queries
+    xq = clustered_vectors(70, D_DIM, n_clusters=30, seed=12)
+    xq[3] = xb[7]
+    spec = IndexSpec(factory=factory, n_shards=n_shards, nprobe=8)
+    with DistributedIndex.build(client, xb, spec=spec) as index:
+        D, I = index.search(xq, k=10)
+        for i in range(0, len(xq), 9):
+            Di, Ii = index.search(xq[i:i + 1], k=10)
+            np.testing.assert_array_equal(Ii[0], I[i])
+            np.testing.assert_array_equal(Di[0], D[i])
+        perm = np.random.default_rng(0).permutation(len(xq))
+        Dp, Ip = index.search(xq[perm], k=10)
+        np.testing.assert_array_equal(Ip, I[perm])
+        np.testing.assert_array_equal(Dp, D[perm])
+        if factory == "Flat":
+            exact = xq.astype(np.float64) @ xb.astype(np.float64).T
+            ids = np.broadcast_to(np.arange(len(xb)), exact.shape)
+            order = np.lexsort((ids, -exact), axis=1)[:, :10]
+            np.testing.assert_array_equal(I, order)
+            assert list(I[3]) == [7, *range(2000, 2009)]  # the tied duplicates, by id
+
+
+def test_bm25_ties_at_the_cut_go_to_the_smaller_ids():
+    from dask_rag.index.sparse import SparseIndex
+
+    ids = np.arange(100, 130)[::-1].copy()  # stored in descending id order
+    texts = ["apple pie recipe"] * 20 + ["banana bread"] * 10
+    sparse = SparseIndex.build(ids, texts)
+    I, S = sparse.search(["apple", "banana bread", "cherry"], k=5)
+    assert list(I[0]) == [110, 111, 112, 113, 114]  # 20 equal scores: the 5 smallest ids
+    assert list(I[1]) == [100, 101, 102, 103, 104] and (S[1] > 0).all()
+    assert list(I[2]) == [-1] * 5 and (S[2] == 0).all()
+    allowed = np.array([125, 129, 101])
+    I, _ = sparse.search(["apple", "banana"], k=3, allowed=allowed)
+    assert list(I[0]) == [125, 129, -1] and list(I[1]) == [101, -1, -1]
