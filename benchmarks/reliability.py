@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                      "failed_outside_recovery_window": sum(
                          1 for r in failed if not window[0] <= r["t"] <= window[1]),
                      "wrong_answers": sum(1 for r in requests if r.get("wrong"))},
-        "retries_by_server": "retry-once on transient errors (see RagPipeline.retry_once)",
+        "retries_by_server": "retry-once on transient errors (dask_rag.cluster.futures.retry_once)",
         "writes": {"acknowledged": len(acked), "lost": lost,
                    "failed_unacknowledged": sum(1 for r in log if r["kind"] == "write")},
         "recovery": {"kill_at_s": round(t_kill, 2),
