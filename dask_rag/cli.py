@@ -218,7 +218,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-batching", action="store_true",
                    help="one Dask graph per request (the benchmark's naive baseline)")
     g.add_argument("--max-batch", type=int, default=128)
-    g.add_argument("--max-wait-ms", type=float, default=5.0,
+    g.add_argument("--max-wait-ms", type=float, default=0.0,
                    help="how long a lone request may wait for others to batch with")
     g.add_argument("--busy-wait-ms", type=float, default=25.0,
                    help="the same while another batch is being processed (fills batches under "

@@ -313,11 +313,13 @@ class BatchConfig:
     into several small batches, each paying a graph's fixed cost.  While a batch is in flight
     the workers are busy anyway, so waiting a little longer costs little latency and fills
     the batch.  Measured with ``POST /v1/search`` at 64 clients: mean batch 22 → 44-47 and
-    ~300 → ~380 q/s with ``busy_wait_ms`` 15-30 (``max_wait_ms`` 5).
+    ~300 → ~380 q/s with ``busy_wait_ms`` 15-30 (``max_wait_ms`` 5).  ``max_wait_ms`` is 0 by
+    default: on an idle service nothing else is coming to share a graph with, and 5 ms was a
+    sixth of a lone ``/v1/search`` (``benchmarks/latency.py``).
     """
 
     max_batch: int = 128
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
     max_queue: int = 4096
     max_concurrent_batches: int = 2
     busy_wait_ms: float = 25.0

@@ -31,25 +31,42 @@ from pydantic import BaseModel
 
 from dask_rag.batching import MicroBatcher
 from dask_rag.cluster import resource_request
-from dask_rag.cluster.futures import aretry_once, await_future, gather_direct, retry_once
+from dask_rag.cluster.futures import (
+    aretry_once,
+    await_future,
+    gather_direct,
+    retry_once,
+)
 from dask_rag.config import BatchConfig, EmbedConfig, RagConfig
 from dask_rag.embed.encoder import recorded_config
 from dask_rag.embed.service import EmbeddingService
 from dask_rag.errors import InvalidInput
 from dask_rag.index.distributed import DistributedIndex
+from dask_rag.index.query import IndexQuery
 from dask_rag.rag.fusion import Fusion
 from dask_rag.rag.generate.base import SamplingParams, parse_generator_spec
 from dask_rag.rag.hits import Answer, Hit
 from dask_rag.rag.requests import AskRequest, SearchRequest, parse_request
 from dask_rag.rag.tasks import (
+    GenerationPlan,
+    RerankPlan,
     RetrievalPlan,
-    generate_task,
-    rerank_task,
+    Retrieved,
+    answer_task,
+    retrieve,
     retrieve_task,
     stream_task,
 )
 
-__all__ = ["Answer", "Hit", "RagPipeline"]
+__all__ = ["SMALL_BATCH", "Answer", "Hit", "RagPipeline"]
+
+#: batches of at most this many requests are embedded on every shard's worker (not in tasks of
+#: their own) and, for search, go to the workers' searcher actors directly and are merged and
+#: fused in the client (dask_rag.index.searcher): a trip through the scheduler costs ~4-7 ms
+#: here, most of a lone request's latency, while repeating a few short texts' embedding on each
+#: worker costs a few milliseconds of parallel compute.  Bigger batches embed once, split
+#: across the workers, in one graph.
+SMALL_BATCH = 4
 
 Req = TypeVar("Req", SearchRequest, AskRequest)
 
@@ -143,10 +160,10 @@ class RagPipeline:
 
     # ---- graphs -------------------------------------------------------------------------------
 
-    def _submit_retrieve(self, reqs: Sequence[SearchRequest | AskRequest], keep: int
-                         ) -> tuple[Future, str]:
-        """Submit embed → [route] → search → merge → retrieve for requests sharing options;
-        returns the retrieve future and the graph's token."""
+    def _plan(self, reqs: Sequence[SearchRequest | AskRequest], keep: int
+              ) -> tuple[IndexQuery, RetrievalPlan]:
+        """What the shards are asked (the index query) and how their answers become each
+        request's hits (the retrieval plan), for requests sharing options."""
         first = reqs[0]
         texts = [r.query if isinstance(r, SearchRequest) else r.question for r in reqs]
         mode = first.mode or self.config.mode
@@ -156,51 +173,59 @@ class RagPipeline:
                                  filter=first.filter, with_records=True,
                                  texts=texts if mode != "dense" else None, sparse_k=depth,
                                  dense=mode != "sparse")
-        submitted_at = time.time()
-        vectors = None if mode == "sparse" else self.embedder.submit(texts)
-        parts = self.index.submit_search(query, vectors)
-        token = uuid.uuid4().hex
         plan = RetrievalPlan(nq=len(texts), depth=depth, metric=self.index.metric, mode=mode,
-                             fusion=self._fusion(first), keep=keep, submitted_at=submitted_at)
-        retrieved = self.client.submit(retrieve_task, plan, *parts, pure=False, priority=10,
-                                       key=f"dask-rag-retrieve-{token}")
-        return retrieved, token
+                             fusion=self._fusion(first), keep=keep, submitted_at=time.time())
+        return query, plan
 
-    def submit_search(self, reqs: Sequence[SearchRequest]) -> Future:
-        """The whole graph of a batch of search requests with equal options; its future holds
-        ``(hits per request, stage timings)``."""
-        retrieved, _ = self._submit_retrieve(reqs, self._k(reqs[0]))
-        return retrieved
+    def _vectors(self, reqs: Sequence[SearchRequest | AskRequest], plan: RetrievalPlan
+                 ) -> Any:
+        """The query vectors' source: None (BM25 only), the texts to embed in the search
+        tasks (a small batch), or embedding tasks' pieces (see SMALL_BATCH)."""
+        if plan.mode == "sparse":
+            return None
+        texts = [r.query if isinstance(r, SearchRequest) else r.question for r in reqs]
+        if len(texts) <= SMALL_BATCH:
+            return self.embedder.here(texts)
+        return self.embedder.submit(texts)
 
-    def submit_rerank(self, reqs: Sequence[SearchRequest]) -> Future:
-        """:meth:`submit_search` with the cross-encoder over ``rerank_top_n`` candidates."""
+    def _search_parts(self, reqs: Sequence[SearchRequest | AskRequest], keep: int
+                      ) -> tuple[list[Future], RetrievalPlan, str]:
+        """Submit the search stages of a batch of requests sharing options: embedding (in its
+        own tasks, or in each shard's task for a small batch), [route], shard searches, merge
+        tree; returns the <= 4 partial results' futures and the plan of the final merge."""
+        query, plan = self._plan(reqs, keep)
+        parts = self.index.submit_search(query, self._vectors(reqs, plan), nq=plan.nq)
+        return parts, plan, uuid.uuid4().hex
+
+    def _rerank_plan(self, questions: list[str], k: int) -> RerankPlan | None:
         if not self.config.rerank_model:
+            return None
+        return RerankPlan(self.config.rerank_model, k, tuple(questions))
+
+    def submit_search(self, reqs: Sequence[SearchRequest], rerank: bool = False) -> Future:
+        """The whole graph of a batch of search requests with equal options; its future holds
+        ``(hits per request, stage timings)``.  ``rerank``: the cross-encoder re-orders
+        ``rerank_top_n`` fused candidates."""
+        if rerank and not self.config.rerank_model:
             raise InvalidInput("no rerank model configured (RagConfig.rerank_model)")
         k = self._k(reqs[0])
-        retrieved, token = self._submit_retrieve(reqs, self._rerank_depth(k))
-        return self.client.submit(rerank_task, self.config.rerank_model, k,
-                                  [r.query for r in reqs], retrieved, pure=False, priority=10,
-                                  key=f"dask-rag-rerank-{token}")
-
-    def _submit_answer_stages(self, reqs: Sequence[AskRequest]) -> tuple[Future, str]:
-        k = self._k(reqs[0])
-        retrieved, token = self._submit_retrieve(reqs, self._rerank_depth(k))
-        if self.config.rerank_model:
-            retrieved = self.client.submit(rerank_task, self.config.rerank_model, k,
-                                           [r.question for r in reqs], retrieved,
-                                           key=f"dask-rag-rerank-{token}", pure=False,
-                                           priority=10)
-        return retrieved, token
+        parts, plan, token = self._search_parts(reqs, self._rerank_depth(k) if rerank else k)
+        rerank_plan = self._rerank_plan([r.query for r in reqs], k) if rerank else None
+        return self.client.submit(retrieve_task, plan, rerank_plan, *parts, pure=False,
+                                  priority=10, key=f"dask-rag-retrieve-{token}")
 
     def submit_ask(self, reqs: Sequence[AskRequest]) -> Future:
         """The whole graph of a batch of ask requests with equal options: one future of the
         answers' fields (text, citations, hits, prompt tokens, timings)."""
-        retrieved, token = self._submit_answer_stages(reqs)
-        params = reqs[0].sampling(self.config.stream_chunk_tokens)
-        return self.client.submit(generate_task, self.generator_spec, self.config, params,
-                                  [r.question for r in reqs], self._k(reqs[0]), retrieved,
-                                  key=f"dask-rag-generate-{token}", pure=False, priority=10,
-                                  resources=self._generator_resources)
+        k = self._k(reqs[0])
+        parts, plan, token = self._search_parts(reqs, self._rerank_depth(k))
+        questions = [r.question for r in reqs]
+        gen = GenerationPlan(self.generator_spec, self.config,
+                             reqs[0].sampling(self.config.stream_chunk_tokens),
+                             tuple(questions), k)
+        return self.client.submit(answer_task, plan, self._rerank_plan(questions, k), gen,
+                                  *parts, key=f"dask-rag-generate-{token}", pure=False,
+                                  priority=10, resources=self._generator_resources)
 
     # ---- synchronous API ----------------------------------------------------------------------
 
@@ -210,7 +235,22 @@ class RagPipeline:
         """Hits for a batch of queries: one graph."""
         reqs = self._requests(queries, lambda q: self.search_request(q, k, filter, mode,
                                                                      fusion))
-        return self._run_retrieval(self.submit_search, reqs, timings)
+        t0 = time.perf_counter()
+        hits, stage = retry_once(lambda: self._search_now(reqs))
+        if timings is not None:
+            timings.update(stage, total=(time.perf_counter() - t0) * 1e3)
+        return hits
+
+    def _search_now(self, reqs: Sequence[SearchRequest]) -> Retrieved:
+        if len(reqs) <= SMALL_BATCH:
+            # a small batch: the workers' searcher actors answer directly, and the shards'
+            # answers are merged and fused here (see SMALL_BATCH); a graph if that fails
+            query, plan = self._plan(reqs, self._k(reqs[0]))
+            parts = self.index.search_direct(query, self._vectors(reqs, plan), plan.nq)
+            if parts is not None:
+                return retrieve(plan, parts)
+        result: Retrieved = gather_direct(self.client, self.submit_search(reqs))
+        return result
 
     def search(self, query: str, k: int | None = None, filter: Any = None,
                mode: str | None = None, fusion: Fusion | dict[str, Any] | None = None
@@ -224,7 +264,9 @@ class RagPipeline:
         if not self.config.rerank_model:
             raise InvalidInput("no rerank model configured (RagConfig.rerank_model)")
         reqs = self._requests(queries, lambda q: self.search_request(q, k, filter, mode))
-        return self._run_retrieval(self.submit_rerank, reqs, None)
+        hits, _ = retry_once(lambda: gather_direct(self.client,
+                                                   self.submit_search(reqs, rerank=True)))
+        return hits
 
     def ask_many(self, questions: Sequence[str], k: int | None = None, filter: Any = None,
                  params: SamplingParams | None = None, mode: str | None = None,
@@ -250,15 +292,6 @@ class RagPipeline:
         if not reqs:
             raise InvalidInput("no queries given")
         return reqs
-
-    def _run_retrieval(self, submit: Callable[[Sequence[SearchRequest]], Future],
-                       reqs: list[SearchRequest], timings: dict[str, float] | None
-                       ) -> list[list[Hit]]:
-        t0 = time.perf_counter()
-        hits, stage = retry_once(lambda: gather_direct(self.client, submit(reqs)))
-        if timings is not None:
-            timings.update(stage, total=(time.perf_counter() - t0) * 1e3)
-        return hits
 
     # ---- asyncio: micro-batched entry points (the HTTP shim uses these) ----------------------
 
@@ -287,7 +320,7 @@ class RagPipeline:
     async def asearch_now(self, req: SearchRequest) -> tuple[list[Hit], dict[str, float]]:
         """One graph for this request alone, no micro-batching (the naive baseline)."""
         t0 = time.perf_counter()
-        hits, timings = await aretry_once(lambda: await_future(self.submit_search([req])))
+        hits, timings = await aretry_once(lambda: self._asearch_graph([req]))
         return hits[0], {**timings, "total": (time.perf_counter() - t0) * 1e3}
 
     async def aask_now(self, req: AskRequest) -> Answer:
@@ -296,11 +329,20 @@ class RagPipeline:
         results = await aretry_once(lambda: await_future(self.submit_ask([req])))
         return _answers([req], results, t0)[0]
 
+    async def _asearch_graph(self, reqs: list[SearchRequest]) -> Retrieved:
+        if len(reqs) <= SMALL_BATCH:
+            query, plan = self._plan(reqs, self._k(reqs[0]))
+            parts = await self.index.asearch_direct(query, self._vectors(reqs, plan), plan.nq)
+            if parts is not None:
+                return retrieve(plan, parts)
+        result: Retrieved = await await_future(self.submit_search(reqs))
+        return result
+
     async def _search_batch(self, reqs: list[SearchRequest]
                             ) -> list[tuple[list[Hit], dict[str, float]]]:
         async def one_group(group: list[SearchRequest]) -> list[tuple[list[Hit],
                                                                       dict[str, float]]]:
-            hits, timings = await aretry_once(lambda: await_future(self.submit_search(group)))
+            hits, timings = await aretry_once(lambda: self._asearch_graph(group))
             return [(h, timings) for h in hits]
 
         return await _by_options(reqs, one_group)
@@ -327,10 +369,12 @@ class RagPipeline:
         t0 = time.perf_counter()
         name = f"dask-rag-stream-{uuid.uuid4().hex}"
         queue = Queue(name, client=self.client)
-        retrieved, token = self._submit_answer_stages([req])
-        task = self.client.submit(stream_task, self.generator_spec, self.config,
-                                  req.sampling(self.config.stream_chunk_tokens), req.question,
-                                  self._k(req), name, retrieved, pure=False, priority=10,
+        k = self._k(req)
+        parts, plan, token = self._search_parts([req], self._rerank_depth(k))
+        gen = GenerationPlan(self.generator_spec, self.config,
+                             req.sampling(self.config.stream_chunk_tokens), (req.question,), k)
+        task = self.client.submit(stream_task, plan, self._rerank_plan([req.question], k), gen,
+                                  name, *parts, pure=False, priority=10,
                                   key=f"dask-rag-stream-{token}",
                                   resources=self._generator_resources)
         timings: dict[str, float] = {}
@@ -353,7 +397,6 @@ class RagPipeline:
             await await_future(task)
         finally:
             task.release()
-            retrieved.release()
         timings["total"] = (time.perf_counter() - t0) * 1e3
         yield {"event": "done", "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
 

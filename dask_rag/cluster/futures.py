@@ -17,8 +17,8 @@ from distributed import Client, Future
 
 from dask_rag.errors import DaskRagError, ShardUnavailable
 
-__all__ = ["TRANSIENT_ERRORS", "aretry_once", "await_future", "gather_direct", "is_transient",
-           "retry_once"]
+__all__ = ["TRANSIENT_ERRORS", "aretry_once", "await_future", "await_futures", "gather_direct",
+           "is_transient", "retry_once"]
 
 T = TypeVar("T")
 
@@ -67,6 +67,35 @@ async def await_future(fut: Future) -> Any:
 
     fut.add_done_callback(_on_done)
     return await done
+
+
+async def await_futures(futures: list[Future]) -> list[Any]:
+    """Await several futures of one client: one gather from their workers once all are done
+    (not one per future)."""
+    if not futures:
+        return []
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+    remaining = [len(futures)]
+
+    def _deliver(ok: bool, value: Any) -> None:
+        if not done.done():
+            done.set_result(value) if ok else done.set_exception(value)
+
+    def _on_done(_: Future) -> None:
+        remaining[0] -= 1  # callbacks run one at a time, in distributed's callback thread
+        if remaining[0]:
+            return
+        try:
+            value, ok = gather_direct(futures[0].client, futures), True
+        except BaseException as exc:
+            value, ok = exc, False
+        loop.call_soon_threadsafe(_deliver, ok, value)
+
+    for f in futures:
+        f.add_done_callback(_on_done)
+    result: list[Any] = await done
+    return result
 
 
 def is_transient(exc: BaseException) -> bool:

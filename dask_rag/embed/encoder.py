@@ -18,6 +18,7 @@ fp16 is for GPUs.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,6 +129,7 @@ def recorded_config(recorded: dict[str, Any], override: EmbedConfig | None = Non
     return override
 
 
+@functools.lru_cache(maxsize=64)
 def resolve_config(config: EmbedConfig) -> EmbedConfig:
     """``config`` with ``"auto"`` device, precision and backend resolved on this machine: two
     configs that resolve alike load one encoder (a worker caches encoders by this)."""

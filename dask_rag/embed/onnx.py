@@ -16,6 +16,7 @@ but none ever reads a half-written file; a damaged cache entry is rebuilt.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -37,6 +38,7 @@ __all__ = ["OnnxTransformer", "cache_dir", "onnx_available"]
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+@functools.cache
 def onnx_available() -> bool:
     """True when ONNX Runtime and the ``onnx`` package (export, quantization) are importable."""
     import importlib.util

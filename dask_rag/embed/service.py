@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,8 @@ from dask_rag.embed.encoder import SentenceEncoder, resolve_config, resolve_mode
 from dask_rag.errors import InvalidInput
 from dask_rag.faults import fault_point
 
-__all__ = ["EmbeddingService", "embed_texts_task", "split_balanced", "worker_encoder"]
+__all__ = ["EmbedHere", "EmbeddingService", "embed_texts_task", "split_balanced",
+           "worker_encoder"]
 
 
 def worker_encoder(config: EmbedConfig) -> SentenceEncoder:
@@ -41,6 +43,19 @@ def worker_encoder(config: EmbedConfig) -> SentenceEncoder:
 def embed_texts_task(config: EmbedConfig, texts: list[str]) -> npt.NDArray[np.float32]:
     fault_point("embed.batch")
     return worker_encoder(config).encode(texts)
+
+
+@dataclass(frozen=True)
+class EmbedHere:
+    """Texts to embed inside whatever task calls this (e.g. each shard's search task: for a
+    small batch, embedding it again on every shard's worker costs a few milliseconds of
+    compute in parallel and saves the scheduling round trip of an embedding task)."""
+
+    config: EmbedConfig
+    texts: tuple[str, ...]
+
+    def __call__(self) -> npt.NDArray[np.float32]:
+        return embed_texts_task(self.config, list(self.texts))
 
 
 def encoder_info_task(config: EmbedConfig) -> dict[str, Any]:
@@ -120,6 +135,10 @@ class EmbeddingService:
         rows = [order[a:b] for a, b in parts]
         return [(self.client.submit(embed_texts_task, self.config, [texts[i] for i in r],
                                     pure=False, priority=5), r) for r in rows]
+
+    def here(self, texts: Sequence[str]) -> EmbedHere:
+        """``texts`` to be embedded in the task that needs them (see :class:`EmbedHere`)."""
+        return EmbedHere(self.config, tuple(_check_texts(texts)))
 
     def _assemble(self, n: int, parts: Sequence[npt.NDArray[np.float32]],
                   pieces: list[tuple[Future, npt.NDArray[np.int64]]]

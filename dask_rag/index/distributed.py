@@ -58,6 +58,7 @@ from dask_rag.index.query import (
     parse_filter,
 )
 from dask_rag.index.routing import Router, plan_moves
+from dask_rag.index.searcher import ShardSearcher
 from dask_rag.index.shard import ShardRef
 from dask_rag.index.tasks import (
     doc_index_task,
@@ -97,6 +98,9 @@ class DistributedIndex(IndexWrites):
         self._owns_dir = owns_dir
         self._shards: list[Future] = []
         self._router_future: Future | None = None
+        #: worker -> keys of the shard futures it holds, and the searcher actors (direct path)
+        self._direct: dict[str, list[Any]] | None = None
+        self._searchers: dict[str, Any] = {}
         self._counts: list[int] = []
         self._lock = threading.RLock()
         self._write_lock = threading.Lock()
@@ -274,9 +278,11 @@ class DistributedIndex(IndexWrites):
         (merge them with :func:`~dask_rag.index.merge.merge_results`, in a task of your own
         or here).
 
-        ``vectors``: the ``(nq, d)`` query matrix (validated here), or the futures of its
-        pieces as ``[(future, rows), ...]`` — an embedding task's output, which then never
-        comes back to this process — or None for a BM25-only query (``query.texts``).
+        ``vectors``: the ``(nq, d)`` query matrix (validated here); the futures of its
+        pieces as ``[(future, rows), ...]`` — embedding tasks' output, which then never comes
+        back to this process; a picklable callable that returns the matrix when called in each
+        search task (an encoder for a small batch; give ``nq``); or None for a BM25-only query
+        (``query.texts``).
         """
         self._check_open()
         with self._lock:
@@ -284,13 +290,21 @@ class DistributedIndex(IndexWrites):
             router_future = self._router_future
         nprobe = query.nprobe or self.spec.nprobe
         probes = self.router.quantizer is not None and query.dense
-        if isinstance(vectors, np.ndarray) or (vectors is not None and not _is_pieces(vectors)):
+        router: Future | None = None
+        if callable(vectors):  # computed in each search task (see search_shard_task)
+            if nq is None:
+                raise InvalidInput("submit_search: give nq with a callable vector source")
+            visit = list(range(self.n_shards))
+            sources: list[Any] = [vectors] * len(visit)
+            router = router_future if probes else None
+        elif isinstance(vectors, np.ndarray) or (vectors is not None
+                                                 and not _is_pieces(vectors)):
             xq = check_vectors(vectors, self.dim, "xq")
             nq = xq.shape[0]
             routed = self.router.route(xq, nprobe if probes else None)
             visit = routed.shards(self.n_shards) if query.texts is None else \
                 list(range(self.n_shards))
-            sources: list[Any] = [routed.for_shard(s) for s in visit]
+            sources = [routed.for_shard(s) for s in visit]
         else:
             if vectors is None:
                 if query.dense or query.texts is None:
@@ -315,7 +329,8 @@ class DistributedIndex(IndexWrites):
         # costs the client and the scheduler one graph each)
         parts: list[Future] = self.client.map(
             search_shard_task, [shards[s] for s in visit], sources, query=query, nq=nq,
-            key=[(f"dask-rag-search-{token}", s) for s in visit], pure=False, priority=10)
+            router=router, key=[(f"dask-rag-search-{token}", s) for s in visit], pure=False,
+            priority=10)
         level = 0
         while len(parts) > MERGE_FAN_IN:
             groups = [parts[i:i + MERGE_FAN_IN] for i in range(0, len(parts), MERGE_FAN_IN)]
@@ -325,6 +340,88 @@ class DistributedIndex(IndexWrites):
                 pure=False, priority=10)
             level += 1
         return parts
+
+    # ---- direct calls for small batches (see dask_rag.index.searcher) -------------------------
+
+    def _direct_calls(self, query: IndexQuery, source: Any, nq: int) -> list[Any] | None:
+        """One actor call per worker holding shards, or None when the shards' places are not
+        known (then the caller submits a graph)."""
+        self._check_open()
+        if not callable(source):
+            raise InvalidInput("direct searches take a callable vector source (an encoder)")
+        with self._lock:
+            shards = list(self._shards)
+            if self._direct is None:
+                who = self.client.who_has(shards)
+                by_worker: dict[str, list[Any]] = {}
+                for f in shards:
+                    holders = sorted(who.get(f.key, ()))
+                    if not holders:
+                        return None
+                    by_worker.setdefault(holders[0], []).append(f.key)
+                self._direct = by_worker
+            plan = self._direct
+        index = ((str(self.path), self.index_uuid)
+                 if self.router.quantizer is not None and query.dense else None)
+        calls = []
+        for worker, keys in plan.items():
+            actor = self._searchers.get(worker)
+            if actor is None:
+                actor = self.client.submit(ShardSearcher, actor=True, workers=[worker],
+                                           allow_other_workers=False, pure=False,
+                                           key=f"dask-rag-searcher-{self._token}-{worker}"
+                                           ).result()
+                self._searchers[worker] = actor
+            calls.append(actor.search(keys, source, query, nq, index))
+        return calls
+
+    def _direct_failed(self) -> None:
+        """Forget where shards were (and the actors there): the next call asks again."""
+        with self._lock:
+            self._direct = None
+            self._searchers = {}
+
+    def search_direct(self, query: IndexQuery, source: Any, nq: int
+                      ) -> list[ShardResult] | None:
+        """The shards' answers to a small batch through the per-worker searcher actors (no
+        scheduler); None if that path failed — run :meth:`submit_search` instead."""
+        try:
+            calls = self._direct_calls(query, source, nq)
+            results = None if calls is None else [c.result() for c in calls]
+        except DaskRagError:
+            raise
+        except Exception:  # a worker or its actor is gone, or shards moved
+            results = None
+        if results is None or any(r is None for r in results):
+            self._direct_failed()
+            return None
+        return [part for r in results for part in r]
+
+    async def asearch_direct(self, query: IndexQuery, source: Any, nq: int
+                             ) -> list[ShardResult] | None:
+        """:meth:`search_direct` for asyncio code: the actor futures are awaited on the
+        client's own event loop, and only the outcome comes back to this one."""
+        import asyncio
+
+        try:
+            calls = self._direct_calls(query, source, nq)
+            if calls is None:
+                results = None
+            else:
+                async def all_of() -> list[Any]:
+                    return [await c for c in calls]
+
+                loop = self.client.loop.asyncio_loop  # type: ignore[union-attr]
+                results = await asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(all_of(), loop))
+        except DaskRagError:
+            raise
+        except Exception:
+            results = None
+        if results is None or any(r is None for r in results):
+            self._direct_failed()
+            return None
+        return [part for r in results for part in r]
 
     def search(self, xq: Any, k: int = 10, nprobe: int | None = None, *,
                ef_search: int | None = None, filter: SearchFilter | dict[str, Any] | None = None
@@ -405,6 +502,7 @@ class DistributedIndex(IndexWrites):
         if not moves:
             return 0
         self._epoch += 1
+        self._direct_failed()
         new = {}
         for s, w in moves:
             ref = ShardRef(str(self.path), s, self.index_uuid)
@@ -429,6 +527,7 @@ class DistributedIndex(IndexWrites):
         if not lost:
             return 0
         self._epoch += 1
+        self._direct_failed()
         with self._lock:
             for s in lost:
                 ref = ShardRef(str(self.path), s, self.index_uuid)
@@ -459,6 +558,7 @@ class DistributedIndex(IndexWrites):
                         f.release()
             self._shards = []
             self._router_future = None
+            self._direct, self._searchers = None, {}
         if self._owns_dir:
             shutil.rmtree(self.path, ignore_errors=True)
 

@@ -136,5 +136,6 @@ class ShardResult:
     sparse: SparseHits | None = None
     #: slowest search task of the parts merged here, in milliseconds
     search_ms: float = 0.0
-    #: wall-clock time (``time.time()``) the first of those tasks started
+    #: wall-clock time (``time.time()``) the first of those tasks began searching (after
+    #: embedding its queries, when it did that itself)
     started_at: float = 0.0

@@ -28,6 +28,7 @@ __all__ = [
     "apply_remove_task",
     "contains_task",
     "doc_index_task",
+    "embed_and_route",
     "fetch_task",
     "load_router",
     "load_shard",
@@ -55,18 +56,30 @@ def assemble(parts: QueryVectors) -> npt.NDArray[np.float32]:
 # ---- search ------------------------------------------------------------------------------------
 
 
+def embed_and_route(source: Any, router: Router | None, query: IndexQuery) -> RoutedBatch:
+    """The batch from a callable vector source (an encoder), routed here when there is a
+    coarse quantizer."""
+    xq = np.ascontiguousarray(source(), dtype=np.float32)
+    return router.route(xq, query.nprobe) if router is not None else RoutedBatch(xq)
+
+
 def route_task(router: Router, nprobe: int | None, parts: QueryVectors) -> RoutedBatch:
     """Coarse-quantize a batch where the router lives (IVF factories)."""
     return router.route(assemble(parts), nprobe)
 
 
-def search_shard_task(shard: Shard, source: RoutedBatch | RoutedRows | QueryVectors | None,
-                      query: IndexQuery, nq: int) -> ShardResult:
+def search_shard_task(shard: Shard, source: Any, query: IndexQuery, nq: int,
+                      router: Router | None = None) -> ShardResult:
     """One shard's answer to a batch of ``nq`` queries: its dense top-k of the rows routed to
-    it, BM25 over every row when the query has texts, and the hits' records."""
+    it, BM25 over every row when the query has texts, and the hits' records.
+
+    ``source``: a :class:`RoutedBatch` (this shard keeps its part), this shard's
+    :class:`RoutedRows`, the batch's embedded pieces (:data:`QueryVectors`), a callable that
+    produces the ``(nq, d)`` query matrix here (e.g. an encoder: a small batch is embedded on
+    every shard's worker rather than in a task of its own, a scheduling round trip less), or
+    None (BM25 only).  With a callable and a coarse quantizer, ``router`` routes the rows here.
+    """
     fault_point("search.shard")
-    started_at = time.time()
-    t0 = time.perf_counter()
     no = shard.ref.shard_no
     all_rows = np.arange(nq, dtype=np.int64)
     if isinstance(source, RoutedBatch):
@@ -75,8 +88,12 @@ def search_shard_task(shard: Shard, source: RoutedBatch | RoutedRows | QueryVect
         part = source
     elif source is None:  # BM25 only
         part = RoutedRows(no, all_rows, None, None, None)
+    elif callable(source):
+        part = embed_and_route(source, router, query).for_shard(no)
     else:
         part = RoutedRows(no, all_rows, assemble(source), None, None)
+    started_at = time.time()
+    t0 = time.perf_counter()
     metric = shard.spec.metric
     # the filter is a pass over the shard's records: evaluate it once for dense and BM25
     allowed = shard.filter_ids(query.filter) if query.filter is not None else None

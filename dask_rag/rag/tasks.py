@@ -1,8 +1,11 @@
-"""The RAG tasks of a query graph, after the index's search tasks: fuse, rerank, generate.
+"""The RAG tasks of a query graph, after the index's search tasks: the final merge, fusion,
+rerank and generation, as *one* task that takes the shards' results.
 
-Each takes the previous stage's future, so a whole batch — embed, route, shard searches,
-merge, fuse, rerank, generate — is one graph submitted once, and nothing comes back to the
-client between stages.  Models (cross-encoder, generator) come from the worker's model cache.
+Every level of a Dask graph costs a scheduling round trip (measured here: ~3-4 ms a level on
+a 2-worker LocalCluster, ~6 ms for a one-level graph end to end), so the stages after the
+shard searches are not tasks of their own: :func:`retrieve_task` (search) and
+:func:`answer_task` / :func:`stream_task` (ask) run them in one task, on the worker that holds
+the models.  Models (cross-encoder, generator) come from the worker's model cache.
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ from dask_rag.rag.generate.base import GeneratorSpec, SamplingParams
 from dask_rag.rag.hits import Hit, reorder_hits
 
 __all__ = [
+    "GenerationPlan",
+    "RerankPlan",
     "RetrievalPlan",
     "Retrieved",
+    "answer_task",
     "fused_candidates",
-    "generate_task",
-    "rerank_task",
+    "rerank",
+    "retrieve",
     "retrieve_task",
     "stream_task",
     "worker_generator",
@@ -93,8 +99,9 @@ def fused_candidates(res: ShardResult, plan: RetrievalPlan) -> list[list[Hit]]:
     return out
 
 
-def retrieve_task(plan: RetrievalPlan, *parts: ShardResult) -> Retrieved:
-    """The final merge of the shards' answers and the fusion, as one task of the graph."""
+def retrieve(plan: RetrievalPlan, parts: Sequence[ShardResult]) -> Retrieved:
+    """The final merge of the shards' answers and the fusion (in a task, or in the client
+    for a small batch: see :data:`dask_rag.pipeline.SMALL_BATCH`)."""
     t0 = time.perf_counter()
     merged = merge_results(plan.nq, plan.depth, plan.metric, parts)
     cands = fused_candidates(merged, plan)
@@ -104,15 +111,31 @@ def retrieve_task(plan: RetrievalPlan, *parts: ShardResult) -> Retrieved:
     return cands, timings
 
 
-def rerank_task(model: str, k: int, questions: list[str], retrieved: Retrieved) -> Retrieved:
-    """Re-order each question's candidates by the cross-encoder, keeping the best ``k``."""
+@dataclass(frozen=True)
+class RerankPlan:
+    """Re-order each question's candidates by a cross-encoder, keeping the best ``k``."""
+
+    model: str
+    k: int
+    questions: tuple[str, ...]
+
+
+def rerank(plan: RerankPlan, retrieved: Retrieved) -> Retrieved:
     from dask_rag.rag.rerank import rerank_scores_task
 
     t0 = time.perf_counter()
     cands, timings = retrieved
-    scores = rerank_scores_task(model, questions, [[h.text for h in c] for c in cands])
-    out = [reorder_hits(c, s, k) for c, s in zip(cands, scores, strict=True)]
+    scores = rerank_scores_task(plan.model, list(plan.questions),
+                                [[h.text for h in c] for c in cands])
+    out = [reorder_hits(c, s, plan.k) for c, s in zip(cands, scores, strict=True)]
     return out, {**timings, "rerank": (time.perf_counter() - t0) * 1e3}
+
+
+def retrieve_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, *parts: ShardResult
+                  ) -> Retrieved:
+    """The last task of a search graph: merge, fuse, [rerank]."""
+    retrieved = retrieve(plan, parts)
+    return retrieved if rerank_plan is None else rerank(rerank_plan, retrieved)
 
 
 def worker_generator(spec: GeneratorSpec, max_sentences: int) -> Any:
@@ -130,15 +153,28 @@ def _prompts(gen: Any, cfg: RagConfig, questions: list[str], cands: list[list[Hi
             for q, c in zip(questions, cands, strict=True)]
 
 
-def generate_task(spec: GeneratorSpec, cfg: RagConfig, params: SamplingParams,
-                  questions: list[str], k: int, retrieved: Retrieved) -> list[dict[str, Any]]:
-    """Build the prompts and generate the whole batch on the worker holding the generator."""
+@dataclass(frozen=True)
+class GenerationPlan:
+    """How the last task of an ask graph answers: which generator, with what settings."""
+
+    spec: GeneratorSpec
+    config: RagConfig
+    params: SamplingParams
+    questions: tuple[str, ...]
+    k: int
+
+
+def answer_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: GenerationPlan,
+                *parts: ShardResult) -> list[dict[str, Any]]:
+    """The last task of an ask graph: merge, fuse, [rerank], build the prompts under the token
+    budget and generate the batch, on the worker holding the generator — one task, so a
+    question costs one scheduling round trip after the shards answer."""
+    cands, timings = retrieve_task(plan, rerank_plan, *parts)
     t0 = time.perf_counter()
-    cands, timings = retrieved
-    cands = [c[:k] for c in cands]
-    gen = worker_generator(spec, cfg.max_answer_sentences)
-    prompts = _prompts(gen, cfg, questions, cands)
-    texts = gen.generate([p.text for p in prompts], params)
+    cands = [c[:gen.k] for c in cands]
+    generator = worker_generator(gen.spec, gen.config.max_answer_sentences)
+    prompts = _prompts(generator, gen.config, list(gen.questions), cands)
+    texts = generator.generate([p.text for p in prompts], gen.params)
     gen_ms = (time.perf_counter() - t0) * 1e3
     out = []
     for c, p, text in zip(cands, prompts, texts, strict=True):
@@ -148,18 +184,18 @@ def generate_task(spec: GeneratorSpec, cfg: RagConfig, params: SamplingParams,
     return out
 
 
-def stream_task(spec: GeneratorSpec, cfg: RagConfig, params: SamplingParams, question: str,
-                k: int, queue_name: str, retrieved: Retrieved) -> int:
-    """Generate one answer on a worker, pushing events to a Dask Queue as they come:
+def stream_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: GenerationPlan,
+                queue_name: str, *parts: ShardResult) -> int:
+    """Answer one question on a worker, pushing events to a Dask Queue as they come:
     ``retrieved`` (its stage timings), ``citations``, ``text`` pieces, then ``end``."""
     from distributed import Queue
 
     queue = Queue(queue_name)
-    cands, timings = retrieved
-    hits = cands[0][:k]
+    cands, timings = retrieve_task(plan, rerank_plan, *parts)
+    hits = cands[0][:gen.k]
     queue.put({"event": "retrieved", "timings_ms": timings})
-    gen = worker_generator(spec, cfg.max_answer_sentences)
-    prompt = _prompts(gen, cfg, [question], [hits])[0]
+    generator = worker_generator(gen.spec, gen.config.max_answer_sentences)
+    prompt = _prompts(generator, gen.config, [gen.questions[0]], [hits])[0]
     by_id = {h.id: h for h in hits}
     queue.put({"event": "citations", "citations": [
         dict(by_id[i].to_dict(), n=n + 1) for n, i in enumerate(prompt.citations)],
@@ -167,7 +203,7 @@ def stream_task(spec: GeneratorSpec, cfg: RagConfig, params: SamplingParams, que
 
     async def run() -> int:
         count = 0
-        async for piece in gen.stream(prompt.text, params):
+        async for piece in generator.stream(prompt.text, gen.params):
             queue.put({"event": "text", "text": piece})
             count += 1
         return count
