@@ -139,13 +139,18 @@ def run_loop(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-def start_server(index: Path, port: int, batching: bool, workers: int) -> subprocess.Popen[bytes]:
+def start_server(index: Path, port: int, batching: bool, workers: int,
+                 tree: Path | None = None) -> subprocess.Popen[bytes]:
+    """``dask-rag serve`` in a process of its own; from ``tree`` (another checkout of
+    dask-rag, e.g. the commit before a change) instead of this one when given."""
     cmd = [sys.executable, "-m", "dask_rag.cli", "serve", "--index", str(index), "--port",
            str(port), "--workers", str(workers), "--dashboard", ":0", "--max-inflight", "4096"]
     if not batching:
         cmd.append("--no-batching")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    if tree is not None:  # its scheduler and workers inherit the path, and import it too
+        env["PYTHONPATH"] = str(tree.resolve())
+    return subprocess.Popen(cmd, cwd=tree or ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 
@@ -171,7 +176,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, style in (("batched", "-o"), ("no-batching", "--s"), ("in-process", ":^")):
+    for name, style in (("batched", "-o"), ("no-batching", "--s"), ("in-process", ":^"),
+                        ("baseline", "-.x")):
+        if name not in result["modes"]:
+            continue
         rows = result["modes"][name]
         cs = sorted(int(c) for c in rows)
         ax1.plot(cs, [rows[str(c)]["qps"] for c in cs], style, label=name)
@@ -201,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="interleaved repetitions (median QPS and median ratio reported)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--baseline-tree", type=Path, default=None,
+                   help="another checkout of dask-rag: its batched server runs as a mode of "
+                        "its own ('baseline'), in the same interleaved rounds")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
@@ -215,9 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     urls: dict[str, str] = {}
     try:
-        for name, batching in (("batched", True), ("no-batching", False)):
+        servers: list[tuple[str, bool, Path | None]] = [("batched", True, None),
+                                                         ("no-batching", False, None)]
+        if args.baseline_tree is not None:
+            servers.append(("baseline", True, args.baseline_tree))
+        for name, batching, tree in servers:
             port = free_port()
-            procs[name] = start_server(index, port, batching, args.workers)
+            procs[name] = start_server(index, port, batching, args.workers, tree)
             urls[name] = f"http://127.0.0.1:{port}"
         for name, proc in procs.items():
             wait_ready(urls[name], proc)
@@ -236,13 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     c64 = "64" if "64" in modes["batched"] else str(max(levels))
     vs_in = round_ratios(samples["batched"][c64], samples["in-process"][c64])
     vs_nb = round_ratios(samples["batched"][c64], samples["no-batching"][c64])
-    summary = {
+    summary: dict[str, Any] = {
         "concurrency": int(c64),
         "batched_vs_in_process": float(np.median(vs_in)),
         "batched_vs_in_process_rounds": vs_in,
         "batched_vs_no_batching": float(np.median(vs_nb)),
         "batched_vs_no_batching_rounds": vs_nb,
     }
+    if "baseline" in samples:
+        vs_base = round_ratios(samples["batched"][c64], samples["baseline"][c64])
+        summary.update(batched_vs_baseline=float(np.median(vs_base)),
+                       batched_vs_baseline_rounds=vs_base,
+                       baseline_tree=str(args.baseline_tree))
+        print(f"batched = {summary['batched_vs_baseline']:.2f} x baseline {vs_base}")
     print(f"at concurrency {c64} (median of {args.rounds} rounds): batched = "
           f"{summary['batched_vs_in_process']:.2f} x in-process {vs_in}, "
           f"{summary['batched_vs_no_batching']:.2f} x no-batching {vs_nb}")

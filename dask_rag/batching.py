@@ -31,7 +31,7 @@ from typing import Generic, TypeVar
 from dask_rag.config import BatchConfig
 from dask_rag.errors import InvalidInput, Overloaded
 
-__all__ = ["BatcherStats", "MicroBatcher", "wait_at_most"]
+__all__ = ["BatcherStats", "Clock", "ManualClock", "MicroBatcher", "wait_at_most"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -71,14 +71,60 @@ async def wait_at_most(aw: Awaitable[R], seconds: float) -> R:
         return await aw
 
 
+class Clock:
+    """The batcher's time: ``now()`` in seconds, and ``wait(event, timeout)`` — until the event
+    is set or ``timeout`` seconds have passed on this clock.  The default is the monotonic
+    clock; tests inject a :class:`ManualClock` and move time themselves."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def wait(self, event: asyncio.Event, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await wait_at_most(event.wait(), timeout)
+
+
+class ManualClock(Clock):
+    """A clock that moves only when told to (:meth:`advance`): what the batcher does at
+    ``max_wait_ms`` is then a fact about events, not a race against the machine's speed."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self._now = start
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def now(self) -> float:
+        return self._now
+
+    async def wait(self, event: asyncio.Event, timeout: float) -> None:
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (self._now + timeout, wake)
+        self._sleepers.append(entry)
+        waiter = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({waiter, wake}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            if entry in self._sleepers:
+                self._sleepers.remove(entry)
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward, waking every wait whose deadline has come."""
+        self._now += seconds
+        for deadline, wake in list(self._sleepers):
+            if deadline <= self._now + 1e-12 and not wake.done():
+                wake.set_result(None)
+
+
 class MicroBatcher(Generic[T, R]):
     """Coalesce concurrent single-item requests into batched calls of ``process``."""
 
     def __init__(self, process: Callable[[list[T]], Awaitable[Sequence[R]]],
-                 config: BatchConfig | None = None, name: str = "batcher") -> None:
+                 config: BatchConfig | None = None, name: str = "batcher",
+                 clock: Clock | None = None) -> None:
         self.process = process
         self.config = config or BatchConfig()
         self.name = name
+        self.clock = clock or Clock()
         self.stats = BatcherStats()
         #: called with (batch size, seconds) after every batch, e.g. to feed a histogram
         self.observer: Callable[[int, float], None] | None = None
@@ -104,7 +150,7 @@ class MicroBatcher(Generic[T, R]):
                              retry_after=self._retry_after())
         assert self._loop is not None and self._wakeup is not None
         fut: asyncio.Future[R] = self._loop.create_future()
-        self._queue.append(_Pending(item, fut, time.monotonic()))
+        self._queue.append(_Pending(item, fut, self.clock.now()))
         self.stats.submitted += 1
         # the runner only needs waking for a first item (it starts the max_wait clock) or a
         # full batch; waking it per item cost a task + timer each in the event loop
@@ -183,12 +229,11 @@ class MicroBatcher(Generic[T, R]):
             # while another batch is in flight)
             deadline = self._queue[0].enqueued + (busy_wait if self._inflight else max_wait)
             while len(self._queue) < self.config.max_batch and not self._closing:
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self.clock.now()
                 if remaining <= 0:
                     break
                 self._wakeup.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await wait_at_most(self._wakeup.wait(), remaining)
+                await self.clock.wait(self._wakeup, remaining)
             await self._slots.acquire()
             batch = self._take_batch()
             if not batch:
@@ -200,7 +245,7 @@ class MicroBatcher(Generic[T, R]):
 
     async def _process(self, batch: list[_Pending[T, R]]) -> None:
         assert self._slots is not None
-        t0 = time.monotonic()
+        t0 = self.clock.now()
         try:
             results = await self.process([p.item for p in batch])
             if len(results) != len(batch):
@@ -223,7 +268,7 @@ class MicroBatcher(Generic[T, R]):
             self.stats.items += len(batch)
             if len(self.stats.batch_sizes) < 100_000:
                 self.stats.batch_sizes.append(len(batch))
-            elapsed = time.monotonic() - t0
+            elapsed = self.clock.now() - t0
             self._recent_batch_s = 0.8 * self._recent_batch_s + 0.2 * elapsed
             if self.observer is not None:
                 self.observer(len(batch), elapsed)

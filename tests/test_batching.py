@@ -1,14 +1,17 @@
-"""MicroBatcher: batch sizes, flush on time, failure isolation, back-pressure, cancellation."""
+"""MicroBatcher: batch sizes, flush on time, failure isolation, back-pressure, cancellation.
+
+Time is the behaviour here (``max_wait_ms``, ``busy_wait_ms``), so it comes from an injected
+:class:`ManualClock` that only the test moves; everything else is ordered by events.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import math
-import time
 
 import pytest
 
-from dask_rag.batching import MicroBatcher
+from dask_rag.batching import ManualClock, MicroBatcher
 from dask_rag.config import BatchConfig
 from dask_rag.errors import Overloaded
 
@@ -17,17 +20,34 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def settle() -> None:
+    """Let every task that can run, run (no time passes on the injected clock)."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+async def drive(clock: ManualClock, aw, step_s: float = 0.001):
+    """Await ``aw`` while moving the clock forward a step at a time (for a batcher under
+    load, whose last partial batch goes by its timer)."""
+    task = asyncio.ensure_future(aw)
+    while not task.done():
+        await settle()
+        clock.advance(step_s)
+    return task.result()
+
+
 def test_1000_concurrent_requests_use_few_calls():
     calls: list[int] = []
 
     async def process(items):
         calls.append(len(items))
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0)
         return [x * 2 for x in items]
 
     async def main():
-        b = MicroBatcher(process, BatchConfig(max_batch=128, max_wait_ms=5))
-        out = await asyncio.gather(*(b.submit(i) for i in range(1000)))
+        clock = ManualClock()
+        b = MicroBatcher(process, BatchConfig(max_batch=128, max_wait_ms=5), clock=clock)
+        out = await drive(clock, asyncio.gather(*(b.submit(i) for i in range(1000))))
         await b.close()
         return out
 
@@ -37,36 +57,60 @@ def test_1000_concurrent_requests_use_few_calls():
     assert max(calls) <= 128 and sum(calls) == 1000
 
 
-def test_lone_request_waits_about_max_wait():
+def test_lone_request_goes_exactly_at_max_wait():
+    calls: list[list[str]] = []
+
     async def process(items):
+        calls.append(list(items))
         return items
 
     async def main():
-        b = MicroBatcher(process, BatchConfig(max_batch=64, max_wait_ms=30))
-        t0 = time.perf_counter()
-        await b.submit("x")
-        dt = time.perf_counter() - t0
+        clock = ManualClock()
+        b = MicroBatcher(process, BatchConfig(max_batch=64, max_wait_ms=30), clock=clock)
+        lone = asyncio.ensure_future(b.submit("x"))
+        await settle()
+        clock.advance(0.029)
+        await settle()
+        assert calls == [] and not lone.done()  # 29 ms: still waiting for company
+        clock.advance(0.001)
+        await settle()
+        assert calls == [["x"]] and lone.result() == "x"  # flushed by the timer at 30 ms
         await b.close()
-        return dt
 
-    dt = run(main())
-    # flushed by the timer (not by size), and not much later than max_wait_ms
-    assert 0.025 <= dt < 0.5
+    run(main())
+
+
+def test_idle_batcher_with_no_max_wait_flushes_at_once():
+    calls: list[list[int]] = []
+
+    async def process(items):
+        calls.append(list(items))
+        return items
+
+    async def main():
+        b = MicroBatcher(process, BatchConfig(max_batch=64, max_wait_ms=0), clock=ManualClock())
+        assert await b.submit(1) == 1  # no time passes on the clock: it cannot wait for any
+        await b.close()
+
+    run(main())
+    assert calls == [[1]]
 
 
 def test_full_batch_flushes_without_waiting():
+    calls: list[int] = []
+
     async def process(items):
+        calls.append(len(items))
         return items
 
     async def main():
-        b = MicroBatcher(process, BatchConfig(max_batch=8, max_wait_ms=10_000))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(b.submit(i) for i in range(8)))
-        dt = time.perf_counter() - t0
+        b = MicroBatcher(process, BatchConfig(max_batch=8, max_wait_ms=10_000),
+                         clock=ManualClock())
+        out = await asyncio.gather(*(b.submit(i) for i in range(8)))  # the clock never moves
         await b.close()
-        return dt
+        return out
 
-    assert run(main()) < 5.0
+    assert run(main()) == list(range(8)) and calls == [8]
 
 
 def test_exception_fails_only_its_batch():
@@ -76,7 +120,7 @@ def test_exception_fails_only_its_batch():
         return [i.upper() for i in items]
 
     async def main():
-        b = MicroBatcher(process, BatchConfig(max_batch=2, max_wait_ms=1))
+        b = MicroBatcher(process, BatchConfig(max_batch=2, max_wait_ms=1), clock=ManualClock())
         first = await asyncio.gather(b.submit("bad"), b.submit("x"), return_exceptions=True)
         second = await asyncio.gather(b.submit("a"), b.submit("b"))
         await b.close()
@@ -89,26 +133,25 @@ def test_exception_fails_only_its_batch():
 
 
 def test_full_queue_raises_overloaded():
-    release = asyncio.Event
-
     async def main():
-        gate = release()
+        gate, started = asyncio.Event(), asyncio.Event()
 
         async def process(items):
+            started.set()
             await gate.wait()
             return items
 
         b = MicroBatcher(process, BatchConfig(max_batch=1, max_wait_ms=0, max_queue=5,
-                                              max_concurrent_batches=1))
+                                              max_concurrent_batches=1), clock=ManualClock())
         waiting = [asyncio.ensure_future(b.submit(0))]
-        await asyncio.sleep(0.05)  # item 0 is in flight, blocked on the gate
+        await started.wait()  # item 0 is in flight, blocked on the gate
         waiting += [asyncio.ensure_future(b.submit(i)) for i in range(1, 6)]
-        await asyncio.sleep(0.05)  # five queued behind it: the queue is full
+        await settle()  # five queued behind it: the queue is full
         with pytest.raises(Overloaded) as info:
-            await asyncio.wait_for(b.submit(99), 5)
+            await b.submit(99)
         assert info.value.retry_after >= 1.0
         gate.set()
-        results = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        results = await asyncio.gather(*waiting)
         await b.close()
         return results, b.stats.rejected
 
@@ -120,20 +163,21 @@ def test_cancelled_caller_is_dropped():
     seen: list[list[int]] = []
 
     async def main():
-        gate = asyncio.Event()
+        gate, started = asyncio.Event(), asyncio.Event()
 
         async def process(items):
             seen.append(list(items))
+            started.set()
             await gate.wait()
             return items
 
-        b = MicroBatcher(process, BatchConfig(max_batch=10, max_wait_ms=0,
-                                              max_concurrent_batches=1))
+        b = MicroBatcher(process, BatchConfig(max_batch=10, max_wait_ms=0, busy_wait_ms=0,
+                                              max_concurrent_batches=1), clock=ManualClock())
         first = asyncio.ensure_future(b.submit(0))
-        await asyncio.sleep(0.02)  # batch [0] in flight, the next ones queue behind it
+        await started.wait()  # batch [0] in flight, the next ones queue behind it
         doomed = asyncio.ensure_future(b.submit(1))
         kept = asyncio.ensure_future(b.submit(2))
-        await asyncio.sleep(0.01)
+        await settle()
         doomed.cancel()
         gate.set()
         await first
@@ -141,19 +185,19 @@ def test_cancelled_caller_is_dropped():
         await b.close()
 
     run(main())
-    assert [1] not in seen and all(1 not in batch for batch in seen)
+    assert seen == [[0], [2]]
 
 
 def test_close_drains_queued_work():
     async def process(items):
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
         return items
 
     async def main():
-        b = MicroBatcher(process, BatchConfig(max_batch=4, max_wait_ms=50))
+        b = MicroBatcher(process, BatchConfig(max_batch=4, max_wait_ms=50), clock=ManualClock())
         futs = [asyncio.ensure_future(b.submit(i)) for i in range(10)]
-        await asyncio.sleep(0)
-        await b.close()
+        await settle()
+        await b.close()  # the clock never reaches 50 ms: close itself flushes what is queued
         with pytest.raises(Overloaded):
             await b.submit(1)
         return [f.result() for f in futs]
@@ -161,39 +205,49 @@ def test_close_drains_queued_work():
     assert run(main()) == list(range(10))
 
 
+async def _trickle(clock, b, n, gap_s):
+    """``n`` requests, ``gap_s`` apart on the clock."""
+    tasks = []
+    for i in range(n):
+        tasks.append(asyncio.ensure_future(b.submit(i)))
+        await settle()
+        clock.advance(gap_s)
+        await settle()
+    return tasks
+
+
 def test_busy_wait_fills_batches_while_one_is_in_flight():
     """Requests trickling in while a batch computes form one batch (not one per max_wait),
-    and a lone request on an idle batcher still goes after about max_wait."""
-    calls: list[int] = []
-
-    async def process(items):
-        calls.append(len(items))
-        await asyncio.sleep(0.15)
-        return items
-
-    async def trickle(b, n, gap):
-        tasks = []
-        for i in range(n):
-            tasks.append(asyncio.create_task(b.submit(i)))
-            await asyncio.sleep(gap)
-        return await asyncio.gather(*tasks)
+    and a lone request on an idle batcher goes after exactly max_wait."""
 
     async def main(busy_wait_ms):
-        b = MicroBatcher(process, BatchConfig(max_batch=64, max_wait_ms=5,
-                                              busy_wait_ms=busy_wait_ms))
-        t0 = time.perf_counter()
-        first = asyncio.create_task(b.submit("lone"))
-        await asyncio.sleep(0.02)  # the lone one is in flight by now
-        assert calls == [1] and time.perf_counter() - t0 < 0.1
-        await trickle(b, 8, 0.006)  # one every 6 ms: longer than max_wait
-        await first
-        await b.close()
+        calls: list[int] = []
+        gate = asyncio.Event()
 
-    calls.clear()
-    run(main(80))
-    assert calls == [1, 8]
-    calls.clear()
-    run(main(0))  # without the busy wait the trickle splits into several batches
+        async def process(items):
+            calls.append(len(items))
+            if len(calls) == 1:
+                await gate.wait()  # the first batch stays in flight while the others arrive
+            return items
+
+        clock = ManualClock()
+        b = MicroBatcher(process, BatchConfig(max_batch=64, max_wait_ms=5,
+                                              busy_wait_ms=busy_wait_ms), clock=clock)
+        first = asyncio.ensure_future(b.submit("lone"))
+        await settle()
+        clock.advance(0.005)
+        await settle()
+        assert calls == [1]  # the lone one went at max_wait
+        tasks = await _trickle(clock, b, 8, 0.006)  # one every 6 ms: longer than max_wait
+        gate.set()
+        clock.advance(0.1)
+        await settle()
+        await asyncio.gather(first, *tasks)
+        await b.close()
+        return calls
+
+    assert run(main(80)) == [1, 8]
+    calls = run(main(0))  # without the busy wait the trickle splits into several batches
     assert len(calls) >= 3 and sum(calls) == 9
 
 
@@ -203,21 +257,38 @@ def test_busy_wait_validated():
 
 
 def test_busy_wait_never_shorter_than_max_wait():
-    calls: list[int] = []
-
-    async def process(items):
-        calls.append(len(items))
-        await asyncio.sleep(0.3)
-        return items
-
     async def main():
-        b = MicroBatcher(process, BatchConfig(max_batch=64, max_wait_ms=40, busy_wait_ms=0))
-        first = asyncio.create_task(b.submit("lone"))
-        await asyncio.sleep(0.06)
-        a = asyncio.create_task(b.submit(1))
-        await asyncio.sleep(0.01)
-        await asyncio.gather(b.submit(2), a, first)
+        calls: list[int] = []
+        gate = asyncio.Event()
+
+        async def process(items):
+            calls.append(len(items))
+            if len(calls) == 1:
+                await gate.wait()
+            return items
+
+        clock = ManualClock()
+        b = MicroBatcher(process, BatchConfig(max_batch=64, max_wait_ms=40, busy_wait_ms=0),
+                         clock=clock)
+        first = asyncio.ensure_future(b.submit("lone"))
+        await settle()
+        clock.advance(0.04)
+        await settle()
+        assert calls == [1]
+        a = asyncio.ensure_future(b.submit(1))
+        await settle()
+        clock.advance(0.01)
+        await settle()
+        b2 = asyncio.ensure_future(b.submit(2))
+        await settle()
+        clock.advance(0.029)  # 39 ms after the first of them: busy_wait 0 < max_wait 40
+        await settle()
+        assert calls == [1]
+        clock.advance(0.001)
+        await settle()
+        assert calls == [1, 2]
+        gate.set()
+        await asyncio.gather(first, a, b2)
         await b.close()
 
     run(main())
-    assert calls == [1, 2]

@@ -118,7 +118,7 @@ def test_cli_parses_every_command():
     cfg = _serve_config(args)
     assert cfg.batch.busy_wait_ms == 12.0 and cfg.batch.max_batch == 128
     demo = _serve_config(parser.parse_args(["demo", "--no-serve"]))
-    assert demo.batch.busy_wait_ms == 25.0 and demo.batch.max_wait_ms == 5.0
+    assert demo.batch.busy_wait_ms == 25.0 and demo.batch.max_wait_ms == 0.0
 
 
 def test_layer_contract_holds():
