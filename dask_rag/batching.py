@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from dask_rag.config import BatchConfig
 from dask_rag.errors import InvalidInput, Overloaded
@@ -99,9 +99,9 @@ class ManualClock(Clock):
         wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (self._now + timeout, wake)
         self._sleepers.append(entry)
-        waiter = asyncio.ensure_future(event.wait())
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(event.wait())
         try:
-            await asyncio.wait({waiter, wake}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([waiter, wake], return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
             if entry in self._sleepers:
