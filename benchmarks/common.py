@@ -179,7 +179,8 @@ def round_ratios(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str = "q
                  ) -> list[float]:
     """``a[i][key] / b[i][key]`` round by round: two systems measured seconds apart, so the
     VM's drift between minutes cancels out of each ratio."""
-    return [round(x[key] / max(1e-9, y[key]), 3) for x, y in zip(a, b, strict=True)]
+    return [round(x[key] / y[key], 3) if y[key] and y[key] == y[key] else float("nan")
+            for x, y in zip(a, b, strict=True)]
 
 
 def write_result(name: str, payload: dict[str, Any], out_dir: str | Path | None = None) -> Path:
