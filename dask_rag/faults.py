@@ -15,11 +15,14 @@ worker inherits the nanny's environment, the plugin re-arms it)::
     DASK_RAG_FAULTS="save.shards_written=raise,embed.batch=kill@3"
 
 Actions: ``raise`` (raise :class:`InjectedFault`), ``kill`` (SIGKILL this process: no cleanup,
-no flush — a power cut for the process), ``@N`` fires only on the N-th time the point is
-reached (counted per process).  Every time an armed point is reached it appends a line
-``<point> <pid> <count> <action|pass>`` to ``DASK_RAG_FAULTS_REPORT`` (flushed and fsynced
-*before* the action), so a test proves its fault landed in the phase it claims — never by a
-timer.  With nothing armed, a fault point is a dictionary lookup.
+no flush — a power cut for the process), ``block`` (wait until the file named by
+``DASK_RAG_FAULTS_RELEASE`` exists: the test decides when the work goes on); ``@N`` fires only
+on the N-th time the point is reached (counted per process).  With a report file, a point fires
+at most once across all processes (a worker restarted after its kill does not kill itself
+again).  Every time an armed point is reached it appends a line
+``<point> <pid> <count> <action|pass>`` to ``DASK_RAG_FAULTS_REPORT`` (fsynced *before* the
+action), so a test proves its fault landed in the phase it claims — never by a timer.  With
+nothing armed, a fault point is one environment lookup.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-__all__ = ["FAULTS_ENV", "REPORT_ENV", "ArmFaults", "InjectedFault", "fault_point",
-           "read_report"]
+__all__ = ["FAULTS_ENV", "RELEASE_ENV", "REPORT_ENV", "ArmFaults", "InjectedFault",
+           "fault_point", "read_report"]
 
 FAULTS_ENV = "DASK_RAG_FAULTS"
 REPORT_ENV = "DASK_RAG_FAULTS_REPORT"
+RELEASE_ENV = "DASK_RAG_FAULTS_RELEASE"
 POINTS = frozenset({"wal.appended", "save.shards_written", "build.shards_written",
                     "embed.batch", "search.shard"})
 
@@ -67,13 +71,36 @@ def fault_point(name: str) -> None:
     action, nth = armed
     with _lock:
         _counts[name] = count = _counts.get(name, 0) + 1
-    fires = nth == 0 or count == nth
-    _report(f"{name} {os.getpid()} {count} {action if fires else 'pass'}")
+        fires = (nth == 0 or count == nth) and not _fired_before(name)
+        _report(f"{name} {os.getpid()} {count} {action if fires else 'pass'}")
     if not fires:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "block":
+        _block_until_released(name)
+        return
     raise InjectedFault(f"fault injected at {name} (call {count})")
+
+
+def _fired_before(name: str) -> bool:
+    path = os.environ.get(REPORT_ENV)
+    if not path:
+        return False
+    return any(p == name and a != "pass" for p, _, _, a in read_report(path))
+
+
+def _block_until_released(name: str, limit_s: float = 300.0) -> None:
+    import time
+
+    release = os.environ.get(RELEASE_ENV)
+    if not release:
+        raise InjectedFault(f"{name}=block needs {RELEASE_ENV} (a file the test creates)")
+    deadline = time.monotonic() + limit_s
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise InjectedFault(f"{name}: not released within {limit_s:.0f} s")
+        time.sleep(0.005)
 
 
 def _report(line: str) -> None:
@@ -108,19 +135,22 @@ class ArmFaults(WorkerPlugin):
 
     name = "dask-rag-faults"
 
-    def __init__(self, faults: dict[str, str], report: str | None = None) -> None:
+    def __init__(self, faults: dict[str, str], report: str | None = None,
+                 release: str | None = None) -> None:
         unknown = set(faults) - POINTS
         if unknown:
             raise ValueError(f"unknown fault point(s) {sorted(unknown)}; known: {sorted(POINTS)}")
         self.spec = ",".join(f"{k}={v}" for k, v in faults.items())
         self.report = report
+        self.release = release
 
     def setup(self, worker: Any) -> None:
         if self.spec:
             os.environ[FAULTS_ENV] = self.spec
         else:
             os.environ.pop(FAULTS_ENV, None)
-        if self.report:
-            os.environ[REPORT_ENV] = self.report
+        for env, value in ((REPORT_ENV, self.report), (RELEASE_ENV, self.release)):
+            if value:
+                os.environ[env] = value
         with _lock:
             _counts.clear()

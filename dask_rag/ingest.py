@@ -216,13 +216,17 @@ def ingest(client: Client, sources: Sequence[str | os.PathLike[str] | Document],
         report.built = True
     else:
         index = existing
-        stale = [cid for s in deleted + changed for cid in known_docs[s][1]]
-        if stale:
-            report.chunks_removed = index.remove(np.array(stale, dtype=np.int64))
+        stale = np.array([cid for s in deleted + changed for cid in known_docs[s][1]],
+                         dtype=np.int64)
+        # one acknowledged write: a crash leaves the old content or the new, never a mix
         if chunks:
+            before = index.ntotal
             index.add(vectors, np.array([c.id for c in chunks], dtype=np.int64),
-                      [c.record() for c in chunks])
-        if stale or chunks:
+                      [c.record() for c in chunks], replace=stale if stale.size else None)
+            report.chunks_removed = before + len(chunks) - index.ntotal
+        elif stale.size:
+            report.chunks_removed = index.remove(stale)
+        if stale.size or chunks:
             index.save()
     report.chunks_total = index.ntotal
     index.close()

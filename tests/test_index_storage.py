@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dask_rag import DistributedIndex, IndexSpec
-from dask_rag.datasets import clustered_vectors
+from dask_rag.datasets import clustered_vectors, exact_search
 from dask_rag.errors import CorruptIndex, IndexNotFound, InvalidInput
 from dask_rag.faults import InjectedFault, read_report
 from dask_rag.index.merge import merge_results
@@ -331,3 +331,35 @@ def test_search_records_match_fetch_after_removal(client, tmp_path, data):
                                                           [None, held[2], held[0]]]
     assert a[0][0] is a[1][2] and b[0][1] == a[0][0]
     index.close()
+
+
+def test_a_replacing_add_is_one_acknowledged_write(client, tmp_path, data, monkeypatch):
+    """``add(..., replace=old_ids)`` is one WAL entry: a crash right after it is logged (the
+    fault point proves where) leaves exactly the new content on reload, never the removal
+    without the addition."""
+    xb, _, xq = data
+    path = tmp_path / "idx"
+    index = DistributedIndex.build(client, xb, spec=IndexSpec(factory="Flat", n_shards=3),
+                                   path=path)
+    old_ids = np.arange(10, 30)
+    new_ids = np.arange(len(xb), len(xb) + 15)
+    new_vecs = xb[:15][::-1] + 0.5
+    report = tmp_path / "faults.log"
+    monkeypatch.setenv("DASK_RAG_FAULTS", "wal.appended=raise")
+    monkeypatch.setenv("DASK_RAG_FAULTS_REPORT", str(report))
+    with pytest.raises(InjectedFault):
+        index.add(new_vecs, new_ids, replace=old_ids)
+    monkeypatch.delenv("DASK_RAG_FAULTS")
+    assert [(p, a) for p, _, _, a in read_report(report)] == [("wal.appended", "raise")]
+    index.close()  # the shards never applied it: only the log has it
+    reloaded = DistributedIndex.load(client, path)
+    expected_ids = np.concatenate([np.delete(np.arange(len(xb)), old_ids), new_ids])
+    assert sorted(i for i, _, _ in reloaded.doc_index()) == sorted(expected_ids.tolist())
+    assert reloaded.ntotal == len(expected_ids)
+    expected_vecs = np.concatenate([np.delete(xb, old_ids, axis=0), new_vecs])
+    truth = exact_search(expected_vecs, xq, 10)[1]
+    np.testing.assert_array_equal(reloaded.search(xq, k=10)[1], expected_ids[truth])
+    # applied live (no crash): the same content
+    again = reloaded.add(xb[:2] + 9.0, [10**6, 10**6 + 1], replace=new_ids[:2])
+    assert again == 2 and reloaded.ntotal == len(expected_ids)
+    reloaded.close()

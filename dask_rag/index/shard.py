@@ -617,6 +617,8 @@ def _replay_wal(shard: Shard, index_dir: str, after_seq: int) -> None:
         shard.applied_seq = entry.seq
         if entry.op == "add":
             assert entry.shards is not None and entry.vectors is not None
+            if entry.removed is not None:
+                shard.remove(entry.removed)
             mine = entry.shards == shard.ref.shard_no
             if not mine.any():
                 continue

@@ -126,20 +126,26 @@ def merge_group_task(parts: list[ShardResult], nq: int, k: int, metric: str) -> 
 
 def apply_add_task(shard: Shard, seq: int, xb: npt.NDArray[np.float32],
                    ids: npt.NDArray[np.int64], records: list[dict[str, Any]] | None,
-                   lists: npt.NDArray[np.int64] | None) -> int:
-    if seq <= shard.applied_seq:  # already replayed from the WAL by a reload
-        return 0
-    n = shard.add(xb, ids, records, lists)
-    shard.applied_seq = seq
-    return n
+                   lists: npt.NDArray[np.int64] | None,
+                   removed: npt.NDArray[np.int64] | None = None) -> int:
+    """Apply WAL entry ``seq`` to this shard (unless a reload already replayed it); returns
+    the shard's vector count after it."""
+    if seq > shard.applied_seq:
+        if removed is not None and removed.size:
+            shard.remove(removed)
+        if len(ids):
+            shard.add(xb, ids, records, lists)
+        shard.applied_seq = seq
+    return shard.ntotal
 
 
-def apply_remove_task(shard: Shard, seq: int, ids: npt.NDArray[np.int64]) -> int:
-    if seq <= shard.applied_seq:
-        return 0
-    n = shard.remove(ids)
-    shard.applied_seq = seq
-    return n
+def apply_remove_task(shard: Shard, seq: int, ids: npt.NDArray[np.int64]) -> tuple[int, int]:
+    """Apply a ``remove`` WAL entry: (ids removed here, the shard's vector count after)."""
+    before = shard.ntotal
+    if seq > shard.applied_seq:
+        shard.remove(ids)
+        shard.applied_seq = seq
+    return before - shard.ntotal, shard.ntotal
 
 
 def shard_count_task(shard: Shard) -> int:

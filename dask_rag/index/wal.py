@@ -39,6 +39,8 @@ class WalEntry:
     vectors: npt.NDArray[np.float32] | None = None
     lists: npt.NDArray[np.int64] | None = None
     records_json: bytes | None = None
+    #: an ``add`` that replaces: these ids are removed first, in the same acknowledged write
+    removed: npt.NDArray[np.int64] | None = None
 
     def records(self) -> list[dict[str, Any]] | None:
         if self.records_json is None:
@@ -71,6 +73,8 @@ def append_wal(index_dir: str | os.PathLike[str], entry: WalEntry) -> None:
         arrays["lists"] = entry.lists
     if entry.records_json is not None:
         arrays["records"] = np.frombuffer(entry.records_json, dtype=np.uint8)
+    if entry.removed is not None:
+        arrays["removed"] = entry.removed
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(Path(index_dir) / "wal" / f"{entry.seq:012d}.npz", buf.getvalue())
@@ -92,6 +96,7 @@ def read_wal(index_dir: str | os.PathLike[str], after_seq: int) -> Iterator[WalE
                     vectors=z["vectors"].astype(np.float32) if "vectors" in z else None,
                     lists=z["lists"].astype(np.int64) if "lists" in z else None,
                     records_json=bytes(z["records"]) if "records" in z else None,
+                    removed=z["removed"].astype(np.int64) if "removed" in z else None,
                 )
         except (OSError, ValueError, KeyError) as exc:
             raise CorruptIndex(f"{path}: unreadable write-ahead log entry ({exc})") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from distributed import Client, Future, wait
 
 from dask_rag.config import IndexSpec
@@ -70,11 +71,19 @@ class IndexWrites:
         last = files[-1][0] if files else 0
         return max(last, int(self.manifest["wal_seq"])) + 1
 
-    def add(self, xb: Any, ids: Any, records: Sequence[dict[str, Any]] | None = None) -> int:
-        """Add vectors with ids (and records) to their owning shards; durable when it returns."""
+    def add(self, xb: Any, ids: Any, records: Sequence[dict[str, Any]] | None = None, *,
+            replace: Any = None) -> int:
+        """Add vectors with ids (and records) to their owning shards; durable when it returns.
+
+        ``replace``: ids removed in the same acknowledged write — an update (a changed
+        document's old chunks go as its new ones come, an upsert by id): after a crash the
+        index holds either all of it or none of it, never the removal without the addition.
+        Returns how many vectors were added.
+        """
         self._check_open()
         xb = check_vectors(xb, self.dim, "xb")
         ids = check_ids(ids, xb.shape[0])
+        removed = None if replace is None else _id_array(replace)
         if records is not None and len(records) != len(ids):
             raise InvalidInput(f"records has {len(records)} entries for {len(ids)} vectors")
         recs_json = None if records is None else json.dumps(
@@ -82,35 +91,36 @@ class IndexWrites:
         with self._write_lock:
             present = np.concatenate(self.client.gather([
                 self.client.submit(contains_task, f, ids, pure=False) for f in self.shard_futures]))
+            if removed is not None:
+                present = present[~np.isin(present, removed)]
             if present.size:
                 raise InvalidInput(f"ids already in the index, e.g. {int(present[0])}; "
-                                   "remove them first")
+                                   "remove (or replace) them first")
             shard_of, lists = self.router.assign(xb, ids)
             seq = self._next_seq()
-            append_wal(self.path, WalEntry(seq, "add", ids, shard_of, xb, lists, recs_json))
+            append_wal(self.path, WalEntry(seq, "add", ids, shard_of, xb, lists, recs_json,
+                                           removed))
             fault_point("wal.appended")
             futs = {}
-            for s in np.unique(shard_of):
+            targets = range(len(self.shard_futures)) if removed is not None else \
+                [int(s) for s in np.unique(shard_of)]
+            for s in targets:
                 m = shard_of == s
                 recs = None if records is None else [dict(r) for r, keep in
                                                      zip(records, m, strict=True) if keep]
-                futs[int(s)] = self.client.submit(
-                    apply_add_task, self.shard_futures[int(s)], seq, xb[m], ids[m], recs,
-                    None if lists is None else lists[m],
-                    key=(f"dask-rag-apply-{uuid.uuid4().hex}", int(s)), pure=False)
+                futs[s] = self.client.submit(
+                    apply_add_task, self.shard_futures[s], seq, xb[m], ids[m], recs,
+                    None if lists is None else lists[m], removed,
+                    key=(f"dask-rag-apply-{uuid.uuid4().hex}", s), pure=False)
             wait(list(futs.values()))
             for s, f in futs.items():
-                f.result()
-                self._counts[s] += int((shard_of == s).sum())
+                self._counts[s] = int(f.result())
             return len(ids)
 
     def remove(self, ids: Any) -> int:
         """Remove ids from whichever shards hold them; returns how many were removed."""
         self._check_open()
-        arr = np.asarray(ids)
-        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise InvalidInput(f"ids must be a 1-D array of integers, got shape {arr.shape}")
-        arr = np.unique(arr.astype(np.int64))
+        arr = _id_array(ids)
         if arr.size == 0:
             return 0
         with self._write_lock:
@@ -120,10 +130,10 @@ class IndexWrites:
             futs = [self.client.submit(apply_remove_task, f, seq, arr,
                                        key=(f"dask-rag-apply-{uuid.uuid4().hex}", s), pure=False)
                     for s, f in enumerate(self.shard_futures)]
-            removed = [int(x) for x in self.client.gather(futs)]
-            for s, n in enumerate(removed):
-                self._counts[s] -= n
-            return int(sum(removed))
+            results = self.client.gather(futs)
+            for s, (_, count) in enumerate(results):
+                self._counts[s] = int(count)
+            return int(sum(gone for gone, _ in results))
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write the current state durably and atomically.
@@ -192,3 +202,10 @@ class IndexWrites:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
+
+def _id_array(ids: Any) -> npt.NDArray[np.int64]:
+    """Distinct ids to remove, sorted (InvalidInput for anything but a 1-D integer array)."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise InvalidInput(f"ids must be a 1-D array of integers, got shape {arr.shape}")
+    return np.unique(arr.astype(np.int64))

@@ -19,6 +19,13 @@ _ERRORS = {400: "Malformed body (not JSON / not UTF-8)", 401: "Missing or invali
            504: "Request timed out"}
 _COMMON = (400, 401, 413, 422, 429, 503, 504)
 
+#: one Server-Sent Event of a streamed answer (its ``data`` is the event as JSON)
+SSE_EVENT: dict[str, Any] = {
+    "type": "object", "required": ["event", "data"],
+    "properties": {"event": {"type": "string",
+                             "enum": ["citations", "text", "done", "error"]},
+                   "data": {"type": "string"}}}
+
 
 def _ref(model: type[Any]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
@@ -75,7 +82,7 @@ def openapi_document(cfg: ServeConfig) -> dict[str, Any]:
                                                " of citations, text and done events",
                                 "content": {"application/json": {
                                     "schema": _ref(schemas.AskResponse)},
-                                    "text/event-stream": {"schema": {"type": "string"}}}}),
+                                    "text/event-stream": {"schema": SSE_EVENT}}}),
             "/healthz": {"get": {"summary": "The process is up",
                                  "responses": {"200": status}}},
             "/readyz": {"get": {"summary": "Cluster reachable and every shard loaded",
