@@ -46,13 +46,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def queries(n: int = 512) -> list[str]:
     from dask_rag.corpus.demo import DEMO_QUESTIONS, stdlib_documents
-    from dask_rag.evaluate import known_item_queries
+    from dask_rag.evaluate import known_item_set
 
     docs = stdlib_documents(["json", "csv", "functools", "itertools", "collections", "os",
                              "subprocess", "pathlib", "re", "logging"])
     # short questions, like a user's (long docstring sentences are the A/B's "long" queries)
-    qs = [q.query for q in known_item_queries(docs, n=4 * n, min_words=4)
-          if len(q.query.split()) <= 12]
+    qs = [q for q in known_item_set(docs, n=4 * n, min_words=4).queries.values()
+          if len(q.split()) <= 12]
     return (list(DEMO_QUESTIONS) + qs)[:n]
 
 

@@ -147,33 +147,72 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dask_rag.evaluate import evaluate, format_table, known_item_queries, load_queries
+    from dask_rag import evaluate as ev
     from dask_rag.pipeline import RagPipeline
+    from dask_rag.rag.fusion import Fusion, default_fusion
 
     cfg = _rag_config(args)
-    with _client(args, quiet=True) as client, \
-            RagPipeline.from_index_dir(client, args.index, cfg) as pipe:
-        if args.queries:
-            queries = load_queries(args.queries)
-        else:
-            from dask_rag.corpus.demo import stdlib_documents
+    evalset: ev.EvalSet
+    if args.dataset:
+        evalset = ev.load_beir(args.dataset, args.split)
+        index = Path(args.index) if args.index else Path(args.dataset) / ".dask-rag-index"
+    elif args.index:
+        index = Path(args.index)
+    else:
+        print("dask-rag eval: give --dataset DIR (BEIR layout) or --index DIR",
+              file=sys.stderr)
+        return 2
+    with _client(args, quiet=True) as client:
+        if args.dataset and not (index / "manifest.json").exists():
+            from dask_rag.ingest import ingest
 
-            indexed = {src for _, src, _ in pipe.index.doc_index() if src}
-            queries = known_item_queries(stdlib_documents(), n=args.known_items,
-                                         sources=indexed)
-            if not queries:
-                print("dask-rag eval: the index holds no demo-corpus documents; pass --queries",
+            assert evalset.corpus is not None
+            report = ingest(client, evalset.corpus, index, progress=not args.quiet)
+            print(f"indexed {evalset.name}: {report.summary()}", file=sys.stderr)
+        with RagPipeline.from_index_dir(client, index, cfg) as pipe:
+            if not args.dataset:
+                if args.queries:
+                    evalset = ev.load_queries(args.queries)
+                else:
+                    from dask_rag.corpus.demo import stdlib_documents
+
+                    indexed = {src for _, src, _ in pipe.index.doc_index() if src}
+                    evalset = ev.known_item_set(stdlib_documents(), n=args.known_items,
+                                                sources=indexed)
+            tuned_table = None
+            if args.tune_fusion:
+                tuning = ev.load_beir(args.dataset, "tune", with_corpus=False) \
+                    if args.dataset else evalset
+                best, tuned_table = ev.tune_fusion(pipe, tuning, default_fusion(cfg), k=args.k)
+                pipe.index.set_metadata("fusion", {
+                    **best.model_dump(), "tuned_on": f"{tuning.name}/{tuning.split}",
+                    "rule": f"the largest smaller gain of recall@{args.k} and mrr@{args.k} "
+                            f"over the default, if >= {ev.MIN_GAIN}"})
+                print(f"tuned fusion on {tuning.name}/{tuning.split}: {best.model_dump()}",
                       file=sys.stderr)
-                return 2
-        modes = [m.strip() for m in args.modes.split(",")]
-        results = evaluate(pipe, queries, k=args.k, modes=modes,
-                           rerank=bool(args.rerank_model))
-    table = format_table(results)
-    print(f"{len(queries)} queries, k={args.k}\n{table}")
+            default = default_fusion(cfg)
+            runs: dict[str, tuple[str, Fusion | None, bool]] = {
+                m: (m, default if m == "hybrid" else None, False)
+                for m in (x.strip() for x in args.modes.split(","))}
+            tuned = pipe.index.manifest.get("fusion")
+            if tuned:
+                runs["hybrid (tuned)"] = ("hybrid", Fusion.model_validate(
+                    {k: tuned[k] for k in Fusion.model_fields if k in tuned}), False)
+            if args.rerank_model:
+                runs["hybrid + rerank"] = ("hybrid", None, True)
+            results, _ = ev.evaluate(pipe, evalset, k=args.k, runs=runs)
+    judged = len(evalset.judged)
+    print(f"{evalset.name} ({evalset.split}): {judged} queries with judgements"
+          + (f", {len(evalset.unjudged)} without (not scored)" if evalset.unjudged else "")
+          + f", k={args.k}, document level\n{ev.format_table(results)}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"queries": len(queries), "k": args.k,
-                                              "results": results}, indent=2) + "\n")
+        manifest = json.loads((index / "manifest.json").read_text())
+        ev.write_results(args.out, {
+            "dataset": evalset.name, "split": evalset.split, "queries": judged,
+            "unjudged_queries": len(evalset.unjudged), "k": args.k, "level": "document",
+            "encoder": manifest.get("embed"), "index": manifest.get("spec"),
+            "default_fusion": default.model_dump(), "tuned_fusion": manifest.get("fusion"),
+            "results": results, "tuning": tuned_table})
         print(f"wrote {args.out}")
     return 0
 
@@ -356,17 +395,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("eval", help="recall@k / MRR@k / nDCG@k of dense, sparse, hybrid")
-    p.add_argument("--index", required=True)
-    p.add_argument("--queries", help="JSONL: {query, relevant_ids | relevant_sources}; default:"
-                                     " known-item queries from the demo corpus")
+    p = sub.add_parser("eval", help="recall@k / MRR@k / nDCG@k of dense, sparse, hybrid, "
+                                    "at document level; tune the hybrid fusion")
+    p.add_argument("--dataset", help="a BEIR-layout folder: corpus.jsonl, queries.jsonl, "
+                                     "qrels/<split>.tsv (ingested into DATASET/.dask-rag-index "
+                                     "unless --index is given)")
+    p.add_argument("--split", default="test", help="the qrels split to report (default test)")
+    p.add_argument("--index", help="the index to evaluate (default with --dataset: "
+                                   "DATASET/.dask-rag-index)")
+    p.add_argument("--queries", help="JSONL: {query, relevant_sources}; default without "
+                                     "--dataset: known-item queries from the demo corpus")
     p.add_argument("--known-items", type=int, default=200)
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--modes", default="dense,sparse,hybrid")
+    p.add_argument("--tune-fusion", action="store_true",
+                   help="choose the hybrid fusion on the 'tune' split and record it in the "
+                        "index manifest (then used by default)")
     p.add_argument("--mode", default="hybrid", help=argparse.SUPPRESS)
     p.add_argument("--generator", default="extractive", help=argparse.SUPPRESS)
     p.add_argument("--rerank-model", help="also evaluate hybrid + this cross-encoder")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_cluster_args(p)
     p.set_defaults(func=cmd_eval)
 

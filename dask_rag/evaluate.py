@@ -1,94 +1,202 @@
-"""Retrieval evaluation: recall@k, MRR@k and nDCG@k over a set of queries with known answers.
+"""Retrieval evaluation on question sets: recall@k, MRR@k and nDCG@k at document level, for
+dense, sparse, hybrid and tuned hybrid retrieval; and tuning of the hybrid fusion.
 
-A query set is JSONL, one object per line::
+An evaluation set (:class:`EvalSet`) maps query ids to texts and to graded judgements of
+*documents* (a document counts once however many of its chunks are retrieved).  Sets come
+from the standard BEIR layout (:func:`load_beir`: ``corpus.jsonl``, ``queries.jsonl``,
+``qrels/<split>.tsv``), from JSONL (:func:`load_queries`), or from a corpus itself
+(:func:`known_item_set`: queries that are verbatim sentences of their document — easy by
+construction, kept only as a labelled reference).
 
-    {"query": "...", "relevant_ids": [123, 456]}          # chunk ids, or
-    {"query": "...", "relevant_sources": ["json.dumps"]}  # any chunk of these sources counts
-
-Relevance is binary.  ``known_item_queries`` builds such a set from documents themselves: the
-first sentence of a docstring that is unique in the corpus must retrieve a chunk of that object.
+Hits are chunks; a chunk's document is its ``source`` (ingestion sets it to the document's
+id).  Rankings go ``k * CHUNKS_PER_DOC`` chunks deep and keep each document's first chunk, so
+that ``k`` distinct documents are scored.  :func:`tune_fusion` fuses the dense and BM25
+candidate lists offline — the same lists, and the same :func:`~dask_rag.rag.fusion.fuse`, the
+pipeline uses — for every method and weight of a grid, and picks the best on a tuning split.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dask_rag.config import FUSIONS
 from dask_rag.corpus.chunking import split_sentences
 from dask_rag.corpus.loaders import Document, iter_jsonl_objects
 from dask_rag.errors import InvalidInput
+from dask_rag.rag.fusion import Fusion, fuse
+from dask_rag.rag.hits import Hit
 
-__all__ = ["EvalQuery", "evaluate", "format_table", "known_item_queries", "load_queries",
-           "mrr_at_k", "ndcg_at_k", "recall_at_k"]
+__all__ = ["CHUNKS_PER_DOC", "EvalSet", "doc_ranking", "evaluate", "format_table",
+           "known_item_set", "load_beir", "load_queries", "mrr_at_k", "ndcg_at_k",
+           "recall_at_k", "tune_fusion"]
+
+#: chunks retrieved per document scored: rankings go this many times k chunks deep
+CHUNKS_PER_DOC = 3
 
 
-@dataclass(frozen=True)
-class EvalQuery:
-    query: str
-    relevant_ids: frozenset[int] = frozenset()
-    relevant_sources: frozenset[str] = frozenset()
+@dataclass
+class EvalSet:
+    """Queries and their judgements (``qrels[qid][doc] = grade``, grade > 0 relevant)."""
 
-    def relevant(self, hit_id: int, source: str) -> bool:
-        return hit_id in self.relevant_ids or source in self.relevant_sources
+    name: str
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    #: queries in ``queries.jsonl`` without a judgement in this split (counted, not scored)
+    unjudged: list[str] = field(default_factory=list)
+    corpus: list[Document] | None = None
+    split: str = "test"
 
     @property
-    def n_relevant(self) -> int:
-        return len(self.relevant_ids) + len(self.relevant_sources)
+    def judged(self) -> list[str]:
+        return [q for q in self.queries if q in self.qrels]
 
 
-def _flags(ranked: Sequence[bool], k: int) -> list[bool]:
-    return list(ranked[:k])
+# ---- metrics (document level, graded) -------------------------------------------------------
 
 
-def recall_at_k(ranked: Sequence[bool], n_relevant: int, k: int) -> float:
-    """Fraction of the relevant items found in the top ``k`` (``ranked[i]``: hit i relevant)."""
-    if n_relevant <= 0:
-        return 0.0
-    return min(1.0, sum(_flags(ranked, k)) / n_relevant)
+def recall_at_k(ranked: Sequence[str], relevant: dict[str, int], k: int) -> float:
+    """Fraction of the relevant documents in the top ``k``."""
+    rel = {d for d, g in relevant.items() if g > 0}
+    return len(rel & set(ranked[:k])) / len(rel) if rel else 0.0
 
 
-def mrr_at_k(ranked: Sequence[bool], k: int) -> float:
-    """1 / rank of the first relevant hit within the top ``k``, else 0."""
-    for i, rel in enumerate(_flags(ranked, k), start=1):
-        if rel:
+def mrr_at_k(ranked: Sequence[str], relevant: dict[str, int], k: int) -> float:
+    """1 / rank of the first relevant document within the top ``k``, else 0."""
+    for i, d in enumerate(ranked[:k], start=1):
+        if relevant.get(d, 0) > 0:
             return 1.0 / i
     return 0.0
 
 
-def ndcg_at_k(ranked: Sequence[bool], n_relevant: int, k: int) -> float:
-    """Binary-relevance nDCG: sum rel_i / log2(i + 1), over the ideal ordering's value."""
-    dcg = sum(1.0 / math.log2(i + 1) for i, rel in enumerate(_flags(ranked, k), start=1) if rel)
-    ideal = sum(1.0 / math.log2(i + 1) for i in range(1, min(n_relevant, k) + 1))
+def ndcg_at_k(ranked: Sequence[str], relevant: dict[str, int], k: int) -> float:
+    """``sum grade_i / log2(i + 1)`` over the top ``k``, over the ideal ordering's value
+    (linear gains, as trec_eval and ranx's ``ndcg``)."""
+    dcg = sum(relevant.get(d, 0) / math.log2(i + 1) for i, d in enumerate(ranked[:k], start=1))
+    grades = sorted((g for g in relevant.values() if g > 0), reverse=True)[:k]
+    ideal = sum(g / math.log2(i + 1) for i, g in enumerate(grades, start=1))
     return dcg / ideal if ideal > 0 else 0.0
 
 
-def load_queries(path: str | Path) -> list[EvalQuery]:
-    out = []
-    p = Path(path)
+METRICS: dict[str, Callable[[Sequence[str], dict[str, int], int], float]] = {
+    "recall": recall_at_k, "mrr": mrr_at_k, "ndcg": ndcg_at_k}
+
+
+def doc_ranking(hits: Iterable[Hit]) -> list[str]:
+    """Documents in the order of their best chunk (a document counts once)."""
+    seen: dict[str, None] = {}
+    for h in hits:
+        seen.setdefault(h.source, None)
+    return list(seen)
+
+
+# ---- sets ---------------------------------------------------------------------------------------
+
+
+def _jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise InvalidInput(f"{p}: cannot read the query file ({exc})") from None
-    for lineno, obj in iter_jsonl_objects(p, "\n".join(lines)):
-        if not isinstance(obj.get("query"), str):
-            raise InvalidInput(f"{p}:{lineno}: needs a string field 'query'")
-        ids = obj.get("relevant_ids", [])
-        srcs = obj.get("relevant_sources", [])
-        if not ids and not srcs:
-            raise InvalidInput(f"{p}:{lineno}: needs 'relevant_ids' or 'relevant_sources'")
-        out.append(EvalQuery(obj["query"], frozenset(int(i) for i in ids),
-                             frozenset(str(s) for s in srcs)))
-    if not out:
+        raise InvalidInput(f"{path}: cannot read ({exc.strerror})") from None
+    return iter_jsonl_objects(path, text)
+
+
+def load_beir(directory: str | Path, split: str = "test", with_corpus: bool = True) -> EvalSet:
+    """A BEIR-layout set: ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl``
+    (``_id``, ``text``), ``qrels/<split>.tsv`` (header, then query-id, corpus-id, score).
+
+    A malformed line is an InvalidInput naming the file and the line; judgements of unknown
+    queries or documents are errors; queries without judgements are counted in ``unjudged``.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise InvalidInput(f"{d}: no such dataset directory")
+    queries: dict[str, str] = {}
+    for lineno, obj in _jsonl(d / "queries.jsonl"):
+        qid, text = obj.get("_id"), obj.get("text")
+        if not isinstance(qid, (str, int)) or not isinstance(text, str) or not text.strip():
+            raise InvalidInput(f"{d / 'queries.jsonl'}:{lineno}: needs '_id' and a non-empty "
+                               "'text'")
+        queries[str(qid)] = text
+    doc_ids: set[str] = set()
+    docs = []
+    for lineno, obj in _jsonl(d / "corpus.jsonl"):
+        did, text = obj.get("_id"), obj.get("text")
+        if not isinstance(did, (str, int)) or not isinstance(text, str):
+            raise InvalidInput(f"{d / 'corpus.jsonl'}:{lineno}: needs '_id' and 'text'")
+        title = obj.get("title") or ""
+        doc_ids.add(str(did))
+        if with_corpus:
+            docs.append(Document(source=str(did), text=f"{title}\n\n{text}" if title else text,
+                                 metadata={"title": title} if title else {}))
+    corpus = docs if with_corpus else None
+    qrels_path = d / "qrels" / f"{split}.tsv"
+    qrels: dict[str, dict[str, int]] = {}
+    try:
+        lines = qrels_path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InvalidInput(f"{qrels_path}: cannot read ({exc.strerror})") from None
+    rows = list(csv.reader(lines, delimiter="\t"))
+    for lineno, row in enumerate(rows, start=1):
+        if lineno == 1 and row and not row[-1].strip().lstrip("-").isdigit():
+            continue  # the header
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        if len(row) != 3 or not row[2].strip().lstrip("-").isdigit():
+            raise InvalidInput(f"{qrels_path}:{lineno}: expected 'query-id<TAB>corpus-id"
+                               f"<TAB>integer score', got {chr(9).join(row)!r}")
+        qid, did, grade = row[0].strip(), row[1].strip(), int(row[2])
+        if qid not in queries:
+            raise InvalidInput(f"{qrels_path}:{lineno}: query {qid!r} is not in queries.jsonl")
+        if did not in doc_ids:
+            raise InvalidInput(f"{qrels_path}:{lineno}: document {did!r} is not in "
+                               "corpus.jsonl")
+        qrels.setdefault(qid, {})[did] = grade
+    qrels = {q: r for q, r in qrels.items() if any(g > 0 for g in r.values())}
+    if not qrels:
+        raise InvalidInput(f"{qrels_path}: no positive judgements")
+    in_split = set(qrels)
+    other_splits = set()
+    for other in (d / "qrels").glob("*.tsv"):
+        if other != qrels_path:
+            for row in csv.reader(other.read_text(encoding="utf-8").splitlines(),
+                                  delimiter="\t"):
+                if row:
+                    other_splits.add(row[0].strip())
+    # queries of this split without judgements (not those that belong to another split)
+    unjudged = [q for q in queries if q not in in_split and q not in other_splits]
+    return EvalSet(name=d.name, queries={q: queries[q] for q in queries
+                                         if q in in_split or q in unjudged},
+                   qrels=qrels, unjudged=unjudged, corpus=corpus, split=split)
+
+
+def load_queries(path: str | Path) -> EvalSet:
+    """JSONL, one query a line: ``{"query": ..., "relevant_sources": [...]}`` (documents,
+    by source) — the form :func:`known_item_set` writes."""
+    p = Path(path)
+    queries, qrels = {}, {}
+    for lineno, obj in _jsonl(p):
+        srcs = obj.get("relevant_sources")
+        if not isinstance(obj.get("query"), str) or not isinstance(srcs, list) or not srcs:
+            raise InvalidInput(f"{p}:{lineno}: needs a string 'query' and a non-empty list "
+                               "'relevant_sources'")
+        qid = str(obj.get("id", lineno))
+        queries[qid] = obj["query"]
+        qrels[qid] = {str(s): 1 for s in srcs}
+    if not queries:
         raise InvalidInput(f"{p}: no queries")
-    return out
+    return EvalSet(name=p.stem, queries=queries, qrels=qrels)
 
 
-def known_item_queries(docs: Sequence[Document], n: int = 200, min_words: int = 6,
-                       sources: set[str] | None = None) -> list[EvalQuery]:
-    """Queries made of docstrings' first sentences that are unique in the corpus."""
+def known_item_set(docs: Sequence[Document], n: int = 200, min_words: int = 6,
+                   sources: set[str] | None = None) -> EvalSet:
+    """Queries made of documents' first sentences that are unique in the corpus (known-item:
+    the query is text of its answer — a reference, not a measure of real questions)."""
     firsts: dict[str, list[str]] = {}
     for d in docs:
         if sources is not None and d.source not in sources:
@@ -99,39 +207,113 @@ def known_item_queries(docs: Sequence[Document], n: int = 200, min_words: int = 
             firsts.setdefault(sents[0], []).append(d.source)
     unique = sorted((s, srcs[0]) for s, srcs in firsts.items() if len(srcs) == 1)
     step = max(1, len(unique) // n)
-    return [EvalQuery(q, relevant_sources=frozenset([src])) for q, src in unique[::step][:n]]
+    picked = unique[::step][:n]
+    return EvalSet(name="known-item", queries={str(i): q for i, (q, _) in enumerate(picked)},
+                   qrels={str(i): {src: 1} for i, (_, src) in enumerate(picked)})
 
 
-def evaluate(pipe: Any, queries: Sequence[EvalQuery], k: int = 10,
-             modes: Sequence[str] = ("dense", "sparse", "hybrid"), batch: int = 64,
-             rerank: bool = False) -> dict[str, dict[str, float]]:
-    """recall@k / MRR@k / nDCG@k of ``pipe`` for each retrieval mode (and reranked hybrid)."""
-    results: dict[str, dict[str, float]] = {}
-    runs = [(m, m, False) for m in modes]
-    if rerank:
-        runs.append(("hybrid+rerank", "hybrid", True))
-    for name, mode, use_rerank in runs:
-        tot = {"recall": 0.0, "mrr": 0.0, "ndcg": 0.0}
-        for i in range(0, len(queries), batch):
-            part = queries[i:i + batch]
-            hits = (pipe.rerank_many if use_rerank else pipe.search_many)(
-                [q.query for q in part], k=k, mode=mode)
-            for q, hs in zip(part, hits, strict=True):
-                flags = [q.relevant(h.id, h.source) for h in hs]
-                # a source counts once however many of its chunks are retrieved
-                seen: set[str] = set()
-                dedup = []
-                for h, f in zip(hs, flags, strict=True):
-                    if f and h.source in q.relevant_sources:
-                        dedup.append(h.source not in seen)
-                        seen.add(h.source)
-                    else:
-                        dedup.append(f)
-                tot["recall"] += recall_at_k(dedup, q.n_relevant, k)
-                tot["mrr"] += mrr_at_k(dedup, k)
-                tot["ndcg"] += ndcg_at_k(dedup, q.n_relevant, k)
-        results[name] = {f"{m}@{k}": round(v / len(queries), 4) for m, v in tot.items()}
-    return results
+# ---- running ------------------------------------------------------------------------------------
+
+
+def _score(run: dict[str, list[str]], evalset: EvalSet, k: int) -> dict[str, float]:
+    out = {}
+    for name, metric in METRICS.items():
+        vals = [metric(run.get(q, []), evalset.qrels[q], k) for q in evalset.judged]
+        out[f"{name}@{k}"] = round(sum(vals) / len(vals), 6) if vals else 0.0
+    return out
+
+
+def _search(pipe: Any, evalset: EvalSet, depth: int, mode: str, fusion: Fusion | None,
+            rerank: bool, batch: int) -> dict[str, list[Hit]]:
+    qids = evalset.judged
+    out: dict[str, list[Hit]] = {}
+    for i in range(0, len(qids), batch):
+        part = qids[i:i + batch]
+        texts = [evalset.queries[q] for q in part]
+        if rerank:
+            hits = pipe.rerank_many(texts, k=depth, mode=mode)
+        else:
+            hits = pipe.search_many(texts, k=depth, mode=mode, fusion=fusion)
+        out.update(zip(part, hits, strict=True))
+    return out
+
+
+def evaluate(pipe: Any, evalset: EvalSet, k: int = 10,
+             runs: dict[str, tuple[str, Fusion | None, bool]] | None = None, batch: int = 64
+             ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[str]]]]:
+    """Metrics of each run ``name -> (mode, fusion or None for the pipeline's default,
+    rerank)``, and each run's document rankings (``run[qid] = [doc, ...]``)."""
+    runs = runs or {m: (m, None, False) for m in ("dense", "sparse", "hybrid")}
+    depth = k * CHUNKS_PER_DOC
+    results, rankings = {}, {}
+    for name, (mode, fusion, rerank) in runs.items():
+        hits = _search(pipe, evalset, depth, mode, fusion, rerank, batch)
+        rankings[name] = {q: doc_ranking(hs)[:k] for q, hs in hits.items()}
+        results[name] = _score(rankings[name], evalset, k)
+    return results, rankings
+
+
+def fusion_grid() -> list[Fusion]:
+    """Every method, dense weights 0.1-0.9 in steps of 0.05 (RRF also with rrf_k 10-100),
+    anchoring the dense ranking's first 0-3 hits."""
+    weights = [round(0.1 + 0.05 * i, 2) for i in range(17)]
+    grid = []
+    for anchor in (0, 1, 2, 3):
+        grid += [Fusion(method=m, dense_weight=w, anchor=anchor)
+                 for m in FUSIONS if m != "rrf" for w in weights]
+        grid += [Fusion(method="rrf", dense_weight=w, rrf_k=rk, anchor=anchor)
+                 for w in weights for rk in (10, 30, 60, 100)]
+    return grid
+
+
+def candidate_lists(pipe: Any, evalset: EvalSet, depth: int, batch: int = 64
+                    ) -> tuple[dict[str, list[Hit]], dict[str, list[Hit]]]:
+    """Each judged query's dense and BM25 candidates, ``depth`` deep (what hybrid fuses)."""
+    return (_search(pipe, evalset, depth, "dense", None, False, batch),
+            _search(pipe, evalset, depth, "sparse", None, False, batch))
+
+
+def fused_run(dense: dict[str, list[Hit]], sparse: dict[str, list[Hit]], fusion: Fusion,
+              k: int) -> dict[str, list[str]]:
+    """Document rankings of ``fusion`` applied to the candidate lists (as the pipeline)."""
+    run = {}
+    for q in dense:
+        by_id = {h.id: h for h in (*dense[q], *sparse.get(q, []))}
+        ranked = fuse("hybrid", [(h.id, h.score) for h in dense[q]],
+                      [(h.id, h.score) for h in sparse.get(q, [])], fusion)
+        run[q] = doc_ranking(by_id[c] for c, _ in ranked)[:k]
+    return run
+
+
+#: tuning leaves the default unless both recall@k and MRR@k gain at least this much
+MIN_GAIN = 0.005
+
+
+def tune_fusion(pipe: Any, evalset: EvalSet, default: Fusion, k: int = 10,
+                grid: Sequence[Fusion] | None = None, min_gain: float = MIN_GAIN
+                ) -> tuple[Fusion, list[dict[str, Any]]]:
+    """The fusion for this index, chosen on ``evalset`` (a tuning split): the grid point whose
+    *smaller* gain over ``default`` — of recall@k and of MRR@k — is largest, if that gain is
+    at least ``min_gain``; else ``default``.  A fusion is adopted only when it improves both
+    measures, by more than a query or two's worth of noise; every grid point's metrics are
+    returned too."""
+    depth = max(k * CHUNKS_PER_DOC, pipe.config.candidates)
+    dense, sparse = candidate_lists(pipe, evalset, depth)
+    base = _score(fused_run(dense, sparse, default, k), evalset, k)
+    table = [{"fusion": default.model_dump(), "default": True, **base}]
+    best: tuple[float, float, Fusion] | None = None
+    for f in grid or fusion_grid():
+        metrics = _score(fused_run(dense, sparse, f, k), evalset, k)
+        table.append({"fusion": f.model_dump(), **metrics})
+        gain = min(metrics[f"recall@{k}"] - base[f"recall@{k}"],
+                   metrics[f"mrr@{k}"] - base[f"mrr@{k}"])
+        total = metrics[f"recall@{k}"] + metrics[f"mrr@{k}"]
+        if best is None or gain > best[0] + 1e-12 or (abs(gain - best[0]) <= 1e-12
+                                                     and total > best[1] + 1e-12):
+            best = (gain, total, f)
+    if best is None or best[0] < min_gain:
+        return default, table
+    return best[2], table
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -141,3 +323,8 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     for name, row in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:.4f}" for c in cols) + " |")
     return "\n".join(lines)
+
+
+def write_results(path: str | Path, payload: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")

@@ -43,7 +43,7 @@ from dask_rag.embed.service import EmbeddingService
 from dask_rag.errors import InvalidInput
 from dask_rag.index.distributed import DistributedIndex
 from dask_rag.index.query import IndexQuery
-from dask_rag.rag.fusion import Fusion
+from dask_rag.rag.fusion import Fusion, default_fusion
 from dask_rag.rag.generate.base import SamplingParams, parse_generator_spec
 from dask_rag.rag.hits import Answer, Hit
 from dask_rag.rag.requests import AskRequest, SearchRequest, parse_request
@@ -144,10 +144,10 @@ class RagPipeline:
         if req.fusion is not None:
             return req.fusion
         tuned = self.index.manifest.get("fusion")
-        if tuned:
-            return Fusion.model_validate(tuned)
-        cfg = self.config
-        return Fusion(method=cfg.fusion, dense_weight=cfg.dense_weight, rrf_k=cfg.rrf_k)
+        if tuned:  # the manifest also records where and how it was tuned
+            return Fusion.model_validate({k: tuned[k] for k in Fusion.model_fields
+                                          if k in tuned})
+        return default_fusion(self.config)
 
     def _k(self, req: SearchRequest | AskRequest) -> int:
         return self.config.k if req.k is None else req.k

@@ -18,6 +18,7 @@ format in :mod:`~dask_rag.index.store`, building in :mod:`~dask_rag.index.build`
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 import threading
@@ -76,6 +77,8 @@ __all__ = ["MERGE_FAN_IN", "DistributedIndex"]
 
 #: merge tasks take at most this many parts; submit_search returns at most this many
 MERGE_FAN_IN = 4
+#: a direct (actor) search that has not answered by then is given up for the graph path
+DIRECT_TIMEOUT_S = 30.0
 
 
 class DistributedIndex(IndexWrites):
@@ -347,8 +350,9 @@ class DistributedIndex(IndexWrites):
         """One actor call per worker holding shards, or None when the shards' places are not
         known (then the caller submits a graph)."""
         self._check_open()
-        if not callable(source):
-            raise InvalidInput("direct searches take a callable vector source (an encoder)")
+        if source is not None and not callable(source):
+            raise InvalidInput("direct searches take a callable vector source (an encoder), "
+                               "or None for BM25 only")
         with self._lock:
             shards = list(self._shards)
             if self._direct is None:
@@ -367,13 +371,27 @@ class DistributedIndex(IndexWrites):
         for worker, keys in plan.items():
             actor = self._searchers.get(worker)
             if actor is None:
-                actor = self.client.submit(ShardSearcher, actor=True, workers=[worker],
-                                           allow_other_workers=False, pure=False,
-                                           key=f"dask-rag-searcher-{self._token}-{worker}"
-                                           ).result()
+                actor = self._new_searcher(worker)
                 self._searchers[worker] = actor
             calls.append(actor.search(keys, source, query, nq, index))
         return calls
+
+    def _new_searcher(self, worker: str) -> Any:
+        """A :class:`ShardSearcher` actor on ``worker``, bound to this index's client.
+
+        ``future.result()`` would bind the actor's proxy to whatever client is current in
+        the process (the last one created), and calls through another cluster's scheduler
+        never return; so the proxy is made here, with this client current."""
+        from distributed.actor import Actor
+
+        fut = self.client.submit(ShardSearcher, actor=True, workers=[worker],
+                                 allow_other_workers=False, pure=False,
+                                 key=f"dask-rag-searcher-{self._token}-{worker}")
+        wait(fut, timeout=60)
+        if fut.status != "finished":
+            raise ShardUnavailable(f"no searcher on {worker}: {fut.status}")
+        with self.client.as_current():
+            return Actor(ShardSearcher, worker, fut.key)
 
     def _direct_failed(self) -> None:
         """Forget where shards were (and the actors there): the next call asks again."""
@@ -387,7 +405,8 @@ class DistributedIndex(IndexWrites):
         scheduler); None if that path failed — run :meth:`submit_search` instead."""
         try:
             calls = self._direct_calls(query, source, nq)
-            results = None if calls is None else [c.result() for c in calls]
+            results = None if calls is None else [c.result(timeout=DIRECT_TIMEOUT_S)
+                                                  for c in calls]
         except DaskRagError:
             raise
         except Exception:  # a worker or its actor is gone, or shards moved
@@ -412,8 +431,8 @@ class DistributedIndex(IndexWrites):
                     return [await c for c in calls]
 
                 loop = self.client.loop.asyncio_loop  # type: ignore[union-attr]
-                results = await asyncio.wrap_future(
-                    asyncio.run_coroutine_threadsafe(all_of(), loop))
+                results = await asyncio.wait_for(asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(all_of(), loop)), DIRECT_TIMEOUT_S)
         except DaskRagError:
             raise
         except Exception:
@@ -479,6 +498,27 @@ class DistributedIndex(IndexWrites):
         parts = self.client.gather([self.client.submit(doc_index_task, f, pure=False)
                                     for f in self.shard_futures])
         return [row for part in parts for row in part]
+
+    # ---- metadata -------------------------------------------------------------------------------
+
+    #: manifest fields that callers may set (:meth:`set_metadata`); the index itself never
+    #: reads them
+    METADATA_FIELDS = frozenset({"fusion"})
+
+    def set_metadata(self, name: str, value: Any) -> None:
+        """Record ``value`` (JSON) under ``name`` in the manifest, atomically — e.g. the
+        hybrid fusion ``dask-rag eval --tune-fusion`` chose for this index."""
+        self._check_open()
+        if name not in self.METADATA_FIELDS:
+            raise InvalidInput(f"metadata field {name!r} is not one of "
+                               f"{sorted(self.METADATA_FIELDS)}")
+        json.dumps(value)  # JSON or nothing
+        with self._write_lock:
+            manifest = store.read_manifest(self.path)
+            manifest[name] = value
+            manifest["updated_at"] = store.now()
+            store.atomic_write_json(self.path / store.MANIFEST, manifest)
+            self.manifest = manifest
 
     # ---- placement ----------------------------------------------------------------------------
 

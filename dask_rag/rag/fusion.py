@@ -15,6 +15,9 @@ BM25):
 
 A chunk missing from one list contributes 0 from it.  Every method breaks ties by the best
 rank in either list, then by id, so the fused order is a function of the two lists alone.
+``anchor`` keeps the dense ranking's first hits where they are and fuses the rest: the top of
+a strong dense ranking (what MRR sees) is then never pushed down by a weaker BM25 list, while
+BM25 can still bring documents the dense list missed into the remaining places.
 Plain RRF pays a price when one retriever is much weaker than the other (it lets the weak list
 push its top hits up); the weights are what ``dask-rag eval --tune-fusion`` tunes per index.
 """
@@ -27,10 +30,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dask_rag.config import FUSIONS
+from dask_rag.config import FUSIONS, RagConfig
 from dask_rag.errors import InvalidInput
 
-__all__ = ["Fusion", "distribution_fusion", "fuse", "reciprocal_rank_fusion",
+__all__ = ["Fusion", "default_fusion", "distribution_fusion", "fuse", "reciprocal_rank_fusion",
            "weighted_fusion"]
 
 Ranked = Sequence[tuple[int, float]]
@@ -44,6 +47,7 @@ class Fusion(BaseModel):
     method: str = Field("rrf", json_schema_extra={"enum": list(FUSIONS)})
     dense_weight: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
     rrf_k: int = Field(60, ge=1, le=100_000, strict=True)
+    anchor: int = Field(0, ge=0, le=100, strict=True)
 
     @field_validator("method")
     @classmethod
@@ -51,6 +55,13 @@ class Fusion(BaseModel):
         if value not in FUSIONS:
             raise ValueError(f"must be one of {', '.join(map(repr, FUSIONS))}")
         return value
+
+
+def default_fusion(config: RagConfig) -> Fusion:
+    """The fusion a :class:`~dask_rag.config.RagConfig` names (used when neither the request
+    nor the index's manifest gives one)."""
+    return Fusion(method=config.fusion, dense_weight=config.dense_weight, rrf_k=config.rrf_k,
+                  anchor=config.fusion_anchor)
 
 
 def _ranks(ranked: Ranked) -> dict[int, int]:
@@ -135,8 +146,15 @@ def fuse(mode: str, dense: Ranked, sparse: Ranked, fusion: Fusion | None = None
     fusion = fusion or Fusion()
     w = fusion.dense_weight
     if fusion.method == "rrf":
-        return reciprocal_rank_fusion([[c for c, _ in dense], [c for c, _ in sparse]],
-                                      fusion.rrf_k, [w, 1 - w])
-    if fusion.method == "weighted":
-        return weighted_fusion(dense, sparse, w)
-    return distribution_fusion(dense, sparse, w)
+        fused = reciprocal_rank_fusion([[c for c, _ in dense], [c for c, _ in sparse]],
+                                       fusion.rrf_k, [w, 1 - w])
+    elif fusion.method == "weighted":
+        fused = weighted_fusion(dense, sparse, w)
+    else:
+        fused = distribution_fusion(dense, sparse, w)
+    if not fusion.anchor:
+        return fused
+    top = [c for c, _ in dense if c >= 0][:fusion.anchor]
+    scores = dict(fused)
+    head = [(c, scores[c]) for c in top]
+    return head + [(c, x) for c, x in fused if c not in set(top)]
