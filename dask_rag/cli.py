@@ -242,11 +242,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with _client(args, scheduler_process=not args.scheduler_in_process) as client, \
             RagPipeline.from_index_dir(client, args.index, cfg, batch=serve_cfg.batch) as pipe:
         pipe.warmup()
+        served: Any = pipe
+        if args.collections:
+            from dask_rag.collections import Collections
+
+            served = Collections.open(pipe, args.collections, cfg, batch=serve_cfg.batch)
         print(f"serving {args.index} on http://{args.host}:{args.port} "
               f"(batching {'on' if serve_cfg.batching else 'off'}, API keys "
-              f"{'required' if serve_cfg.api_keys else 'off'}); "
-              f"Dask dashboard: {client.dashboard_link}", flush=True)
-        run_server(pipe, serve_cfg, log_level="info" if args.verbose else "warning")
+              f"{'required' if serve_cfg.api_keys else 'off'}"
+              + (f", collections in {args.collections}" if args.collections else "")
+              + f"); Dask dashboard: {client.dashboard_link}", flush=True)
+        run_server(served, serve_cfg, log_level="info" if args.verbose else "warning")
     return 0
 
 
@@ -266,7 +272,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rate-limit", type=float, default=None, help="requests/s per API key")
     g.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
     g.add_argument("--api-keys-env", default="DASK_RAG_API_KEYS",
-                   help="environment variable holding comma-separated API keys")
+                   help="environment variable holding comma-separated API keys; a key may "
+                        "carry a scope: 'secret:read', 'secret:write:docs+faq'")
     g.add_argument("--scheduler-in-process", action="store_true",
                    help="run a local cluster's scheduler in the server process (default: its "
                         "own process)")
@@ -391,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator", default="extractive")
     p.add_argument("--rerank-model")
     p.add_argument("--token-budget", type=int, default=1024)
+    p.add_argument("--collections", default=None, metavar="DIR",
+                   help="serve every index folder under DIR as a named collection too "
+                        "(POST /v1/collections creates new ones there)")
     _add_serve_args(p)
     _add_cluster_args(p)
     p.set_defaults(func=cmd_serve)

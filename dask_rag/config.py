@@ -410,7 +410,8 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     request_timeout_s: float = 30.0
     api_keys: tuple[str, ...] = ()
-    max_batch_inputs: int = 256
+    max_batch_inputs: int = 2048
+    max_write_body_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         _check_int(self, "port", 0, 65535)
@@ -421,6 +422,7 @@ class ServeConfig:
         _check_int(self, "max_body_bytes", 64)
         _check_float(self, "request_timeout_s", 0.001)
         _check_int(self, "max_batch_inputs", 1)
+        _check_int(self, "max_write_body_bytes", 64)
         if not isinstance(self.api_keys, tuple) or not all(
             isinstance(k, str) and k for k in self.api_keys
         ):

@@ -8,7 +8,9 @@ Every error a caller can act on has its own class; everything derives from
     │   │                         raised before any work is scheduled, nothing stored is changed
     │   ├── MalformedRequest      the request body is not valid JSON / UTF-8 (HTTP 400)
     │   ├── PayloadTooLarge       the request body is over the configured size limit
-    │   └── Unauthorized          missing or wrong API key
+    │   ├── Unauthorized          missing or wrong API key
+    │   ├── Forbidden             a valid key whose scope does not cover the request
+    │   └── UnknownModel          an OpenAI-style ``model`` this server does not serve (404)
     ├── IndexNotFound             no index at the given path (or the path is not a directory)
     │   └── CorruptIndex          an index directory exists but a file in it is unreadable,
     │                             inconsistent with the manifest or belongs to another index
@@ -25,6 +27,7 @@ from __future__ import annotations
 __all__ = [
     "CorruptIndex",
     "DaskRagError",
+    "Forbidden",
     "IndexNotFound",
     "InvalidInput",
     "MalformedRequest",
@@ -34,6 +37,7 @@ __all__ = [
     "RequestTimeout",
     "ShardUnavailable",
     "Unauthorized",
+    "UnknownModel",
     "http_status",
 ]
 
@@ -67,6 +71,19 @@ class Unauthorized(InvalidInput):
     """A request lacks a valid API key."""
 
     type_name = "unauthorized"
+
+
+class Forbidden(InvalidInput):
+    """A valid API key whose scope does not allow this request (a write with a read-only
+    key, a collection the key is not for)."""
+
+    type_name = "forbidden"
+
+
+class UnknownModel(InvalidInput):
+    """The ``model`` of an OpenAI-style request names no model or collection served here."""
+
+    type_name = "model_not_found"
 
 
 class IndexNotFound(DaskRagError, FileNotFoundError):
@@ -117,6 +134,8 @@ class ModelLoadError(DaskRagError):
 _HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (PayloadTooLarge, 413),
     (Unauthorized, 401),
+    (Forbidden, 403),
+    (UnknownModel, 404),
     (MalformedRequest, 400),
     (InvalidInput, 422),
     (CorruptIndex, 503),

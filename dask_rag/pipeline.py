@@ -20,12 +20,14 @@ in flight).  Every answer carries per-stage timings in milliseconds.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from distributed import Client, Future
 from pydantic import BaseModel
 
@@ -46,7 +48,13 @@ from dask_rag.index.query import IndexQuery
 from dask_rag.rag.fusion import Fusion, default_fusion
 from dask_rag.rag.generate.base import SamplingParams, parse_generator_spec
 from dask_rag.rag.hits import Answer, Hit
-from dask_rag.rag.requests import AskRequest, SearchRequest, parse_request
+from dask_rag.rag.requests import (
+    AskRequest,
+    DeleteRequest,
+    SearchRequest,
+    UpsertRequest,
+    parse_request,
+)
 from dask_rag.rag.tasks import (
     GenerationPlan,
     RerankPlan,
@@ -91,6 +99,7 @@ class RagPipeline:
             from dask_rag.rag.rerank import resolve_reranker_path
 
             resolve_reranker_path(self.config.rerank_model)
+        self._write_lock = threading.Lock()
         self._ask_batcher: MicroBatcher[AskRequest, Answer] = MicroBatcher(
             self._ask_batch, batch or BatchConfig(max_batch=64), name="ask")
         self._search_batcher: MicroBatcher[SearchRequest, tuple[list[Hit], dict[str, float]]] \
@@ -222,7 +231,7 @@ class RagPipeline:
         questions = [r.question for r in reqs]
         gen = GenerationPlan(self.generator_spec, self.config,
                              reqs[0].sampling(self.config.stream_chunk_tokens),
-                             tuple(questions), k)
+                             tuple(questions), k, _history(reqs[0]))
         return self.client.submit(answer_task, plan, self._rerank_plan(questions, k), gen,
                                   *parts, key=f"dask-rag-generate-{token}", pure=False,
                                   priority=10, resources=self._generator_resources)
@@ -372,12 +381,14 @@ class RagPipeline:
         k = self._k(req)
         parts, plan, token = self._search_parts([req], self._rerank_depth(k))
         gen = GenerationPlan(self.generator_spec, self.config,
-                             req.sampling(self.config.stream_chunk_tokens), (req.question,), k)
+                             req.sampling(self.config.stream_chunk_tokens), (req.question,), k,
+                             _history(req))
         task = self.client.submit(stream_task, plan, self._rerank_plan([req.question], k), gen,
                                   name, *parts, pure=False, priority=10,
                                   key=f"dask-rag-stream-{token}",
                                   resources=self._generator_resources)
         timings: dict[str, float] = {}
+        completion = 0
         try:
             while True:
                 event = await _next_event(queue, task)
@@ -386,6 +397,7 @@ class RagPipeline:
                     await await_future(task)  # re-raises the worker's exception
                     raise RuntimeError(event["message"])
                 if kind == "end":
+                    completion = event.get("completion_tokens", 0)
                     break
                 if kind == "retrieved":
                     timings.update(event["timings_ms"])
@@ -398,7 +410,55 @@ class RagPipeline:
         finally:
             task.release()
         timings["total"] = (time.perf_counter() - t0) * 1e3
-        yield {"event": "done", "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
+        yield {"event": "done", "completion_tokens": completion,
+               "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
+
+    # ---- writes ---------------------------------------------------------------------------------
+
+    async def aupsert(self, req: UpsertRequest) -> dict[str, int]:
+        """Replace documents by id: chunked on a worker, embedded through the same
+        micro-batched encoder as queries, then one acknowledged write to the index (the old
+        chunks of these ids go as the new ones come, in one write-ahead-log entry: durable
+        when this returns)."""
+        from dask_rag.config import ChunkConfig
+        from dask_rag.corpus.loaders import Document
+        from dask_rag.ingest import read_and_chunk_task
+
+        recorded = (self.index.manifest.get("embed") or {}).get("chunk") or {}
+        chunk = ChunkConfig(**{k: recorded[k] for k in ("max_tokens", "overlap_tokens")
+                               if k in recorded})
+        docs = [Document(source=d.id, text=d.text, metadata=dict(d.metadata or {}))
+                for d in req.documents]
+        _, chunks = await await_future(self.client.submit(
+            read_and_chunk_task, self.embedder.config, chunk, docs, {}, pure=False))
+        vectors = await asyncio.gather(*(self.embedder.aembed(c.text) for c in chunks))
+
+        def write() -> int:
+            # look-up and write under one lock: two upserts of one id cannot interleave
+            with self._write_lock:
+                old = self.index.ids_of_sources([d.source for d in docs])
+                before = self.index.ntotal
+                if chunks:
+                    self.index.add(np.stack(vectors),
+                                   np.array([c.id for c in chunks], dtype=np.int64),
+                                   [c.record() for c in chunks],
+                                   replace=old if old.size else None)
+                elif old.size:
+                    self.index.remove(old)
+                return before + len(chunks) - self.index.ntotal
+
+        removed = await asyncio.to_thread(write)
+        return {"documents": len(docs), "chunks": len(chunks), "chunks_removed": removed}
+
+    async def adelete(self, req: DeleteRequest) -> dict[str, int]:
+        """Remove documents by id (every chunk of each); durable when this returns."""
+
+        def write() -> int:
+            with self._write_lock:
+                old = self.index.ids_of_sources(req.ids)
+                return int(self.index.remove(old)) if old.size else 0
+
+        return {"documents": len(req.ids), "chunks_removed": await asyncio.to_thread(write)}
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -473,12 +533,17 @@ async def _by_options(reqs: list[Req], run: Callable[[list[Req]], Any]) -> list[
     return out
 
 
+def _history(req: AskRequest) -> tuple[tuple[str, str], ...]:
+    return tuple((t.role, t.content) for t in req.history or ())
+
+
 def _answers(reqs: Sequence[AskRequest], results: list[dict[str, Any]], t0: float
              ) -> list[Answer]:
     total = (time.perf_counter() - t0) * 1e3
     return [Answer(question=q.question, text=r["text"], citations=r["citations"],
                    timings_ms={**r["timings"], "total": total}, hits=r["hits"],
-                   prompt_tokens=r["prompt_tokens"])
+                   prompt_tokens=r["prompt_tokens"],
+                   completion_tokens=r.get("completion_tokens", 0))
             for q, r in zip(reqs, results, strict=True)]
 
 

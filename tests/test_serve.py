@@ -121,8 +121,11 @@ def test_bad_bodies_other_endpoints(pipe):
             ("/v1/ask", {"question": "ok", "stop": [1]}, 422),
             ("/v1/ask", {"question": "ok\u0000"}, 422),
             ("/v1/embed", {"input": []}, 422),
-            ("/v1/embed", {"input": [1, 2]}, 422),
-            ("/v1/embed", {"input": "x", "encoding_format": "base64"}, 422),
+            ("/v1/embed", {"input": [[1, -2]]}, 422),
+            ("/v1/embed", {"input": [[]]}, 422),
+            ("/v1/embed", {"input": [1.5]}, 422),
+            ("/v1/embed", {"input": "x", "encoding_format": "binary"}, 422),
+            ("/v1/embed", {"input": "x", "model": "gpt-4"}, 404),
         ]
         for path, body, status in cases:
             r = http.post(path, json=body)

@@ -18,7 +18,7 @@ from distributed import Client, Future
 from dask_rag.errors import DaskRagError, ShardUnavailable
 
 __all__ = ["TRANSIENT_ERRORS", "aretry_once", "await_future", "await_futures", "gather_direct",
-           "is_transient", "retry_once"]
+           "is_transient", "release_placement", "retry_once"]
 
 T = TypeVar("T")
 
@@ -39,6 +39,29 @@ def gather_direct(client: Client, futures: Any) -> Any:
     the relay.
     """
     return client.gather(futures, direct=client.direct_to_workers is not False)
+
+
+def release_placement(client: Client, futures: list[Future]) -> None:
+    """Drop the worker restrictions of finished tasks that were placed on a chosen worker.
+
+    A placement (``workers=[w], allow_other_workers=True``) stays on the scheduler's record of
+    the task, and counts again when the task is recomputed after its result is lost.  If every
+    worker it names is gone by then, distributed parks the task as ``no-worker`` and does not
+    reconsider it when new workers join (``bulk_schedule_unrunnable_after_adding_worker``
+    ignores loose restrictions): measured here, SIGKILL both workers of a LocalCluster and
+    every shard stayed unrunnable on the restarted ones.  Once placed, a shard may be
+    recomputed anywhere, so the restriction goes.
+    """
+    keys = [f.key for f in futures]
+
+    def release(dask_scheduler: Any) -> None:
+        for key in keys:
+            ts = dask_scheduler.tasks.get(key)
+            if ts is not None:
+                ts.worker_restrictions = None
+                ts.loose_restrictions = False
+
+    client.run_on_scheduler(release)
 
 
 async def await_future(fut: Future) -> Any:

@@ -100,8 +100,23 @@ class EmbeddingService:
         self.min_part = 8
         self._workers = 1
         self._workers_checked = -1e9
+        self._tokenizer: Any = None
         self.batcher: MicroBatcher[str, npt.NDArray[np.float32]] = MicroBatcher(
             self._process, batch or BatchConfig(), name="embed")
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """How many tokens the encoder reads of each text (special tokens included, cut at
+        its maximum sequence length) — what ``usage`` reports.  The tokenizer is loaded here
+        once (no model weights), so counting costs no trip to the workers."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                resolve_model_path(self.config.model), local_files_only=True)
+        limit = int(self.info.get("max_seq_length") or 512)
+        enc = self._tokenizer(list(texts), truncation=True, max_length=limit, padding=False,
+                              verbose=False)
+        return [len(ids) for ids in enc["input_ids"]]
 
     def warmup(self) -> None:
         """Load the model on every worker now rather than on the first request."""

@@ -32,7 +32,7 @@ import numpy.typing as npt
 from distributed import Client, Future, wait
 
 from dask_rag.cluster import current_workers, resource_request
-from dask_rag.cluster.futures import await_future, gather_direct
+from dask_rag.cluster.futures import await_future, gather_direct, release_placement
 from dask_rag.cluster.plugins import tune_comms
 from dask_rag.config import CommConfig, IndexSpec
 from dask_rag.errors import CorruptIndex, DaskRagError, InvalidInput, ShardUnavailable
@@ -70,6 +70,7 @@ from dask_rag.index.tasks import (
     route_task,
     search_shard_task,
     shard_count_task,
+    sources_task,
 )
 from dask_rag.index.writes import IndexWrites
 
@@ -161,7 +162,11 @@ class DistributedIndex(IndexWrites):
         ``overwrite=True``, and only after the new one is completely written.
         """
         spec = spec or IndexSpec()
-        xb = check_vectors(xb, None, "xb")
+        if isinstance(xb, np.ndarray) and xb.ndim == 2 and xb.shape[0] == 0 and \
+                spec.info.kind in ("flat", "hnsw"):
+            xb = np.zeros((0, xb.shape[1]), dtype=np.float32)  # an empty index (create())
+        else:
+            xb = check_vectors(xb, None, "xb")
         n, dim = xb.shape
         ids = np.arange(n, dtype=np.int64) if ids is None else check_ids(ids, n)
         if records is not None and len(records) != n:
@@ -208,6 +213,21 @@ class DistributedIndex(IndexWrites):
         return index
 
     @classmethod
+    def create(cls, client: Client, dim: int, spec: IndexSpec | None = None, *,
+               path: str | Path, embed: dict[str, Any] | None = None,
+               comms: CommConfig | None = CommConfig()) -> DistributedIndex:
+        """An empty index of ``dim``-dimensional vectors at ``path``, to be filled by
+        :meth:`add` (flat and HNSW factories: IVF needs vectors to train on)."""
+        spec = spec or IndexSpec()
+        if spec.info.kind not in ("flat", "hnsw"):
+            raise InvalidInput(f"an empty index cannot be {spec.factory!r}: IVF factories need "
+                               "vectors to train their quantizer; build() one from vectors")
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= 65_536:
+            raise InvalidInput(f"dim={dim!r} is invalid: must be an integer in [1, 65536]")
+        return cls.build(client, np.zeros((0, dim), dtype=np.float32), None, spec, path=path,
+                         records=[], embed=embed, comms=comms)
+
+    @classmethod
     def load(cls, client: Client, path: str | Path, *, comms: CommConfig | None = CommConfig(),
              progress: bool = False) -> DistributedIndex:
         """Open the index at ``path``: one load task per shard, spread over the workers."""
@@ -251,6 +271,7 @@ class DistributedIndex(IndexWrites):
         for f in futures:
             if f.status == "error":
                 raise f.exception()
+        release_placement(self.client, futures)
         self._shards = futures
         self._counts = [int(c) for c in self.client.gather(
             [self.client.submit(shard_count_task, f, pure=False) for f in futures])]
@@ -493,6 +514,19 @@ class DistributedIndex(IndexWrites):
                     out[i] = rec
         return out
 
+    def ids_of_sources(self, sources: Sequence[str]) -> npt.NDArray[np.int64]:
+        """Ids of the live chunks whose source is one of ``sources`` (one task per shard, a
+        vectorised pass over its source column)."""
+        self._check_open()
+        wanted = sorted(set(sources))
+        if not wanted:
+            return np.zeros(0, dtype=np.int64)
+        parts = self.client.gather([
+            self.client.submit(sources_task, f, wanted, pure=False,
+                               key=(f"dask-rag-fetch-{uuid.uuid4().hex}", s))
+            for s, f in enumerate(self.shard_futures)])
+        return np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
+
     def doc_index(self) -> list[tuple[int, str | None, str | None]]:
         """(id, source, doc_hash) of every live chunk, from all shards."""
         parts = self.client.gather([self.client.submit(doc_index_task, f, pure=False)
@@ -549,6 +583,7 @@ class DistributedIndex(IndexWrites):
             new[s] = self.client.submit(load_shard, ref, key=self._shard_key(s), workers=[w],
                                         allow_other_workers=True, pure=False)
         wait(list(new.values()))
+        release_placement(self.client, list(new.values()))
         with self._lock:
             for s, f in new.items():
                 if f.status == "finished":

@@ -465,6 +465,17 @@ class Shard:
             table_ids = self._table_ids()
             return self._live(ids[np.isin(ids, table_ids)])
 
+    def ids_of_sources(self, sources: Sequence[str]) -> npt.NDArray[np.int64]:
+        """Ids of this shard's live chunks whose source is one of ``sources``."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        with self._lock.read():
+            mask = pc.is_in(self.records.column("source"),
+                            value_set=pa.array(list(sources), type=pa.string()))
+            ids = self._table_ids()[np.asarray(pc.fill_null(mask, False), dtype=bool)]
+            return self._live(ids)
+
     def doc_index(self) -> list[tuple[int, str | None, str | None]]:
         """(id, source, doc_hash) of every live chunk: what incremental ingestion diffs against."""
         with self._lock.read():

@@ -36,6 +36,7 @@ __all__ = [
     "route_task",
     "search_shard_task",
     "shard_count_task",
+    "sources_task",
     "write_shard_task",
 ]
 
@@ -158,6 +159,10 @@ def contains_task(shard: Shard, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.in
 
 def fetch_task(shard: Shard, ids: npt.NDArray[np.int64]) -> list[dict[str, Any] | None]:
     return shard.fetch(ids)
+
+
+def sources_task(shard: Shard, sources: list[str]) -> npt.NDArray[np.int64]:
+    return shard.ids_of_sources(sources)
 
 
 def doc_index_task(shard: Shard) -> list[tuple[int, str | None, str | None]]:

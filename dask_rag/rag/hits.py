@@ -57,9 +57,11 @@ class Answer:
     timings_ms: dict[str, float]
     hits: list[Hit] = field(default_factory=list)
     prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"question": self.question, "answer": self.text,
                 "citations": [dict(h.to_dict(), n=i + 1) for i, h in enumerate(self.citations)],
                 "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
                 "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()}}

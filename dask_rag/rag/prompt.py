@@ -79,9 +79,13 @@ def _doc_block(n: int, source: str, text: str) -> str:
     return f'<doc id="{n}" source="{html.escape(source, quote=True)}">\n{_escape(text)}\n</doc>'
 
 
-def _assemble(instructions: str, examples: str, blocks: Sequence[str], question: str) -> str:
+def _assemble(instructions: str, examples: str, blocks: Sequence[str], question: str,
+              history: Sequence[tuple[str, str]] = ()) -> str:
     context = "\n".join(blocks) if blocks else "(no documents)"
     head = instructions + ("\n\n" + examples if examples else "")
+    if history:  # earlier turns of a chat: context for the answer, escaped like passages
+        turns = "\n".join(f"{role}: {_escape(' '.join(text.split()))}" for role, text in history)
+        head += f"\n\nConversation so far:\n{turns}"
     return f"{head}\n\nContext:\n{context}\n\nQuestion: {question}\nAnswer:"
 
 
@@ -94,17 +98,19 @@ def _examples(few_shot: Sequence[tuple[str, str, str]]) -> str:
 def build_prompt(question: str, hits: Sequence[Any], count_tokens: CountTokens, budget: int,
                  *, instructions: str = DEFAULT_INSTRUCTIONS,
                  few_shot: Sequence[tuple[str, str, str]] = (),
-                 dedup_threshold: float = 0.9) -> Prompt:
+                 dedup_threshold: float = 0.9,
+                 history: Sequence[tuple[str, str]] = ()) -> Prompt:
     """Pack the most relevant passages into a prompt of at most ``budget`` tokens.
 
-    ``hits`` need ``id``, ``text`` and ``source`` attributes, most relevant first.
+    ``hits`` need ``id``, ``text`` and ``source`` attributes, most relevant first;
+    ``history`` holds the earlier turns of a chat as ``(role, text)``.
     """
     if budget < 1:
         raise InvalidInput(f"token budget {budget} is invalid: must be >= 1")
     examples = _examples(few_shot)
 
     def size(blocks: Sequence[str]) -> int:
-        return count_tokens([_assemble(instructions, examples, blocks, question)])[0]
+        return count_tokens([_assemble(instructions, examples, blocks, question, history)])[0]
 
     base = size([])
     if base > budget:
@@ -170,7 +176,7 @@ def build_prompt(question: str, hits: Sequence[Any], count_tokens: CountTokens, 
             ids.pop()
             texts.pop()
             sources.pop()
-    text = _assemble(instructions, examples, blocks, question)
+    text = _assemble(instructions, examples, blocks, question, history)
     return Prompt(text=text, question=question, citations=tuple(ids),
                   tokens=count_tokens([text])[0], dropped_duplicates=dropped,
                   truncated=truncated, passages=tuple(texts))

@@ -30,7 +30,8 @@ from dask_rag.index.filters import SearchFilter, describe_validation_error
 from dask_rag.rag.fusion import Fusion
 from dask_rag.rag.generate.base import SamplingParams
 
-__all__ = ["AskRequest", "SearchRequest", "Text", "parse_request"]
+__all__ = ["MAX_WRITE_BATCH", "AskRequest", "DeleteRequest", "DocumentIn", "SearchRequest",
+           "Text", "Turn", "UpsertRequest", "parse_request"]
 
 
 def _not_blank(value: str) -> str:
@@ -75,12 +76,29 @@ class SearchRequest(_Options):
     query: Text
 
 
+class Turn(BaseModel):
+    """One earlier message of a chat (context for the answer)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: str = Field(json_schema_extra={"enum": ["system", "user", "assistant"]})
+    content: Annotated[StrictStr, Field(max_length=MAX_TEXT_CHARS)]
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, value: str) -> str:
+        if value not in ("system", "user", "assistant"):
+            raise ValueError("must be 'system', 'user' or 'assistant'")
+        return value
+
+
 class AskRequest(_Options):
     """``POST /v1/ask``, ``RagPipeline.ask``, ``dask-rag ask``: a question, the retrieval
     options, and how to generate (:class:`~dask_rag.rag.generate.SamplingParams` fields)."""
 
     question: Text
     stream: StrictBool = False
+    history: list[Turn] | None = Field(None, max_length=64)
     max_tokens: Annotated[StrictInt, Field(ge=1, le=32_768)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False)] | None = None
     top_k: Annotated[StrictInt, Field(ge=0)] | None = None
@@ -108,6 +126,48 @@ class AskRequest(_Options):
         if "top_p" in fields:
             fields["top_p"] = float(fields["top_p"])
         return SamplingParams(**fields)
+
+
+#: at most this many documents in one upsert, ids in one delete
+MAX_WRITE_BATCH = 1024
+DocId = Annotated[StrictStr, Field(min_length=1, max_length=512)]
+MetaValue = StrictBool | StrictInt | Annotated[float, Field(allow_inf_nan=False)] | \
+    Annotated[StrictStr, Field(max_length=4096)]
+
+
+class DocumentIn(BaseModel):
+    """A document to upsert: its id (the source of its chunks), text and metadata (what
+    filters test)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: DocId
+    text: Annotated[StrictStr, Field(min_length=1, max_length=1 << 20),
+                    AfterValidator(_not_blank)]
+    metadata: dict[Annotated[str, Field(max_length=256)], MetaValue] | None = None
+
+
+class UpsertRequest(BaseModel):
+    """``POST /v1/documents``: documents replaced by id (one acknowledged write)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    documents: list[DocumentIn] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> UpsertRequest:
+        ids = [d.id for d in self.documents]
+        if len(set(ids)) != len(ids):
+            raise ValueError("document ids must be distinct within one request")
+        return self
+
+
+class DeleteRequest(BaseModel):
+    """``POST /v1/documents/delete``: documents removed by id."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ids: list[DocId] = Field(min_length=1)
 
 
 def parse_request(model: type[Any], data: Any, where: str = "request") -> Any:

@@ -145,11 +145,12 @@ def worker_generator(spec: GeneratorSpec, max_sentences: int) -> Any:
                                     lambda: load_generator(spec, **opts))
 
 
-def _prompts(gen: Any, cfg: RagConfig, questions: list[str], cands: list[list[Hit]]) -> list[Any]:
+def _prompts(gen: Any, cfg: RagConfig, questions: list[str], cands: list[list[Hit]],
+             history: tuple[tuple[str, str], ...] = ()) -> list[Any]:
     from dask_rag.rag.prompt import build_prompt
 
     return [build_prompt(q, c, gen.count_tokens, cfg.token_budget,
-                         dedup_threshold=cfg.dedup_threshold)
+                         dedup_threshold=cfg.dedup_threshold, history=history)
             for q, c in zip(questions, cands, strict=True)]
 
 
@@ -162,6 +163,8 @@ class GenerationPlan:
     params: SamplingParams
     questions: tuple[str, ...]
     k: int
+    #: earlier chat turns ``(role, text)`` (requests with equal options share them)
+    history: tuple[tuple[str, str], ...] = ()
 
 
 def answer_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: GenerationPlan,
@@ -173,14 +176,16 @@ def answer_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: Genera
     t0 = time.perf_counter()
     cands = [c[:gen.k] for c in cands]
     generator = worker_generator(gen.spec, gen.config.max_answer_sentences)
-    prompts = _prompts(generator, gen.config, list(gen.questions), cands)
+    prompts = _prompts(generator, gen.config, list(gen.questions), cands, gen.history)
     texts = generator.generate([p.text for p in prompts], gen.params)
     gen_ms = (time.perf_counter() - t0) * 1e3
+    completion = generator.count_tokens(texts) if texts else []
     out = []
-    for c, p, text in zip(cands, prompts, texts, strict=True):
+    for c, p, text, n_out in zip(cands, prompts, texts, completion, strict=True):
         by_id = {h.id: h for h in c}
         out.append({"text": text, "citations": [by_id[i] for i in p.citations], "hits": c,
-                    "prompt_tokens": p.tokens, "timings": {**timings, "generate": gen_ms}})
+                    "prompt_tokens": p.tokens, "completion_tokens": n_out,
+                    "timings": {**timings, "generate": gen_ms}})
     return out
 
 
@@ -195,23 +200,24 @@ def stream_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: Genera
     hits = cands[0][:gen.k]
     queue.put({"event": "retrieved", "timings_ms": timings})
     generator = worker_generator(gen.spec, gen.config.max_answer_sentences)
-    prompt = _prompts(generator, gen.config, [gen.questions[0]], [hits])[0]
+    prompt = _prompts(generator, gen.config, [gen.questions[0]], [hits], gen.history)[0]
     by_id = {h.id: h for h in hits}
     queue.put({"event": "citations", "citations": [
         dict(by_id[i].to_dict(), n=n + 1) for n, i in enumerate(prompt.citations)],
         "prompt_tokens": prompt.tokens})
 
-    async def run() -> int:
-        count = 0
+    async def run() -> list[str]:
+        pieces = []
         async for piece in generator.stream(prompt.text, gen.params):
             queue.put({"event": "text", "text": piece})
-            count += 1
-        return count
+            pieces.append(piece)
+        return pieces
 
     try:
-        n = asyncio.run(run())
+        pieces = asyncio.run(run())
     except BaseException as exc:
         queue.put({"event": "error", "type": type(exc).__name__, "message": str(exc)})
         raise
-    queue.put({"event": "end"})
-    return n
+    queue.put({"event": "end",
+               "completion_tokens": generator.count_tokens(["".join(pieces)])[0]})
+    return len(pieces)

@@ -9,14 +9,24 @@ never a 500.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
-from dask_rag.errors import InvalidInput, MalformedRequest
-from dask_rag.rag.requests import AskRequest, SearchRequest, Text, parse_request
+from dask_rag.config import MAX_K, MAX_TEXT_CHARS
+from dask_rag.errors import InvalidInput, MalformedRequest, PayloadTooLarge
+from dask_rag.rag.requests import (
+    AskRequest,
+    DeleteRequest,
+    SearchRequest,
+    Text,
+    UpsertRequest,
+    parse_request,
+)
 
-__all__ = ["AskRequest", "EmbedRequest", "SearchRequest", "parse_body", "parse_json_body"]
+__all__ = ["AskRequest", "ChatRequest", "CollectionCreate", "DeleteRequest", "EmbedRequest",
+           "EmbeddingsRequest", "SearchRequest", "UpsertRequest", "parse_body",
+           "parse_json_body"]
 
 
 def parse_json_body(raw: bytes) -> Any:
@@ -48,22 +58,132 @@ def parse_body(model: type[Any], raw: bytes) -> Any:
     return parse_request(model, data)
 
 
-class EmbedRequest(BaseModel):
-    """``POST /v1/embed``: OpenAI's embeddings body (one text or a list)."""
+#: a token id of the cl100k_base encoding (what OpenAI clients such as LangChain send)
+TokenId = Annotated[StrictInt, Field(ge=0, le=1 << 20)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=8192)]
+
+
+class EmbeddingsRequest(BaseModel):
+    """``POST /v1/embeddings`` (and ``/v1/embed``): OpenAI's embeddings body — one text, a
+    list of texts, or token-id arrays of OpenAI's ``cl100k_base`` encoding (what LangChain's
+    ``OpenAIEmbeddings`` sends), decoded to text before the encoder reads it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    input: Text | list[Text] = Field(min_length=1)
+    input: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1)]
     model: StrictStr | None = None
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
     user: StrictStr | None = None
 
-    def texts(self, max_inputs: int) -> list[str]:
-        texts = [self.input] if isinstance(self.input, str) else list(self.input)
-        if len(texts) > max_inputs:
-            raise InvalidInput(f"request.input has {len(texts)} items; the limit is "
-                               f"{max_inputs}")
-        return texts
+    def items(self, max_inputs: int) -> list[str] | list[list[int]]:
+        """The inputs as a list (texts, or token-id arrays)."""
+        value = self.input
+        items: list[Any] = [value] if isinstance(value, str) or (
+            value and isinstance(value[0], int)) else list(value)
+        if len(items) > max_inputs:
+            raise PayloadTooLarge(f"request.input has {len(items)} items; the limit is "
+                                  f"{max_inputs}")
+        return items
+
+
+#: the old name of the embeddings body
+EmbedRequest = EmbeddingsRequest
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat; ``content`` is a string or a list of text parts."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[StrictStr, Field(max_length=MAX_TEXT_CHARS)] | \
+        Annotated[list[TextPart], Field(min_length=1, max_length=64)] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    include_usage: StrictBool = False
+
+
+class ChatRequest(BaseModel):
+    """``POST /v1/chat/completions``: the last message (a user's) is the question, the earlier
+    ones are the conversation the answer may draw on.  ``model`` picks the collection
+    (``dask-rag`` for the default one, ``dask-rag/<name>``).  Sampling fields are OpenAI's;
+    ``k``, ``filter``, ``mode`` and ``fusion`` are this server's retrieval options (as in
+    ``/v1/ask``).  Fields OpenAI defines that do not apply here (penalties, logit bias,
+    ``user``) are accepted and ignored; ``n`` must be 1; tools are refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: StrictStr
+    messages: list[ChatMessage] = Field(min_length=1, max_length=65)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=32_768)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=32_768)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    seed: Annotated[StrictInt, Field(ge=0)] | None = None
+    stop: StrictStr | list[Annotated[StrictStr, Field(min_length=1)]] | None = Field(
+        None, max_length=16)
+    n: Literal[1] = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: StrictStr | None = None
+    # retrieval options (this server's extension)
+    k: Annotated[StrictInt, Field(ge=1, le=MAX_K)] | None = None
+    mode: StrictStr | None = None
+    filter: dict[str, Any] | None = None
+    fusion: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _ends_with_user(self) -> ChatRequest:
+        if self.messages[-1].role != "user" or not self.messages[-1].text().strip():
+            raise ValueError("the last message must be a user's, with text: it is the "
+                             "question")
+        return self
+
+    def ask(self) -> AskRequest:
+        """The equivalent ``/v1/ask`` request (validated like one)."""
+        history = [{"role": "system" if m.role == "developer" else m.role,
+                    "content": m.text()} for m in self.messages[:-1] if m.text().strip()]
+        fields: dict[str, Any] = {
+            "question": self.messages[-1].text(), "stream": self.stream,
+            "history": history or None,
+            "max_tokens": self.max_completion_tokens or self.max_tokens,
+            "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+            "stop": self.stop, "k": self.k, "mode": self.mode, "filter": self.filter,
+            "fusion": self.fusion}
+        return parse_request(AskRequest, {k: v for k, v in fields.items() if v is not None})
+
+
+class CollectionCreate(BaseModel):
+    """``POST /v1/collections``: a new, empty collection (filled through ``/documents``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: StrictStr
+    factory: Annotated[StrictStr, Field(pattern=r"^(Flat|HNSW\d{1,3})$")] = "Flat"
+    shards: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
 
 
 # ---- responses (for the OpenAPI document; handlers build them as plain dicts) --------------
@@ -107,6 +227,83 @@ class EmbedResponse(BaseModel):
     model: str
     data: list[EmbeddingOut]
     usage: Usage
+
+
+class EmbeddingB64Out(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: str
+
+
+class EmbedResponseB64(BaseModel):
+    """With ``encoding_format="base64"``: each embedding is base64 of little-endian float32."""
+
+    object: Literal["list"]
+    model: str
+    data: list[EmbeddingB64Out]
+    usage: Usage
+
+
+class WriteResponse(BaseModel):
+    documents: int
+    chunks: int | None = None
+    chunks_removed: int
+
+
+class CollectionOut(BaseModel):
+    name: str
+    default: bool
+    chunks: int
+    dim: int
+    factory: str
+    shards: int
+    model: str
+
+
+class CollectionList(BaseModel):
+    collections: list[CollectionOut]
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelOut]
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: str
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    """A chat completion; ``citations`` (this server's extra field) are the passages the
+    answer cites as ``[n]``, in order."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+    citations: list[HitOut]
 
 
 class ErrorBody(BaseModel):

