@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dask_rag.errors import DaskRagError
+from dask_rag.errors import DaskRagError, InvalidInput
 
 __all__ = ["main"]
 
@@ -69,11 +69,39 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                          nprobe=args.nprobe)
     embed = EmbedConfig(model=args.model, precision=args.precision, backend=args.backend)
     chunk = ChunkConfig(max_tokens=args.chunk_tokens, overlap_tokens=args.overlap_tokens)
+    tables = [p for p in args.paths if _is_table(p)]
+    if tables and len(tables) != len(args.paths):
+        raise InvalidInput("ingest either Parquet/CSV tables or document files, not a mix")
+    if tables and not (args.text_column and args.id_column):
+        raise InvalidInput("a table needs --text-column and --id-column")
+    if not tables and (args.text_column or args.id_column):
+        raise InvalidInput("--text-column / --id-column apply to Parquet or CSV tables")
     with _client(args) as client:
-        report = ingest(client, args.paths, args.index, spec=spec, embed=embed, chunk=chunk,
-                        progress=not args.quiet)
+        if tables:
+            import dask.dataframe as dd
+
+            from dask_rag.ingest import ingest_dataframe
+
+            meta = [c for c in (args.metadata_columns or "").split(",") if c]
+            read = dd.read_csv if tables[0].lower().endswith(".csv") else dd.read_parquet
+            df = read(tables if len(tables) > 1 else tables[0])
+            report = ingest_dataframe(client, df, args.index, text=args.text_column,
+                                      id=args.id_column, metadata=meta, spec=spec,
+                                      embed=embed, chunk=chunk, progress=not args.quiet)
+        else:
+            report = ingest(client, args.paths, args.index, spec=spec, embed=embed,
+                            chunk=chunk, progress=not args.quiet)
     print(report.summary())
-    return 0
+    # 3: partial success (some files were skipped; the summary names them and why)
+    return 3 if report.skipped else 0
+
+
+def _is_table(path: str) -> bool:
+    """A Parquet / CSV table (a local path or an fsspec URL such as s3://bucket/data.parquet;
+    a directory of Parquet files ends with .parquet or holds _metadata)."""
+    lower = path.lower().rstrip("/")
+    return lower.endswith((".parquet", ".pq", ".csv")) or (
+        "://" not in path and Path(path).is_dir() and (Path(path) / "_metadata").exists())
 
 
 def _print_hits(hits: Sequence[Any], as_json: bool, timings: dict[str, float]) -> None:
@@ -349,7 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="chunk, embed and index files or directories")
-    p.add_argument("paths", nargs="+", help="files or directories (.txt .md .rst .html .jsonl)")
+    p.add_argument("paths", nargs="+",
+                   help="files or directories (.txt .md .rst .html .pdf .docx .jsonl), or "
+                        "Parquet/CSV tables (paths or fsspec URLs) with --text-column")
+    p.add_argument("--text-column", help="a table's text column")
+    p.add_argument("--id-column", help="a table's document id column")
+    p.add_argument("--metadata-columns", help="a table's metadata columns, comma-separated")
     p.add_argument("--index", required=True, help="index directory (created or updated)")
     p.add_argument("--shards", type=int, help="number of shards (default: one per worker)")
     p.add_argument("--factory", help="faiss factory string (default: Flat, IVF beyond 50k)")

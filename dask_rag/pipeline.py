@@ -429,7 +429,7 @@ class RagPipeline:
                                if k in recorded})
         docs = [Document(source=d.id, text=d.text, metadata=dict(d.metadata or {}))
                 for d in req.documents]
-        _, chunks = await await_future(self.client.submit(
+        _, chunks, _ = await await_future(self.client.submit(
             read_and_chunk_task, self.embedder.config, chunk, docs, {}, pure=False))
         vectors = await asyncio.gather(*(self.embedder.aembed(c.text) for c in chunks))
 

@@ -65,22 +65,25 @@ def test_ingest_twice_then_edit_and_delete(client, corpus_dir, tmp_path):
 
 
 def test_bad_input_leaves_existing_index_unchanged(client, corpus_dir, tmp_path):
+    """Unreadable files are reported and skipped (the rest is ingested, here: nothing new);
+    other bad input fails the run before anything is written."""
     index = tmp_path / "idx"
     ingest(client, [corpus_dir], index, progress=False)
     snap = _snapshot(index)
     (corpus_dir / "bad.jsonl").write_text('{"text": "fine"}\nnot json at all\n')
-    with pytest.raises(InvalidInput, match=r"bad.jsonl:2: invalid JSON"):
-        ingest(client, [corpus_dir], index, progress=False)
-    (corpus_dir / "bad.jsonl").unlink()
     (corpus_dir / "blob.txt").write_bytes(b"\x89PNG\x00\x00binary")
-    with pytest.raises(InvalidInput, match=r"blob.txt.*binary"):
-        ingest(client, [corpus_dir], index, progress=False)
-    (corpus_dir / "blob.txt").unlink()
     # unreadable (a dangling link; chmod 000 would not stop root)
     (corpus_dir / "gone.txt").symlink_to(corpus_dir / "nowhere.txt")
-    with pytest.raises(InvalidInput, match=r"gone.txt: cannot read"):
-        ingest(client, [corpus_dir], index, progress=False)
-    (corpus_dir / "gone.txt").unlink()
+    report = ingest(client, [corpus_dir], index, progress=False)
+    reasons = dict(report.skipped)
+    assert [Path(n).name for n in reasons] == ["bad.jsonl", "blob.txt", "gone.txt"]
+    assert re.search(r"bad.jsonl:2: invalid JSON", reasons[str(corpus_dir / "bad.jsonl")])
+    assert "binary" in reasons[str(corpus_dir / "blob.txt")]
+    assert "cannot read" in reasons[str(corpus_dir / "gone.txt")]
+    assert report.chunks_embedded == 0 and report.deleted_documents == 0
+    assert _snapshot(index) == snap
+    for name in ("bad.jsonl", "blob.txt", "gone.txt"):
+        (corpus_dir / name).unlink()
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(InvalidInput, match="no supported files"):

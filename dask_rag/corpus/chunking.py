@@ -148,11 +148,18 @@ def chunk_documents(docs: Sequence[Document], count: CountTokens,
     for doc in docs:
         doc_hash = doc.doc_hash
         seen: set[int] = set()
-        for i, text in enumerate(chunk_text(doc.text, count, config)):
-            cid = chunk_id(doc.source, text)
-            if cid in seen:
-                continue
-            seen.add(cid)
-            out.append(Chunk(id=cid, text=text, source=doc.source,
-                             metadata={**doc.metadata, "chunk": i}, doc_hash=doc_hash))
+        # sections (a heading's text, a page) are chunked apart: no chunk crosses one
+        parts = ([(s.text, s.metadata) for s in doc.sections] if doc.sections
+                 else [(doc.text, {})])
+        i = 0
+        for part, extra in parts:
+            for text in chunk_text(part, count, config):
+                cid = chunk_id(doc.source, text)
+                i += 1
+                if cid in seen:
+                    continue
+                seen.add(cid)
+                out.append(Chunk(id=cid, text=text, source=doc.source,
+                                 metadata={**doc.metadata, **extra, "chunk": i - 1},
+                                 doc_hash=doc_hash))
     return out

@@ -1,9 +1,21 @@
-"""Document loaders: text, Markdown, reStructuredText, HTML (as text) and JSONL files.
+"""Document loaders: text, Markdown, reStructuredText, HTML, PDF, DOCX and JSONL files.
 
 A :class:`Document` is one source of text with a stable ``doc_hash`` (content hash) that
-incremental ingestion compares against the index.  Bad input fails with
-:class:`~dask_rag.errors.InvalidInput` naming the file (and line, for JSONL) before anything is
-written: unreadable or binary files, empty directories, invalid JSONL lines.
+incremental ingestion compares against the index.  Structured formats give a document
+*sections* — the text under one heading (Markdown, DOCX, HTML: ``heading_path`` metadata such
+as ``"Install > From source"``) or one page (PDF: ``page``, counted from 1) — and chunks never
+cross a section, so each chunk carries the heading path or page it came from.
+
+* Markdown: ATX (``#``) and setext headings, ignoring ``#`` lines inside fenced code;
+* HTML: the main content extracted by trafilatura (navigation, footers and boilerplate
+  dropped) as Markdown, then sectioned by its headings;
+* PDF: pypdf's text of each page; DOCX: python-docx paragraphs, sectioned by the ``Heading N``
+  and ``Title`` styles, then table text.
+
+A file that cannot be read fails with :class:`~dask_rag.errors.InvalidInput` naming it and the
+reason (binary or non-UTF-8 text, a truncated or encrypted PDF, a DOCX that decompresses past
+:data:`MAX_DECOMPRESSED_BYTES`, invalid JSONL lines with their line number); ingestion reports
+such files, skips them and goes on.
 """
 
 from __future__ import annotations
@@ -12,6 +24,8 @@ import hashlib
 import html.parser
 import json
 import os
+import re
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,19 +33,38 @@ from typing import Any, ClassVar
 
 from dask_rag.errors import InvalidInput
 
-__all__ = ["SUPPORTED_SUFFIXES", "Document", "discover_files", "load_file", "load_paths"]
+__all__ = ["MAX_DECOMPRESSED_BYTES", "SUPPORTED_SUFFIXES", "Document", "Section",
+           "discover_files", "load_file", "load_paths", "markdown_sections"]
 
-SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".html", ".htm", ".jsonl")
+SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".html", ".htm", ".jsonl", ".pdf",
+                      ".docx")
 MAX_FILE_BYTES = 64 << 20
+#: a DOCX (a zip) whose members add up to more than this is refused (a zip bomb)
+MAX_DECOMPRESSED_BYTES = 256 << 20
+#: how heading paths are written in ``heading_path`` metadata
+HEADING_SEP = " > "
+
+
+@dataclass(frozen=True)
+class Section:
+    """The text under one heading, or of one page, with what says where it is."""
+
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Document:
-    """A unit of source text: ``source`` names it (path, dotted name, JSONL id)."""
+    """A unit of source text: ``source`` names it (path, dotted name, JSONL id, row id).
+
+    ``sections``, when a loader found structure, split ``text`` into the parts chunks must not
+    cross; their metadata is added to the chunks' metadata.
+    """
 
     source: str
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    sections: tuple[Section, ...] = ()
 
     @property
     def doc_hash(self) -> str:
@@ -41,7 +74,161 @@ class Document:
         h.update(self.text.encode())
         h.update(b"\x00")
         h.update(json.dumps(self.metadata, sort_keys=True, default=str).encode())
+        for sec in self.sections:
+            h.update(b"\x01")
+            h.update(json.dumps(sec.metadata, sort_keys=True, default=str).encode())
+            h.update(str(len(sec.text)).encode())
         return h.hexdigest()
+
+
+def _document(source: str, sections: list[Section], meta: dict[str, Any]) -> list[Document]:
+    sections = [s for s in sections if s.text.strip()]
+    if not sections:
+        return []
+    text = "\n\n".join(s.text for s in sections)
+    return [Document(source=source, text=text, metadata=meta, sections=tuple(sections))]
+
+
+_ATX = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
+_SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+
+
+def markdown_sections(text: str) -> list[Section]:
+    """Markdown split at its headings; each section starts with its heading's text and carries
+    ``heading_path`` (the titles from the top level down), when under a heading."""
+    lines = text.splitlines()
+    path: list[tuple[int, str]] = []
+    sections: list[Section] = []
+    body: list[str] = []
+    fence: str | None = None
+
+    def flush() -> None:
+        chunk = "\n".join(body).strip()
+        if chunk:
+            meta = {"heading_path": HEADING_SEP.join(t for _, t in path)} if path else {}
+            sections.append(Section(chunk, meta))
+        body.clear()
+
+    def heading(level: int, title: str) -> None:
+        flush()
+        while path and path[-1][0] >= level:
+            path.pop()
+        title = title.strip()
+        path.append((level, title))
+        body.append(title)
+
+    for i, line in enumerate(lines):
+        m = _FENCE.match(line)
+        if m:
+            marker = m.group(1)[0] * 3
+            fence = None if fence is not None and marker == fence else (fence or marker)
+            body.append(line)
+            continue
+        if fence is None:
+            atx = _ATX.match(line)
+            if atx and atx.group(2).strip():
+                heading(len(atx.group(1)), atx.group(2))
+                continue
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            if line.strip() and _SETEXT.match(nxt) and not _SETEXT.match(line) and \
+                    (not body or not body[-1].strip()):
+                heading(1 if nxt.strip()[0] == "=" else 2, line)
+                continue
+            if _SETEXT.match(line) and body and body[-1] == (path[-1][1] if path else None):
+                continue  # the underline of the setext heading just taken
+        body.append(line)
+    flush()
+    return sections
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise InvalidInput(f"{path}: file is {size} bytes, more than {MAX_FILE_BYTES}")
+        return path.read_bytes()
+    except PermissionError:
+        raise InvalidInput(f"{path}: permission denied (cannot read the file)") from None
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+
+
+def _load_pdf(path: Path) -> list[Section]:
+    import io
+
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    data = _read_bytes(path)
+    if not data.startswith(b"%PDF-"):
+        raise InvalidInput(f"{path}: not a PDF file (no %PDF- header)")
+    if b"%%EOF" not in data[-2048:]:
+        raise InvalidInput(f"{path}: truncated PDF (no %%EOF marker at the end)")
+    try:
+        reader = PdfReader(io.BytesIO(data), strict=False)
+        if reader.is_encrypted:
+            raise InvalidInput(f"{path}: the PDF is encrypted")
+        return [Section(page.extract_text() or "", {"page": n})
+                for n, page in enumerate(reader.pages, start=1)]
+    except InvalidInput:
+        raise
+    except (PdfReadError, ValueError, KeyError, TypeError, OSError) as exc:
+        raise InvalidInput(f"{path}: unreadable PDF ({type(exc).__name__}: {exc})") from None
+
+
+def _load_docx(path: Path) -> list[Section]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            total = sum(info.file_size for info in zf.infolist())
+            if total > MAX_DECOMPRESSED_BYTES:
+                raise InvalidInput(f"{path}: the DOCX decompresses to {total} bytes, more than "
+                                   f"the limit of {MAX_DECOMPRESSED_BYTES}")
+    except zipfile.BadZipFile:
+        raise InvalidInput(f"{path}: not a DOCX file (not a zip archive)") from None
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    import docx
+
+    try:
+        document = docx.Document(str(path))
+    except Exception as exc:  # python-docx raises many kinds for broken packages
+        raise InvalidInput(f"{path}: unreadable DOCX ({type(exc).__name__}: {exc})") from None
+    lines: list[str] = []
+    for para in document.paragraphs:
+        style = (para.style.name if para.style is not None else "") or ""
+        text = para.text.strip()
+        if not text:
+            lines.append("")
+            continue
+        level = 1 if style == "Title" else (
+            int(style.split()[-1]) if style.startswith("Heading") and
+            style.split()[-1].isdigit() else 0)
+        lines.extend(["", "#" * min(6, level) + " " + text, ""] if level else [text, ""])
+    for table in document.tables:
+        for row in table.rows:
+            lines.append(" | ".join(cell.text.strip() for cell in row.cells))
+        lines.append("")
+    return markdown_sections("\n".join(lines))
+
+
+def _load_html(path: Path, text: str) -> tuple[list[Section], dict[str, Any]]:
+    meta: dict[str, Any] = {}
+    parser = _HTMLText()
+    parser.feed(text)
+    parser.close()
+    if parser.title:
+        meta["title"] = parser.title
+    try:
+        import trafilatura
+    except ImportError:  # plain text of the whole page
+        return [Section(parser.text())], meta
+    main = trafilatura.extract(text, output_format="markdown", include_comments=False,
+                               include_tables=True, include_formatting=True,
+                               favor_recall=True, with_metadata=False)
+    if not main or not main.strip():
+        return [Section(parser.text())], meta  # too little for an extractor: keep it all
+    return markdown_sections(main), meta
 
 
 class _HTMLText(html.parser.HTMLParser):
@@ -88,15 +275,7 @@ class _HTMLText(html.parser.HTMLParser):
 
 
 def _read_text(path: Path) -> str:
-    try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise InvalidInput(f"{path}: file is {size} bytes, more than {MAX_FILE_BYTES}")
-        data = path.read_bytes()
-    except PermissionError:
-        raise InvalidInput(f"{path}: permission denied (cannot read the file)") from None
-    except OSError as exc:
-        raise InvalidInput(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    data = _read_bytes(path)
     if b"\x00" in data[:8192]:
         raise InvalidInput(f"{path}: looks like a binary file (NUL bytes), not text")
     try:
@@ -142,17 +321,19 @@ def load_file(path: str | os.PathLike[str]) -> list[Document]:
     if suffix not in SUPPORTED_SUFFIXES:
         raise InvalidInput(f"{p}: unsupported file type {suffix!r}; supported: "
                            f"{', '.join(SUPPORTED_SUFFIXES)}")
+    meta: dict[str, Any] = {"format": suffix.lstrip(".")}
+    if suffix == ".pdf":
+        return _document(str(p), _load_pdf(p), meta)
+    if suffix == ".docx":
+        return _document(str(p), _load_docx(p), meta)
     text = _read_text(p)
     if suffix == ".jsonl":
         return list(_load_jsonl(p, text))
-    meta: dict[str, Any] = {"format": suffix.lstrip(".")}
     if suffix in (".html", ".htm"):
-        parser = _HTMLText()
-        parser.feed(text)
-        parser.close()
-        text = parser.text()
-        if parser.title:
-            meta["title"] = parser.title
+        sections, extra = _load_html(p, text)
+        return _document(str(p), sections, {**meta, **extra})
+    if suffix in (".md", ".markdown"):
+        return _document(str(p), markdown_sections(text), meta)
     return [Document(source=str(p), text=text, metadata=meta)] if text.strip() else []
 
 
