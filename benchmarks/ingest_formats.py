@@ -151,7 +151,9 @@ def _run_measured(cmd: list[str]) -> tuple[float, float, str]:
     return time.perf_counter() - t0, peak[0] / 2**20, err[-500:]
 
 
-def _content(path: Path) -> list[tuple[str, str, str, bytes]]:
+def index_content(path: Path) -> list[tuple[str, str, str, bytes]]:
+    """Every chunk of an index on disk as (document id, text, metadata, vector bytes): a
+    JSONL record's source is ``FILE#id``, a row's is its id (so the two compare equal)."""
     from dask_rag.index import store
     from dask_rag.index.shard import ShardRef, load_shard
 
@@ -190,7 +192,7 @@ def parquet_vs_jsonl(n_rows: int) -> dict[str, Any]:
                                           f"{tmp}/from-jsonl", *opts])
         print(f"  jsonl:   {n_rows} rows in {wall_j:.1f} s, client peak RSS {rss_j:.0f} MB",
               flush=True)
-        a, b = _content(Path(tmp) / "from-parquet"), _content(Path(tmp) / "from-jsonl")
+        a, b = index_content(Path(tmp) / "from-parquet"), index_content(Path(tmp) / "from-jsonl")
         return {"rows": n_rows, "parquet": {"seconds": round(wall_p, 1),
                                             "rows_per_s": round(n_rows / wall_p, 1),
                                             "client_peak_rss_mb": round(rss_p, 1)},

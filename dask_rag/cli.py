@@ -3,6 +3,9 @@
 Every command connects to ``--scheduler ADDR`` or ``--cluster SPEC`` when given; otherwise it
 starts a LocalCluster of single-threaded worker processes and prints the dashboard link.
 Errors the user can fix (bad paths, bad input) print one line and exit with status 2.
+
+Why one module of ~500 lines: each subcommand is a short function plus its argparse block, and
+the shared cluster/serve options are defined once here.
 """
 
 from __future__ import annotations
@@ -76,7 +79,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         raise InvalidInput("a table needs --text-column and --id-column")
     if not tables and (args.text_column or args.id_column):
         raise InvalidInput("--text-column / --id-column apply to Parquet or CSV tables")
-    with _client(args) as client:
+    # the scheduler in a process of its own: its record of every chunk and embedding task
+    # would otherwise count against this process, which only drives the run
+    with _client(args, scheduler_process=True) as client:
         if tables:
             import dask.dataframe as dd
 

@@ -51,7 +51,7 @@ __all__ = ["BUILD_BATCH", "IngestReport", "auto_spec", "ingest", "ingest_datafra
 
 #: a first build of more chunks than this gathers their vectors a batch at a time (bounded
 #: client memory: 100k rows of a Parquet file ingest in under 500 MB of client RSS)
-BUILD_BATCH = 32_768
+BUILD_BATCH = 8_192
 
 
 @dataclass

@@ -73,3 +73,4 @@ def demo_index(client, demo_docs, tmp_path_factory):
     report = ingest(client, demo_docs, path, progress=False)
     assert report.chunks_total > 500
     return path
+

@@ -22,10 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dask_rag.collections import Collections
-from dask_rag.config import BatchConfig, IndexSpec, RagConfig, ServeConfig
+from dask_rag.config import BatchConfig, IndexSpec, RagConfig
 from dask_rag.pipeline import RagPipeline
-from dask_rag.serve import ServerThread, create_app
-from dask_rag.serve.server import free_port
+from tests.servers import server_for
 
 Q = "How do I serialize a Python object to a JSON string?"
 #: the URL tiktoken caches cl100k_base under (its cache file is named by the URL's sha1)
@@ -56,9 +55,7 @@ def pipe(client, small_index):
         yield p
 
 
-def _server(served, **cfg):
-    config = ServeConfig(port=free_port(), **cfg)
-    return ServerThread(create_app(served, config), config)
+_server = server_for
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.ingest_formats import index_content
 from dask_rag.config import IndexSpec
 from dask_rag.corpus.loaders import MAX_DECOMPRESSED_BYTES, load_file, markdown_sections
 from dask_rag.errors import InvalidInput
@@ -208,25 +209,6 @@ def _rows(n: int) -> list[dict]:
              "lang": ["en", "fr"][i % 2], "year": 2000 + i % 20} for i in range(n)]
 
 
-def _content(path: Path) -> list[tuple[str, str, str, bytes]]:
-    """Every chunk of an index on disk as (document id, text, metadata, vector bytes): a
-    JSONL record's source is ``FILE#id``, a row's is its id."""
-    from dask_rag.index import store
-    from dask_rag.index.shard import ShardRef, load_shard
-
-    manifest = store.read_manifest(path)
-    out = []
-    for s in range(manifest["n_shards"]):
-        shard = load_shard(ShardRef(str(path), s, manifest["index_uuid"]))
-        flat = shard._flat_view()
-        vectors = dict(zip(flat.ids.tolist(), flat.vectors, strict=True))
-        for rec in shard.records.to_pylist():
-            meta = {k: v for k, v in json.loads(rec["metadata"]).items() if k != "format"}
-            out.append((rec["source"].split("#")[-1], rec["text"],
-                        json.dumps(meta, sort_keys=True), vectors[rec["id"]].tobytes()))
-    return sorted(out)
-
-
 def test_dataframe_and_parquet_equal_jsonl(client, tmp_path, monkeypatch):
     import pandas as pd
 
@@ -248,8 +230,8 @@ def test_dataframe_and_parquet_equal_jsonl(client, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert report.documents == 600 and report.built
     assert not list(tmp_path.glob(".from_pandas.staging-*"))
-    expected = _content(tmp_path / "from_jsonl")
-    assert _content(tmp_path / "from_pandas") == expected
+    expected = index_content(tmp_path / "from_jsonl")
+    assert index_content(tmp_path / "from_pandas") == expected
     # Parquet through the CLI, from an fsspec URL
     df.to_parquet(tmp_path / "rows.parquet", row_group_size=200)
     url = (tmp_path / "rows.parquet").as_uri()
@@ -259,7 +241,7 @@ def test_dataframe_and_parquet_equal_jsonl(client, tmp_path, monkeypatch):
            "--dashboard", ":0"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert _content(tmp_path / "from_parquet") == expected
+    assert index_content(tmp_path / "from_parquet") == expected
     # incremental: a changed row and a dropped row
     df2 = df.drop(index=5).copy()
     df2.loc[7, "body"] = "an entirely new sentence about lighthouses"

@@ -15,6 +15,7 @@ from dask_rag.pipeline import RagPipeline
 from dask_rag.serve import ServerThread, create_app
 from dask_rag.serve.server import free_port
 from dask_rag.telemetry import Telemetry
+from tests.servers import server_for
 
 Q = "How do I serialize a Python object to a JSON string?"
 
@@ -27,14 +28,7 @@ def pipe(client, demo_index):
         yield p
 
 
-def serve(pipe, **cfg):
-    config = ServeConfig(port=free_port(), **cfg)
-    return ServerThread(create_app(pipe, config, cfg.pop("telemetry", None)), config)
-
-
-def _fresh(pipe, telemetry=None, **cfg):
-    config = ServeConfig(port=free_port(), **cfg)
-    return ServerThread(create_app(pipe, config, telemetry), config)
+_fresh = server_for
 
 
 def _sse(text: str) -> list[tuple[str, dict]]:
@@ -308,31 +302,3 @@ def test_graceful_shutdown_drains_inflight(pipe, client, tmp_path):
         uvicorn_log.removeHandler(keep)
     assert all(not isinstance(r, Exception) and r.status_code == 200 for r in results), results
     assert all(r.json()["answer"] for r in results)
-
-
-def test_schemathesis_against_openapi(pipe):
-    import schemathesis
-    from hypothesis import HealthCheck, given, settings
-    from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (
-        content_type_conformance,
-        response_schema_conformance,
-        status_code_conformance,
-    )
-
-    with _fresh(pipe) as srv:
-        schema = schemathesis.openapi.from_url(srv.url + "/openapi.json")
-        ops = [op.ok() for op in schema.get_all_operations()]
-        assert len(ops) >= 6
-        for op in ops:  # every route, /v1/ask included (the extractive generator is fast)
-            strategy = op.as_strategy()
-
-            @settings(max_examples=25, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck))
-            @given(case=strategy)
-            def check(case):
-                case.call_and_validate(base_url=srv.url, checks=[
-                    not_a_server_error, status_code_conformance, content_type_conformance,
-                    response_schema_conformance])
-
-            check()

@@ -144,17 +144,21 @@ def _question(text: str) -> str:
     return re.sub(r"^\d+(\.\d+)*\.?\s+", "", text).strip()
 
 
+def _add_question(questions: list[dict], corpus: list[dict], prefix: str, head: str,
+                  body: str, qkey: str) -> None:
+    """A question (its heading) and its answer (the section's text) as a relevant document."""
+    doc = {"_id": _doc_id(prefix, head + body), "title": "", "text": body}
+    corpus.append(doc)
+    questions.append({"_id": _doc_id("q", qkey), "text": _question(head), "doc": doc["_id"]})
+
+
 def python_faq(root: Path) -> tuple[list[dict], list[dict]]:
     base = glob.glob(str(root / "usr/share/doc/python3.11/html"))[0]
     questions, corpus = [], []
     for page in sorted(glob.glob(f"{base}/faq/*.html")):
         for _, head, body in html_sections(page):
             if head.endswith("?") and len(body) >= 40:
-                doc = {"_id": _doc_id("pyfaq", head + body), "title": "", "text": body}
-                corpus.append(doc)
-                questions.append({"_id": _doc_id("q", head + Path(page).name),
-                                  "text": _question(head),
-                                  "doc": doc["_id"]})
+                _add_question(questions, corpus, "pyfaq", head, body, head + Path(page).name)
     distractors = []
     for page in sorted(glob.glob(f"{base}/library/*.html")):
         for _, head, body in html_sections(page):
@@ -171,10 +175,7 @@ def perl_faq(root: Path) -> tuple[list[dict], list[dict]]:
     for n in range(1, 10):
         for head, body in pod_sections(f"{pod}/perlfaq{n}.pod", "=head2"):
             if head.endswith("?") and len(body) >= 40:
-                doc = {"_id": _doc_id("plfaq", head + body), "title": "", "text": body}
-                corpus.append(doc)
-                questions.append({"_id": _doc_id("q", f"{n}{head}"), "text": _question(head),
-                                  "doc": doc["_id"]})
+                _add_question(questions, corpus, "plfaq", head, body, f"{n}{head}")
     for name, marker in (("perlfunc", "=item"), ("perlop", "=head2"), ("perlsyn", "=head2"),
                          ("perlre", "=head2"), ("perlvar", "=item")):
         for head, body in pod_sections(f"{pod}/{name}.pod", marker):
@@ -190,11 +191,7 @@ def debian_faq(root: Path) -> tuple[list[dict], list[dict]]:
     for page in sorted(glob.glob(f"{base}/*.en.html")):
         for _, head, body in html_sections(page, main_only=False):
             if head.endswith("?") and len(body) >= 40:
-                doc = {"_id": _doc_id("dbfaq", head + body), "title": "", "text": body}
-                corpus.append(doc)
-                questions.append({"_id": _doc_id("q", head + Path(page).name),
-                                  "text": _question(head),
-                                  "doc": doc["_id"]})
+                _add_question(questions, corpus, "dbfaq", head, body, head + Path(page).name)
             elif len(body) >= 200 and not body.startswith("Table of Contents"):
                 # chapter pages open with their questions listed: a copy of the queries
                 corpus.append({"_id": _doc_id("dbdoc", Path(page).name + head + body),

@@ -14,6 +14,10 @@ where it is native, only when onnxruntime is missing.  Torch's own int8
 (``backend="torch"``, ``torch.ao.quantization.quantize_dynamic``) reaches only cosine ~0.978 —
 all of them reported by the benchmark so a user can choose.
 fp16 is for GPUs.
+
+Why one module of ~500 lines: the precision and backend choice, the per-text ONNX path and the
+length-bucketed torch path together decide what a vector is; kept side by side, the rule that
+queries use the manifest's settings is checked in one place.
 """
 
 from __future__ import annotations

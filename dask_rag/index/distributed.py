@@ -13,6 +13,10 @@ The index directory must be readable by every worker (a local disk on a LocalClu
 filesystem on a real cluster).  Only one process should mutate an index directory at a time.
 This module holds the driver only: worker code is in :mod:`~dask_rag.index.tasks`, the on-disk
 format in :mod:`~dask_rag.index.store`, building in :mod:`~dask_rag.index.build`.
+
+Why one module of ~670 lines: building, loading, placement and both search paths (graph and
+direct actor calls) share the shard futures and their lock; writes and saves live in
+:mod:`dask_rag.index.writes`, tasks in :mod:`dask_rag.index.tasks`.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ Two guards keep shards from travelling between workers:
 * pickling a shard yields a *reload handle* (``load_shard(ref)``), never its bytes: if Dask ever
   did move or spill one, the receiver reloads it from disk (with the write-ahead log), which is
   both consistent and cheap on the wire.
+
+Why one module of ~650 lines: a shard's faiss index, records table, tombstones, BM25 index and
+flat view change together under one read/write lock; split, that lock would span modules.
 """
 
 from __future__ import annotations

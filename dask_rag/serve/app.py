@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -110,27 +110,30 @@ async def _ask_stream(request: Request, pipe: Any, req: AskRequest) -> Response:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def upsert(request: Request, body: bytes) -> Response:
-    """Documents replaced by id; the 200 comes after the write-ahead log entry is on disk."""
-    req = parse_body(UpsertRequest, body)
-    if len(req.documents) > MAX_WRITE_BATCH:
-        raise PayloadTooLarge(f"request.documents has {len(req.documents)} documents; the "
-                              f"limit is {MAX_WRITE_BATCH} per request")
-    pipe = pipeline_for(request, _collection(request), write=True)
-    t0 = time.perf_counter()
-    out = await pipe.aupsert(req)
-    return json_response(out, {"write": (time.perf_counter() - t0) * 1e3})
-
-
-async def delete(request: Request, body: bytes) -> Response:
-    req = parse_body(DeleteRequest, body)
-    if len(req.ids) > MAX_WRITE_BATCH:
-        raise PayloadTooLarge(f"request.ids has {len(req.ids)} ids; the limit is "
+async def _write(request: Request, req: Any, count: int, what: str,
+                 run: Callable[[Any, Any], Awaitable[dict[str, int]]]) -> Response:
+    """A write: 413 beyond MAX_WRITE_BATCH items, the key's write scope, then ``run``; the
+    200 comes after the write-ahead log entry is on disk."""
+    if count > MAX_WRITE_BATCH:
+        raise PayloadTooLarge(f"request.{what} has {count} items; the limit is "
                               f"{MAX_WRITE_BATCH} per request")
     pipe = pipeline_for(request, _collection(request), write=True)
     t0 = time.perf_counter()
-    out = await pipe.adelete(req)
+    out = await run(pipe, req)
     return json_response(out, {"write": (time.perf_counter() - t0) * 1e3})
+
+
+async def upsert(request: Request, body: bytes) -> Response:
+    """Documents replaced by id (their old chunks go as the new ones come)."""
+    req = parse_body(UpsertRequest, body)
+    return await _write(request, req, len(req.documents), "documents",
+                        lambda pipe, r: pipe.aupsert(r))
+
+
+async def delete(request: Request, body: bytes) -> Response:
+    """Documents removed by id (every chunk of each)."""
+    req = parse_body(DeleteRequest, body)
+    return await _write(request, req, len(req.ids), "ids", lambda pipe, r: pipe.adelete(r))
 
 
 async def list_collections(request: Request, body: bytes) -> Response:
