@@ -37,6 +37,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check dask_rag tests benchmarks
 	$(BIN)/mypy dask_rag
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/dask-rag bench
