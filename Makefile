@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.dask-rag-installed
 TORCH  := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo lint typecheck bench bench-quick clean
+.PHONY: install test test-all test-fast demo lint typecheck bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,18 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
-## run the whole test suite (slow tests included; gpu/vllm tests skip without a GPU)
+## the test suite CI runs: slow tests included, the few that take minutes left out
+## (gpu/vllm tests skip without a GPU)
 test: install
+	$(BIN)/python -m pytest -m "not minutes" $(PYTEST_ARGS)
+
+## everything, the minutes-long tests too
+test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## the fast suite only
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not minutes" $(PYTEST_ARGS)
 
 ## ingest the built-in demo corpus (Python stdlib docs), answer sample questions, serve HTTP
 demo: install

@@ -71,7 +71,7 @@ def fault_point(name: str) -> None:
     action, nth = armed
     with _lock:
         _counts[name] = count = _counts.get(name, 0) + 1
-        fires = (nth == 0 or count == nth) and not _fired_before(name)
+        fires = (nth == 0 or count == nth) and _claim(name)
         _report(f"{name} {os.getpid()} {count} {action if fires else 'pass'}")
     if not fires:
         return
@@ -83,11 +83,18 @@ def fault_point(name: str) -> None:
     raise InjectedFault(f"fault injected at {name} (call {count})")
 
 
-def _fired_before(name: str) -> bool:
+def _claim(name: str) -> bool:
+    """With a report file, True for the one process that creates ``<report>.<name>.fired``
+    first (O_EXCL: atomic across processes — two workers reaching their N-th call at the same
+    moment must not both fire); without one, always True."""
     path = os.environ.get(REPORT_ENV)
     if not path:
+        return True
+    try:
+        os.close(os.open(f"{path}.{name}.fired", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
         return False
-    return any(p == name and a != "pass" for p, _, _, a in read_report(path))
+    return True
 
 
 def _block_until_released(name: str, limit_s: float = 300.0) -> None:

@@ -236,11 +236,15 @@ def test_tls_scheduler_refuses_clients_without_a_certificate_of_its_ca(tmp_path)
 
         port, client_side = _tls_attempt(address, tmp_path / "ca.pem")
         assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in refused(port)
-        assert "CERTIFICATE_REQUIRED" in client_side  # the server's alert
+        # the server's alert (or, when it hangs up first, only the closed connection)
+        assert "CERTIFICATE_REQUIRED" in client_side or "EOF occurred" in client_side, \
+            client_side
         port, client_side = _tls_attempt(address, tmp_path / "ca.pem", other / "cert.pem",
                                          other / "key.pem")
         assert "CERTIFICATE_VERIFY_FAILED" in refused(port)
-        assert "ALERT" in client_side
+        # the client sees the server's alert, or only the closed connection when the server
+        # hangs up first (timing): the refusal itself is the scheduler's log line above
+        assert "ALERT" in client_side or "EOF occurred" in client_side, client_side
         from distributed.security import Security
 
         with pytest.raises((OSError, TimeoutError)):
@@ -332,21 +336,23 @@ def _ingest_cmd(corpus: Path, index: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_kill_9_during_ingest_leaves_old_or_new_content(demo_docs, tmp_path):
+def test_kill_9_during_ingest_leaves_old_or_new_content(client, demo_docs, tmp_path):
     """An incremental ``dask-rag ingest`` is SIGKILLed (with its whole local cluster) while
     blocked at a named phase: during embedding the index keeps exactly its old content; once
     the update is in the write-ahead log, and between the new shard files and the manifest
     commit, it has exactly the new content (the content a clean ingest of the same corpus
     gives)."""
     from dask_rag.faults import read_report
+    from dask_rag.ingest import ingest
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i, d in enumerate(demo_docs[:120]):
         (corpus / f"doc{i:03d}.txt").write_text(d.text)
     index = tmp_path / "index"
-    subprocess.run(_ingest_cmd(corpus, index), check=True, cwd=ROOT, timeout=600,
-                   capture_output=True)
+    # the index and the references are ingested on the session's cluster; only the ingest
+    # that is killed runs as `dask-rag ingest` with a local cluster of its own
+    ingest(client, [corpus], index, progress=False)
     for attempt, (point, outcome) in enumerate((("embed.batch", "old"),
                                                 ("wal.appended", "new"),
                                                 ("save.shards_written", "new"))):
@@ -355,14 +361,12 @@ def test_kill_9_during_ingest_leaves_old_or_new_content(demo_docs, tmp_path):
                                                     + demo_docs[i].text)
         (corpus / f"new{attempt}.txt").write_text(f"A new document, round {attempt}.")
         reference = tmp_path / f"clean{attempt}"
-        subprocess.run(_ingest_cmd(corpus, reference), check=True, cwd=ROOT, timeout=600,
-                       capture_output=True)
+        ingest(client, [corpus], reference, progress=False)
         report = tmp_path / f"faults{attempt}.log"
         env = dict(os.environ, DASK_RAG_FAULTS=f"{point}=block",
                    DASK_RAG_FAULTS_REPORT=str(report),
                    DASK_RAG_FAULTS_RELEASE=str(tmp_path / "never"))
-        with Client(n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
-            old = _content(client, index)
+        old = _content(client, index)
         proc = subprocess.Popen(_ingest_cmd(corpus, index), cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -376,9 +380,8 @@ def test_kill_9_during_ingest_leaves_old_or_new_content(demo_docs, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # the ingest and its whole local cluster
             proc.wait()
         assert next(r[3] for r in read_report(report) if r[0] == point) == "block"
-        with Client(n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
-            after = _content(client, index)
-            new = _content(client, reference)
+        after = _content(client, index)
+        new = _content(client, reference)
         assert old != new
         assert after == (old if outcome == "old" else new), (point, outcome)
 

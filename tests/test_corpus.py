@@ -71,8 +71,8 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(InvalidInput, match=r"m.jsonl:1: missing string field 'text'"):
         load_file(missing)
     with pytest.raises(InvalidInput, match="unsupported file type"):
-        discover_files([tmp_path / "bad.jsonl", *[(tmp_path / "y.pdf")]] if
-                       (tmp_path / "y.pdf").write_text("x") else [])
+        discover_files([tmp_path / "bad.jsonl", *[(tmp_path / "y.pptx")]] if
+                       (tmp_path / "y.pptx").write_text("x") else [])
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can read files without permission")

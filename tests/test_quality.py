@@ -139,7 +139,9 @@ def test_eval_command_on_a_beir_set(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["python-faq", "perl-faq", "debian-faq"])
+@pytest.mark.parametrize("name", [
+    pytest.param("python-faq", marks=pytest.mark.minutes),  # ~2 min: 1,950 documents
+    "perl-faq", "debian-faq"])
 def test_default_fusion_never_loses_to_its_parts(client, tmp_path, name):
     """On each real-question set's test half, the default hybrid's recall@10 and MRR@10 are
     each >= the better of dense-only and sparse-only, and the fusion tuned on the tuning

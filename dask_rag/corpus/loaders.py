@@ -92,6 +92,7 @@ def _document(source: str, sections: list[Section], meta: dict[str, Any]) -> lis
 _ATX = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
 _SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+_EMPHASIS = re.compile(r"(?<![\w*])(\*\*|\*)(?=[^\s*])(.+?)(?<=[^\s*])\1(?![\w*])")
 
 
 def markdown_sections(text: str) -> list[Section]:
@@ -228,7 +229,9 @@ def _load_html(path: Path, text: str) -> tuple[list[Section], dict[str, Any]]:
                                favor_recall=True, with_metadata=False)
     if not main or not main.strip():
         return [Section(parser.text())], meta  # too little for an extractor: keep it all
-    return markdown_sections(main), meta
+    # the headings structure the sections; bold/italic markers are only noise to an encoder
+    return [Section(_EMPHASIS.sub(r"\2", sec.text), sec.metadata)
+            for sec in markdown_sections(main)], meta
 
 
 class _HTMLText(html.parser.HTMLParser):
