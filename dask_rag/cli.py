@@ -285,7 +285,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"{'required' if serve_cfg.api_keys else 'off'}"
               + (f", collections in {args.collections}" if args.collections else "")
               + f"); Dask dashboard: {client.dashboard_link}", flush=True)
-        run_server(served, serve_cfg, log_level="info" if args.verbose else "warning")
+        try:
+            run_server(served, serve_cfg, log_level="info" if args.verbose else "warning")
+        finally:
+            if served is not pipe:  # the named collections' shards (the default's: below)
+                served.close()
     return 0
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 from distributed import Client, as_completed
 
 from dask_rag.cluster.plugins import ensure_model_cache
@@ -178,7 +179,6 @@ def ingest_dataframe(client: Client, df: Any, index_dir: str | os.PathLike[str],
     if not isinstance(df, dd.DataFrame):
         if not hasattr(df, "columns") or not hasattr(df, "iloc"):
             raise InvalidInput(f"expected a pandas or dask DataFrame, got {type(df).__name__}")
-        cols.check(df.columns)
         df = dd.from_pandas(df, npartitions=max(1, math.ceil(len(df) / rows_per_partition)))
     cols.check(df.columns)
     parts = client.compute(df[[text, id, *cols.metadata]].to_delayed())
@@ -258,11 +258,12 @@ def _ingest(client: Client, groups: list[list[Any]], index_dir: str | os.PathLik
         embed_futs = [f for g in sorted(group_embeds) for f in group_embeds[g]]
         del group_embeds
         keep = _unique_rows(chunks)
-        report.chunks_embedded = len(keep)
+        report.chunks_embedded = int(keep.sum())
         batched = None
-        if existing is not None or len(keep) <= BUILD_BATCH:
-            vectors = _take_rows(_blocks(embed_futs, bar), keep, len(chunks))
-            chunks = [chunks[i] for i in keep] if len(keep) != len(chunks) else chunks
+        if existing is not None or report.chunks_embedded <= BUILD_BATCH:
+            vectors = _take_rows(_blocks(embed_futs, bar), keep)
+            if not keep.all():
+                chunks = [c for c, k in zip(chunks, keep, strict=True) if k]
         else:  # a large first build: vectors come to the client a batch at a time
             vectors = np.zeros((0, 0), np.float32)
             if bar is not None:
@@ -350,12 +351,14 @@ def _origin_of(item: Any) -> str:
     return item.source if isinstance(item, Document) else str(item)
 
 
-def _unique_rows(chunks: list[Chunk]) -> list[int]:
-    """Positions of the first chunk of each id (a chunk id is a hash of source and text)."""
-    keep: dict[int, int] = {}
+def _unique_rows(chunks: list[Chunk]) -> npt.NDArray[np.bool_]:
+    """A mask of the first chunk of each id (a chunk id is a hash of source and text)."""
+    first: dict[int, int] = {}
     for i, c in enumerate(chunks):
-        keep.setdefault(c.id, i)
-    return sorted(keep.values())
+        first.setdefault(c.id, i)
+    keep = np.zeros(len(chunks), dtype=bool)
+    keep[list(first.values())] = True
+    return keep
 
 
 def _blocks(futures: list[Any], bar: Any) -> Iterator[np.ndarray]:
@@ -368,24 +371,30 @@ def _blocks(futures: list[Any], bar: Any) -> Iterator[np.ndarray]:
         yield block
 
 
-def _take_rows(blocks: Iterator[np.ndarray], rows: list[int], n: int) -> np.ndarray:
-    """Rows ``rows`` (sorted positions) of the blocks laid end to end: ``n`` rows in all."""
-    out: np.ndarray | None = None
-    keep = np.zeros(n, dtype=bool)
-    keep[rows] = True
-    start = filled = 0
+def _kept(blocks: Iterator[np.ndarray], keep: npt.NDArray[np.bool_]
+          ) -> Iterator[tuple[npt.NDArray[np.int64], np.ndarray]]:
+    """(positions, vectors) of each block's kept rows, the blocks laid end to end."""
+    start = 0
     for block in blocks:
-        if out is None:
-            out = np.empty((len(rows), block.shape[1]), dtype=np.float32)
-        mine = block[keep[start:start + len(block)]]
-        out[filled:filled + len(mine)] = mine
-        filled += len(mine)
+        m = keep[start:start + len(block)]
+        yield np.flatnonzero(m) + start, block[m]
         start += len(block)
+
+
+def _take_rows(blocks: Iterator[np.ndarray], keep: npt.NDArray[np.bool_]) -> np.ndarray:
+    """The kept rows of the blocks, in one array allocated once (no concatenated copy)."""
+    out: np.ndarray | None = None
+    filled = 0
+    for _, vecs in _kept(blocks, keep):
+        if out is None:
+            out = np.empty((int(keep.sum()), vecs.shape[1]), dtype=np.float32)
+        out[filled:filled + len(vecs)] = vecs
+        filled += len(vecs)
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
 def _build_in_batches(client: Client, chunks: list[Chunk], blocks: Iterator[np.ndarray],
-                      keep: list[int], spec: IndexSpec, index_dir: Path,
+                      keep: npt.NDArray[np.bool_], spec: IndexSpec, index_dir: Path,
                       recorded: dict[str, Any], progress: bool) -> DistributedIndex:
     """A large first build with bounded client memory: the index is built from the first
     batch (the training sample of an IVF factory), the rest is added a batch at a time, then
@@ -397,9 +406,6 @@ def _build_in_batches(client: Client, chunks: list[Chunk], blocks: Iterator[np.n
     index: DistributedIndex | None = None
     pending_rows: list[int] = []
     pending_vecs: list[np.ndarray] = []
-    keep_mask = np.zeros(len(chunks), dtype=bool)
-    keep_mask[keep] = True
-    start = 0
 
     def flush() -> None:
         nonlocal index
@@ -415,11 +421,9 @@ def _build_in_batches(client: Client, chunks: list[Chunk], blocks: Iterator[np.n
         pending_vecs.clear()
 
     try:
-        for block in blocks:
-            m = keep_mask[start:start + len(block)]
-            pending_rows.extend(int(i) for i in np.flatnonzero(m) + start)
-            pending_vecs.append(block[m])
-            start += len(block)
+        for rows, vecs in _kept(blocks, keep):
+            pending_rows.extend(rows.tolist())
+            pending_vecs.append(vecs)
             if len(pending_rows) >= (first if index is None else BUILD_BATCH):
                 flush()
         if pending_rows:

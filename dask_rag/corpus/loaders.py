@@ -179,20 +179,21 @@ def _load_pdf(path: Path) -> list[Section]:
 
 
 def _load_docx(path: Path) -> list[Section]:
+    import io
+
+    data = _read_bytes(path)  # read once: the size checks and python-docx share the bytes
     try:
-        with zipfile.ZipFile(path) as zf:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
             total = sum(info.file_size for info in zf.infolist())
-            if total > MAX_DECOMPRESSED_BYTES:
-                raise InvalidInput(f"{path}: the DOCX decompresses to {total} bytes, more than "
-                                   f"the limit of {MAX_DECOMPRESSED_BYTES}")
     except zipfile.BadZipFile:
         raise InvalidInput(f"{path}: not a DOCX file (not a zip archive)") from None
-    except OSError as exc:
-        raise InvalidInput(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    if total > MAX_DECOMPRESSED_BYTES:
+        raise InvalidInput(f"{path}: the DOCX decompresses to {total} bytes, more than "
+                           f"the limit of {MAX_DECOMPRESSED_BYTES}")
     import docx
 
     try:
-        document = docx.Document(str(path))
+        document = docx.Document(io.BytesIO(data))
     except Exception as exc:  # python-docx raises many kinds for broken packages
         raise InvalidInput(f"{path}: unreadable DOCX ({type(exc).__name__}: {exc})") from None
     lines: list[str] = []

@@ -19,7 +19,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dask_rag.collections import Collections
@@ -30,11 +30,11 @@ from dask_rag.serve import openai_api
 from dask_rag.serve.guard import (
     Guard,
     allowed_collections,
-    error_response,
     guarded,
     json_response,
     pipeline_for,
     require_unrestricted_write,
+    sse_response,
 )
 from dask_rag.serve.openapi import openapi_document
 from dask_rag.serve.schemas import (
@@ -87,27 +87,12 @@ async def ask(request: Request, body: bytes) -> Response:
 
 async def _ask_stream(request: Request, pipe: Any, req: AskRequest) -> Response:
     """Server-Sent Events: ``citations``, ``text`` pieces, then ``done`` (or ``error``)."""
-    telemetry: Telemetry = request.app.state.telemetry
-    events = pipe.astream(req)
-    # fail before the 200 if retrieval itself fails (bad filter, shard loss, ...)
-    first = await events.__anext__()
 
-    async def sse() -> AsyncIterator[bytes]:
-        event = first
-        try:
-            while True:
-                yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n".encode()
-                if event["event"] == "done":
-                    telemetry.observe_stages(event["timings_ms"])
-                event = await events.__anext__()
-        except StopAsyncIteration:
-            return
-        except Exception as exc:
-            err = bytes(error_response(exc).body).decode()
-            yield f"event: error\ndata: {err}\n\n".encode()
+    def render(event: dict[str, Any]) -> list[bytes]:
+        return [f"event: {event['event']}\ndata: {json.dumps(event)}\n\n".encode()]
 
-    return StreamingResponse(sse(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await sse_response(request, pipe.astream(req), render,
+                              lambda err: b"event: error\ndata: " + err + b"\n\n")
 
 
 async def _write(request: Request, req: Any, count: int, what: str,

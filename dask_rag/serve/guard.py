@@ -21,12 +21,12 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from dask_rag.batching import wait_at_most
 from dask_rag.config import ServeConfig
@@ -42,9 +42,20 @@ from dask_rag.errors import (
 )
 from dask_rag.telemetry import Telemetry
 
-__all__ = ["OPEN_PATHS", "Guard", "KeyScope", "TokenBucket", "allowed_collections",
-           "error_response", "guarded", "json_response", "parse_key", "pipeline_for",
-           "require_unrestricted_write"]
+__all__ = [
+    "OPEN_PATHS",
+    "Guard",
+    "KeyScope",
+    "TokenBucket",
+    "allowed_collections",
+    "error_response",
+    "guarded",
+    "json_response",
+    "parse_key",
+    "pipeline_for",
+    "require_unrestricted_write",
+    "sse_response",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +253,35 @@ def json_response(data: Any, timings: dict[str, float] | None = None) -> JSONRes
     return resp
 
 
+async def sse_response(request: Request, events: AsyncIterator[dict[str, Any]],
+                       render: Callable[[dict[str, Any]], Iterable[bytes]],
+                       render_error: Callable[[bytes], bytes]) -> StreamingResponse:
+    """A streamed answer (``RagPipeline.astream`` events) as Server-Sent Events, each event
+    rendered by ``render``.  The first event is awaited before the 200, so a failure of
+    retrieval itself (a bad filter, a lost shard) is an error status; a later failure ends
+    the stream with ``render_error`` of the error's JSON body.  The ``done`` event's stage
+    timings go to the metrics, as a JSON answer's do."""
+    telemetry: Telemetry = request.app.state.telemetry
+    first = await events.__anext__()
+
+    async def body() -> AsyncIterator[bytes]:
+        event = first
+        try:
+            while True:
+                for piece in render(event):
+                    yield piece
+                if event["event"] == "done":
+                    telemetry.observe_stages(event["timings_ms"])
+                event = await events.__anext__()
+        except StopAsyncIteration:
+            return
+        except Exception as exc:
+            yield render_error(bytes(error_response(exc).body))
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def _scope(request: Request) -> KeyScope:
     scope: KeyScope = request.scope.get(SCOPE_KEY, FULL_ACCESS)
     return scope
@@ -257,11 +297,10 @@ def pipeline_for(request: Request, name: str | None, write: bool = False) -> Any
     return collections.get(cname)
 
 
-def allowed_collections(request: Request, names: Iterable[str] | None = None) -> list[str]:
+def allowed_collections(request: Request) -> list[str]:
     """The collections the request's key may use (all of them when keys are off)."""
-    collections = request.app.state.collections
     scope = _scope(request)
-    return [n for n in (names if names is not None else collections.names())
+    return [n for n in request.app.state.collections.names()
             if scope.collections is None or n in scope.collections]
 
 

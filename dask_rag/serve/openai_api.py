@@ -18,16 +18,15 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from dask_rag.errors import InvalidInput, UnknownModel
-from dask_rag.serve.guard import allowed_collections, error_response, json_response, pipeline_for
+from dask_rag.serve.guard import allowed_collections, json_response, pipeline_for, sse_response
 from dask_rag.serve.schemas import ChatRequest, EmbeddingsRequest, parse_body
 
 __all__ = ["MODEL_PREFIX", "chat_completions", "decode_token_ids", "embeddings", "models"]
@@ -147,11 +146,12 @@ async def models(request: Request, body: bytes) -> Response:
             out.append({"id": model_id, "object": "model", "created": created,
                         "owned_by": "dask-rag"})
 
-    for name in allowed_collections(request):
+    names = allowed_collections(request)
+    for name in names:
         add(MODEL_PREFIX if name == collections.default_name else f"{MODEL_PREFIX}/{name}")
-    for name in allowed_collections(request):
-        info = collections.get(name).embedder.info
-        add(str(info.get("model_name") or collections.get(name).embedder.config.model))
+    for name in names:
+        embedder = collections.get(name).embedder
+        add(str(embedder.info.get("model_name") or embedder.config.model))
     return json_response({"object": "list", "data": out})
 
 
@@ -164,7 +164,7 @@ async def chat_completions(request: Request, body: bytes) -> Response:
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if ask.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await _stream(pipe, ask, ident, created, req.model, include_usage)
+        return await _stream(request, pipe, ask, ident, created, req.model, include_usage)
     answer = await (pipe.aask(ask) if state.config.batching else pipe.aask_now(ask))
     usage = {"prompt_tokens": answer.prompt_tokens,
              "completion_tokens": answer.completion_tokens,
@@ -177,46 +177,36 @@ async def chat_completions(request: Request, body: bytes) -> Response:
         "citations": answer.to_dict()["citations"]}, answer.timings_ms)
 
 
-async def _stream(pipe: Any, ask: Any, ident: str, created: int, model: str,
+async def _stream(request: Request, pipe: Any, ask: Any, ident: str, created: int, model: str,
                   include_usage: bool) -> Response:
     """OpenAI chunk objects over SSE: the role (with the citations), the text pieces, the
     finish reason, [usage], then ``data: [DONE]``."""
-    events = pipe.astream(ask)
-    first = await events.__anext__()  # retrieval failures become an error status, not a 200
+    prompt_tokens = 0
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body = {"id": ident, "object": "chat.completion.chunk", "created": created,
-                "model": model, "choices": [{"index": 0, "delta": delta,
-                                             "finish_reason": finish}], **extra}
+                "model": model, "choices": choices, **extra}
         return f"data: {json.dumps(body)}\n\n".encode()
 
-    async def sse() -> AsyncIterator[bytes]:
-        event, prompt_tokens = first, 0
-        try:
-            while True:
-                kind = event["event"]
-                if kind == "citations":
-                    prompt_tokens = int(event.get("prompt_tokens", 0))
-                    yield chunk({"role": "assistant", "content": ""},
-                                citations=event["citations"])
-                elif kind == "text":
-                    yield chunk({"content": event["text"]})
-                elif kind == "done":
-                    yield chunk({}, "stop")
-                    if include_usage:
-                        n = int(event.get("completion_tokens", 0))
-                        body = {"id": ident, "object": "chat.completion.chunk",
-                                "created": created, "model": model, "choices": [],
-                                "usage": {"prompt_tokens": prompt_tokens,
-                                          "completion_tokens": n,
-                                          "total_tokens": prompt_tokens + n}}
-                        yield f"data: {json.dumps(body)}\n\n".encode()
-                    yield b"data: [DONE]\n\n"
-                event = await events.__anext__()
-        except StopAsyncIteration:
-            return
-        except Exception as exc:
-            yield b"data: " + bytes(error_response(exc).body) + b"\n\n"
+    def delta(content: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        return chunk([{"index": 0, "delta": content, "finish_reason": finish}], **extra)
 
-    return StreamingResponse(sse(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def render(event: dict[str, Any]) -> list[bytes]:
+        nonlocal prompt_tokens
+        kind = event["event"]
+        if kind == "citations":
+            prompt_tokens = int(event.get("prompt_tokens", 0))
+            return [delta({"role": "assistant", "content": ""}, citations=event["citations"])]
+        if kind == "text":
+            return [delta({"content": event["text"]})]
+        if kind != "done":
+            return []
+        out = [delta({}, "stop")]
+        if include_usage:
+            n = int(event.get("completion_tokens", 0))
+            out.append(chunk([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                                        "total_tokens": prompt_tokens + n}))
+        return [*out, b"data: [DONE]\n\n"]
+
+    return await sse_response(request, pipe.astream(ask), render,
+                              lambda err: b"data: " + err + b"\n\n")
