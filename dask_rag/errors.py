@@ -17,6 +17,8 @@ Every error a caller can act on has its own class; everything derives from
     ├── Overloaded                too much work in flight; retry after ``retry_after`` seconds
     ├── RequestTimeout            the request did not finish within its deadline
     ├── ShardUnavailable          a shard could not be searched (worker lost, cluster gone)
+    ├── StorageUnavailable        an index URL cannot be reached (endpoint down, credentials
+    │                             missing or refused, bucket missing); the message names it
     └── ModelLoadError            a model path is not a loadable model
 
 HTTP handlers never choose status codes themselves: they call :func:`http_status`.
@@ -36,6 +38,7 @@ __all__ = [
     "PayloadTooLarge",
     "RequestTimeout",
     "ShardUnavailable",
+    "StorageUnavailable",
     "Unauthorized",
     "UnknownModel",
     "http_status",
@@ -124,6 +127,14 @@ class ShardUnavailable(DaskRagError):
     type_name = "shard_unavailable"
 
 
+class StorageUnavailable(DaskRagError, OSError):
+    """The object store behind an index URL refused or could not serve a request: the
+    endpoint is unreachable, credentials are missing or refused, or the bucket does not
+    exist.  The message names the URL; nothing was written."""
+
+    type_name = "storage_unavailable"
+
+
 class ModelLoadError(DaskRagError):
     """A model (encoder, cross-encoder, generator) could not be loaded from its path."""
 
@@ -143,6 +154,7 @@ _HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (Overloaded, 429),
     (RequestTimeout, 504),
     (ShardUnavailable, 503),
+    (StorageUnavailable, 503),
     (ModelLoadError, 503),
     (DaskRagError, 500),
 )

@@ -106,7 +106,7 @@ def build_shard_files(index_dir: str, shard_no: int, generation: int, index_uuid
 
         sparse = SparseIndex.build(table.column("id").to_numpy(),
                                    table.column("text").to_pylist())
-    return store.write_shard_files(Path(index_dir), shard_no, generation, index_uuid, index,
+    return store.write_shard_files(index_dir, shard_no, generation, index_uuid, index,
                                    table, refine, sparse)
 
 
@@ -178,23 +178,26 @@ def load_router(index_dir: str) -> Router:
     """The router of the index at ``index_dir`` (the task behind an IVF index's router future:
     queries are routed where it lives, next to their embeddings, not in the client)."""
     manifest = store.read_manifest(index_dir)
-    where = str(Path(index_dir) / store.MANIFEST)
+    where = f"{index_dir}/{store.MANIFEST}"
     spec = IndexSpec.from_dict(manifest["spec"])
     template = None
     if manifest["quantizer"] is not None:
-        template = read_template(Path(index_dir), manifest["quantizer"])
+        template = read_template(store.local_index_dir(index_dir, manifest, quantizer=True),
+                                 manifest["quantizer"])
     return router_from_manifest(manifest, spec, template, where)
 
 
-def write_shards(client: Client, directory: Path, index_uuid: str, spec: IndexSpec, dim: int,
-                  template_bytes: bytes | None, xb: npt.NDArray[np.float32],
+def write_shards(client: Client, directory: str | Path, index_uuid: str, spec: IndexSpec,
+                  dim: int, template_bytes: bytes | None, xb: npt.NDArray[np.float32],
                   ids: npt.NDArray[np.int64], shard_of: npt.NDArray[np.int32],
                   lists: npt.NDArray[np.int64] | None,
-                  records: Sequence[dict[str, Any]] | None, progress: bool
-                  ) -> list[dict[str, Any]]:
-    """Build and write every shard in parallel on the workers."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "shards").mkdir(exist_ok=True)
+                  records: Sequence[dict[str, Any]] | None, progress: bool,
+                  generation: int = 0) -> list[dict[str, Any]]:
+    """Build and write every shard in parallel on the workers (each uploads its own shard's
+    files when ``directory`` is an object-store URL)."""
+    if not store.is_url(directory):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "shards").mkdir(exist_ok=True)
     workers = current_workers(client)
     futures = []
     for s in range(spec.n_shards):
@@ -205,8 +208,9 @@ def write_shards(client: Client, directory: Path, index_uuid: str, spec: IndexSp
         # one scattered object per shard: its vectors go straight to the worker that builds it
         [part] = client.scatter([(xb[m], ids[m], None if lists is None else lists[m], recs)],
                                 workers=target, direct=True, hash=False)
-        futures.append(client.submit(_build_shard_task, str(directory), s, index_uuid, spec,
-                                     dim, template_bytes, part, workers=target,
+        futures.append(client.submit(_build_shard_task, str(directory), s, generation,
+                                     index_uuid, spec, dim, template_bytes, part,
+                                     workers=target,
                                      allow_other_workers=target is not None, pure=False,
                                      key=(f"dask-rag-build-{index_uuid[:12]}", s)))
     wait_with_progress(futures, "building shards", progress)
@@ -226,9 +230,10 @@ def wait_with_progress(futures: list[Future], desc: str, progress: bool) -> None
             bar.update(1)
 
 
-def _build_shard_task(directory: str, shard_no: int, index_uuid: str, spec: IndexSpec, dim: int,
-                      template_bytes: bytes | None, part: tuple[Any, ...]) -> dict[str, Any]:
+def _build_shard_task(directory: str, shard_no: int, generation: int, index_uuid: str,
+                      spec: IndexSpec, dim: int, template_bytes: bytes | None,
+                      part: tuple[Any, ...]) -> dict[str, Any]:
     """Build one shard of a new index from its scattered ``(xb, ids, lists, records)``."""
     xb, ids, lists, recs = part
-    return build_shard_files(directory, shard_no, 0, index_uuid, spec, dim, template_bytes, xb,
-                             ids, lists, recs)
+    return build_shard_files(directory, shard_no, generation, index_uuid, spec, dim,
+                             template_bytes, xb, ids, lists, recs)

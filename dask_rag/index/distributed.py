@@ -9,8 +9,10 @@ dependency, so it runs where the shard lives and only the query rows travel), th
 merge tasks (fan-in 4).  Callers chain their own tasks onto the parts (fusion, rerank,
 generation) or merge them with :func:`~dask_rag.index.merge.merge_results`.
 
-The index directory must be readable by every worker (a local disk on a LocalCluster, a shared
-filesystem on a real cluster).  Only one process should mutate an index directory at a time.
+The index location is a directory readable by every worker (a local disk on a LocalCluster, a
+shared filesystem) or an object-store URL (``s3://``, ``gs://``, any fsspec protocol), from
+which each worker copies just its own shards' files (:mod:`dask_rag.index.objstore`).  Only one
+process should mutate an index at a time.
 This module holds the driver only: worker code is in :mod:`~dask_rag.index.tasks`, the on-disk
 format in :mod:`~dask_rag.index.store`, building in :mod:`~dask_rag.index.build`.
 
@@ -76,7 +78,13 @@ from dask_rag.index.tasks import (
     shard_count_task,
     sources_task,
 )
-from dask_rag.index.writes import IndexWrites
+from dask_rag.index.writes import (
+    IndexWrites,
+    discard_generation,
+    drop_unnamed,
+    next_generation,
+    put_quantizer,
+)
 
 __all__ = ["MERGE_FAN_IN", "DistributedIndex"]
 
@@ -96,10 +104,14 @@ class DistributedIndex(IndexWrites):
     never depend on the other queries of its batch (see :mod:`dask_rag.index.exact`).
     """
 
-    def __init__(self, client: Client, path: Path, manifest: dict[str, Any], router: Router,
-                 owns_dir: bool = False) -> None:
+    def __init__(self, client: Client, path: str | Path, manifest: dict[str, Any],
+                 router: Router, owns_dir: bool = False) -> None:
         self.client = client
-        self.path = path
+        #: where the index lives: an absolute directory, or an object-store URL
+        self.location = store.location_str(path)
+        #: the directory as a Path, or the URL string for an index in an object store
+        self.path: Path | str = self.location if store.is_url(self.location) \
+            else Path(self.location)
         self.manifest = manifest
         self.spec = IndexSpec.from_dict(manifest["spec"])
         self.router = router
@@ -184,11 +196,15 @@ class DistributedIndex(IndexWrites):
             raise InvalidInput(f"{spec.factory!r}: PQ{info.pq_m} needs a dimension divisible by "
                                f"{info.pq_m}, got {dim}")
         owns_dir = path is None
-        target = Path(tempfile.mkdtemp(prefix="dask-rag-index-")) if path is None else Path(path)
+        target = tempfile.mkdtemp(prefix="dask-rag-index-") if path is None \
+            else store.location_str(path)
+        remote = store.is_url(target)
+        exists = False
         if not owns_dir:
             store.check_fresh_target(target)
-            if (target / store.MANIFEST).exists() and not overwrite:
-                raise InvalidInput(f"an index already exists at {str(target)!r}; load it, or "
+            exists = store.has_manifest(target)
+            if exists and not overwrite:
+                raise InvalidInput(f"an index already exists at {target!r}; load it, or "
                                    "pass overwrite=True to replace it")
         if comms is not None:
             tune_comms(client, comms)
@@ -196,21 +212,29 @@ class DistributedIndex(IndexWrites):
         template, template_bytes = train_template(spec, xb)
         router, shard_of, lists = plan_shards(spec, sharding, template, xb, ids)
         index_uuid = store.new_index_uuid()
-        staging = target if owns_dir else store.staging_dir(target)
+        # a directory is written in a staging sibling and swapped into place; an object store
+        # has no rename, so a rebuild there writes the next generation of file names beside
+        # the old index and commits by replacing its manifest (see objstore)
+        staging: str | Path = target if owns_dir or remote else store.staging_dir(Path(target))
+        generation, wal_seq = next_generation(target) if remote else (0, 0)
         try:
             entries = write_shards(client, staging, index_uuid, spec, dim, template_bytes, xb,
-                                    ids, shard_of, lists, records, progress)
+                                    ids, shard_of, lists, records, progress, generation)
             fault_point("build.shards_written")
             manifest = new_manifest(index_uuid, spec, dim, router, entries, embed)
+            manifest.update(generation=generation, wal_seq=wal_seq)
             if template_bytes is not None:
-                store.atomic_write_bytes(staging / store.QUANTIZER, template_bytes)
-                manifest["quantizer"] = {"file": store.QUANTIZER,
-                                         "checksum": store.file_checksum(staging / store.QUANTIZER)}
-            store.atomic_write_json(staging / store.MANIFEST, manifest)
-            if not owns_dir:
-                store.swap_into_place(staging, target)
-        except BaseException:  # the staging dir (or the index's own temp dir) is incomplete
-            shutil.rmtree(staging, ignore_errors=True)
+                manifest["quantizer"] = put_quantizer(staging, generation, template_bytes)
+            store.commit_manifest(staging, manifest)
+            if remote:
+                drop_unnamed(target, manifest)
+            elif not owns_dir:
+                store.swap_into_place(Path(staging), Path(target))
+        except BaseException:  # the staging dir (or the new generation's files) is incomplete
+            if remote:
+                discard_generation(target, spec.n_shards, generation, not exists)
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
             raise
         index = cls.load(client, target, comms=None, progress=progress)
         index._owns_dir = owns_dir
@@ -236,21 +260,23 @@ class DistributedIndex(IndexWrites):
              progress: bool = False) -> DistributedIndex:
         """Open the index at ``path``: one load task per shard, spread over the workers."""
         configure_faiss()
-        path = Path(path).resolve()
-        store.recover_interrupted_swap(path)
-        manifest = store.read_manifest(path)
-        where = str(path / store.MANIFEST)
+        location = store.location_str(path)
+        if not store.is_url(location):
+            store.recover_interrupted_swap(Path(location))
+        manifest = store.read_manifest(location)
+        where = f"{location}/{store.MANIFEST}"
         try:
             spec = IndexSpec.from_dict(manifest["spec"])
         except (InvalidInput, TypeError) as exc:
             raise CorruptIndex(f"{where}: invalid index spec ({exc})") from None
         template = None
         if manifest["quantizer"] is not None:
-            template = read_template(path, manifest["quantizer"])
+            template = read_template(store.local_index_dir(location, manifest, quantizer=True),
+                                     manifest["quantizer"])
         router = router_from_manifest(manifest, spec, template, where)
         if comms is not None:
             tune_comms(client, comms)
-        index = cls(client, path, manifest, router)
+        index = cls(client, location, manifest, router)
         index._start_shards(progress=progress)
         return index
 
@@ -265,7 +291,7 @@ class DistributedIndex(IndexWrites):
             workers = [w for w in workers if "shard" in (info[w].get("resources") or {})]
         futures = []
         for s in range(self.n_shards):
-            ref = ShardRef(str(self.path), s, self.index_uuid)
+            ref = ShardRef(self.location, s, self.index_uuid)
             target = [workers[s % len(workers)]] if workers else None
             futures.append(self.client.submit(load_shard, ref, key=self._shard_key(s),
                                               workers=target,
@@ -283,7 +309,7 @@ class DistributedIndex(IndexWrites):
             # routes of batches whose vectors are futures run where this lives (re-runnable
             # from disk, like a shard)
             self._router_future = self.client.submit(
-                load_router, str(self.path), pure=False,
+                load_router, self.location, pure=False,
                 key=f"dask-rag-router-{self.index_uuid[:8]}{self._token}-{self._epoch}")
 
     # ---- search -------------------------------------------------------------------------------
@@ -390,7 +416,7 @@ class DistributedIndex(IndexWrites):
                     by_worker.setdefault(holders[0], []).append(f.key)
                 self._direct = by_worker
             plan = self._direct
-        index = ((str(self.path), self.index_uuid)
+        index = ((self.location, self.index_uuid)
                  if self.router.quantizer is not None and query.dense else None)
         calls = []
         for worker, keys in plan.items():
@@ -552,10 +578,10 @@ class DistributedIndex(IndexWrites):
                                f"{sorted(self.METADATA_FIELDS)}")
         json.dumps(value)  # JSON or nothing
         with self._write_lock:
-            manifest = store.read_manifest(self.path)
+            manifest = store.read_manifest(self.location)
             manifest[name] = value
             manifest["updated_at"] = store.now()
-            store.atomic_write_json(self.path / store.MANIFEST, manifest)
+            store.commit_manifest(self.location, manifest)
             self.manifest = manifest
 
     # ---- placement ----------------------------------------------------------------------------
@@ -583,7 +609,7 @@ class DistributedIndex(IndexWrites):
         self._direct_failed()
         new = {}
         for s, w in moves:
-            ref = ShardRef(str(self.path), s, self.index_uuid)
+            ref = ShardRef(self.location, s, self.index_uuid)
             new[s] = self.client.submit(load_shard, ref, key=self._shard_key(s), workers=[w],
                                         allow_other_workers=True, pure=False)
         wait(list(new.values()))
@@ -609,13 +635,13 @@ class DistributedIndex(IndexWrites):
         self._direct_failed()
         with self._lock:
             for s in lost:
-                ref = ShardRef(str(self.path), s, self.index_uuid)
+                ref = ShardRef(self.location, s, self.index_uuid)
                 self._shards[s] = self.client.submit(load_shard, ref, key=self._shard_key(s),
                                                      pure=False)
             if self._router_future is not None and self._router_future.status in (
                     "cancelled", "lost", "error"):
                 self._router_future = self.client.submit(
-                    load_router, str(self.path), pure=False,
+                    load_router, self.location, pure=False,
                     key=f"dask-rag-router-{self.index_uuid[:8]}{self._token}-{self._epoch}")
         return len(lost)
 
@@ -639,7 +665,7 @@ class DistributedIndex(IndexWrites):
             self._router_future = None
             self._direct, self._searchers = None, {}
         if self._owns_dir:
-            shutil.rmtree(self.path, ignore_errors=True)
+            shutil.rmtree(self.location, ignore_errors=True)
 
     def __enter__(self) -> DistributedIndex:
         return self

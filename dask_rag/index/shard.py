@@ -24,7 +24,6 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -560,7 +559,7 @@ class Shard:
         has_text = self.records.column("text").null_count < self.records.num_rows
         sparse = self.sparse_index() if has_text else None
         with self._lock.read():
-            return store.write_shard_files(Path(index_dir), self.ref.shard_no, generation,
+            return store.write_shard_files(index_dir, self.ref.shard_no, generation,
                                            index_uuid, self.index, self.records, self.refine,
                                            sparse)
 
@@ -579,15 +578,17 @@ def load_shard(ref: ShardRef) -> Shard:
     """
     configure_faiss()
     manifest = store.read_manifest(ref.index_dir)
-    where = str(Path(ref.index_dir) / store.MANIFEST)
+    where = f"{ref.index_dir}/{store.MANIFEST}"
     if manifest["index_uuid"] != ref.index_uuid:
         raise CorruptIndex(f"{where}: the directory now holds a different index")
     if not 0 <= ref.shard_no < manifest["n_shards"]:
         raise CorruptIndex(f"{where}: no shard {ref.shard_no}")
+    # the index directory itself, or (object store) this worker's copy of this shard's files
+    root = str(store.local_index_dir(ref.index_dir, manifest, shard_no=ref.shard_no, wal=True))
     spec = IndexSpec.from_dict(manifest["spec"])
     dim = int(manifest["dim"])
     entry = manifest["shards"][ref.shard_no]
-    path = store.resolve_index_file(ref.index_dir, entry["file"])
+    path = store.resolve_index_file(root, entry["file"])
     index, nbytes = store.read_faiss_file(path, entry["checksum"], "shard")
     if index.d != dim:
         raise CorruptIndex(f"{path}: shard dimension {index.d} != manifest dim {dim}")
@@ -596,9 +597,9 @@ def load_shard(ref: ShardRef) -> Shard:
                            f"{entry['count']}")
     refine = None
     if spec.info.refine:
-        rpath = store.resolve_index_file(ref.index_dir, entry.get("refine_file", ""))
+        rpath = store.resolve_index_file(root, entry.get("refine_file", ""))
         refine, _ = store.read_faiss_file(rpath, entry.get("refine_checksum"), "refine store")
-    meta_path = store.resolve_index_file(ref.index_dir, entry["meta"])
+    meta_path = store.resolve_index_file(root, entry["meta"])
     if not meta_path.is_file():
         raise CorruptIndex(f"{meta_path}: shard records file is missing")
     if store.file_checksum(meta_path) != entry["meta_checksum"]:
@@ -606,8 +607,8 @@ def load_shard(ref: ShardRef) -> Shard:
     records = store.read_records(meta_path, manifest["index_uuid"], ref.shard_no)
     shard = Shard(ref, spec, dim, index, records, refine=refine, nbytes_on_disk=nbytes)
     if entry.get("bm25"):
-        shard.set_sparse_index(_load_sparse(ref.index_dir, entry["bm25"]))
-    _replay_wal(shard, ref.index_dir, int(manifest["wal_seq"]))
+        shard.set_sparse_index(_load_sparse(root, entry["bm25"]))
+    _replay_wal(shard, root, int(manifest["wal_seq"]))
     return shard
 
 

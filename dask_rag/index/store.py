@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from dask_rag.errors import CorruptIndex, IndexNotFound, InvalidInput
+from dask_rag.index.objstore import ObjectStoreDir, cache_root, is_url, local_location
 
 __all__ = [
     "FORMAT_VERSION",
@@ -40,8 +41,17 @@ __all__ = [
     "RECORD_COLUMNS",
     "atomic_write_bytes",
     "atomic_write_json",
+    "bytes_checksum",
+    "commit_manifest",
+    "delete_files",
     "file_checksum",
+    "has_manifest",
+    "is_url",
+    "list_files",
+    "local_index_dir",
+    "location_str",
     "new_index_uuid",
+    "put_file",
     "read_faiss_file",
     "read_manifest",
     "read_records",
@@ -176,9 +186,25 @@ def validate_manifest(data: Any, where: str) -> dict[str, Any]:
     return data
 
 
+def location_str(location: str | os.PathLike[str]) -> str:
+    """The canonical string of an index location: a URL as given (no trailing slash), a
+    local path (or ``file://`` URL) made absolute."""
+    if is_url(location):
+        return str(location).rstrip("/")
+    return str(Path(local_location(location)).resolve())
+
+
 def read_manifest(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate ``DIR/manifest.json``; IndexNotFound / CorruptIndex name the problem."""
-    root = Path(index_dir)
+    """Read and validate ``DIR/manifest.json`` (``DIR`` a directory or an object-store URL);
+    IndexNotFound / CorruptIndex / StorageUnavailable name the problem."""
+    if is_url(index_dir):
+        remote = ObjectStoreDir(str(index_dir))
+        raw = remote.read(MANIFEST)
+        if raw is None:
+            remote.check_reachable()  # a missing bucket or refused credentials say so
+            raise IndexNotFound(f"{remote.url!r} is not a dask-rag index (no {MANIFEST})")
+        return parse_manifest(raw, f"{remote.url}/{MANIFEST}")
+    root = Path(local_location(index_dir))
     if not root.exists():
         raise IndexNotFound(f"index directory {str(root)!r} does not exist")
     if not root.is_dir():
@@ -186,11 +212,94 @@ def read_manifest(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
     path = root / MANIFEST
     if not path.exists():
         raise IndexNotFound(f"{str(root)!r} is not a dask-rag index (no {MANIFEST})")
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptIndex(f"{path}: manifest is not valid JSON ({exc})") from None
-    return validate_manifest(data, str(path))
+        raise CorruptIndex(f"{where}: manifest is not valid JSON ({exc})") from None
+    return validate_manifest(data, where)
+
+
+def has_manifest(location: str | os.PathLike[str]) -> bool:
+    """Whether ``location`` holds a manifest (valid or not): an index to replace or load."""
+    if is_url(location):
+        return ObjectStoreDir(str(location)).exists(MANIFEST)
+    return (Path(local_location(location)) / MANIFEST).exists()
+
+
+def bytes_checksum(data: bytes) -> str:
+    """:func:`file_checksum` of bytes in memory."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def commit_manifest(location: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
+    """Replace the manifest atomically: the commit point of every build, save and export
+    (a rename on a filesystem, one PUT on an object store)."""
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+    if is_url(location):
+        ObjectStoreDir(str(location)).write(MANIFEST, data)
+    else:
+        atomic_write_bytes(Path(local_location(location)) / MANIFEST, data)
+
+
+def put_file(location: str | os.PathLike[str], rel: str, data: bytes) -> None:
+    """Write one file of an index (atomically) at ``location``."""
+    if is_url(location):
+        ObjectStoreDir(str(location)).write(rel, data)
+    else:
+        atomic_write_bytes(Path(local_location(location)) / rel, data)
+
+
+def list_files(location: str | os.PathLike[str], sub: str) -> list[str]:
+    """Index-relative names of the entries directly under ``sub`` (``shards``, ``wal``)."""
+    if is_url(location):
+        return ObjectStoreDir(str(location)).listdir(sub)
+    d = Path(local_location(location)) / sub
+    return sorted(f"{sub}/{p.name}".lstrip("/") for p in d.iterdir()) if d.is_dir() else []
+
+
+def delete_files(location: str | os.PathLike[str], rels: list[str]) -> None:
+    """Delete index files (or BM25 directories) that no committed manifest names."""
+    if is_url(location):
+        ObjectStoreDir(str(location)).delete(rels)
+        return
+    root = Path(local_location(location))
+    for rel in rels:
+        p = root / rel
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def local_index_dir(location: str | os.PathLike[str], manifest: dict[str, Any], *,
+                    shard_no: int | None = None, quantizer: bool = False,
+                    wal: bool = False) -> Path:
+    """A local directory to read the named parts of an index from: the directory itself, or
+    for a URL this process's cached copy of just those parts (one shard's files, the
+    quantizer, the write-ahead log after the manifest's ``wal_seq``)."""
+    if not is_url(location):
+        return Path(local_location(location))
+    files: dict[str, str | None] = {}
+    if shard_no is not None:
+        entry = manifest["shards"][shard_no]
+        files[entry["file"]] = entry["checksum"]
+        files[entry["meta"]] = entry["meta_checksum"]
+        if entry.get("refine_file"):
+            files[entry["refine_file"]] = entry.get("refine_checksum")
+        if entry.get("bm25"):
+            files[entry["bm25"]] = None
+    if quantizer and manifest.get("quantizer"):
+        files[manifest["quantizer"]["file"]] = manifest["quantizer"].get("checksum")
+    for rel in files:  # the same refusal as resolve_index_file, before anything is fetched
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CorruptIndex(f"{location}/{MANIFEST}: file name {rel!r} points outside the "
+                               "index")
+    return ObjectStoreDir(str(location)).mirror(str(manifest["index_uuid"]), files,
+                                                int(manifest["wal_seq"]) if wal else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,8 +342,17 @@ def read_records(path: Path, index_uuid: str | None = None, shard_no: int | None
 
 
 # --------------------------------------------------------------------------------------------
-def check_fresh_target(path: Path) -> None:
-    """Refuse to write an index into a non-empty directory that is not a dask-rag index."""
+def check_fresh_target(path: str | os.PathLike[str]) -> None:
+    """Refuse to write an index into a non-empty directory (or URL prefix) that is not a
+    dask-rag index; for a URL, first check that the store is reachable at all."""
+    if is_url(path):
+        remote = ObjectStoreDir(str(path))
+        remote.check_reachable()
+        if not remote.exists(MANIFEST) and remote.listdir("") and remote.exists(""):
+            raise InvalidInput(f"{remote.url!r} holds objects but no dask-rag index; refusing "
+                               "to write into it")
+        return
+    path = Path(local_location(path))
     if path.exists() and not path.is_dir():
         raise InvalidInput(f"index path {str(path)!r} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).exists():
@@ -301,9 +419,31 @@ def shard_file_names(shard_no: int, generation: int) -> tuple[str, str, str, str
     return f"{base}.faiss", f"{base}.parquet", f"{base}.refine.faiss", f"{base}.bm25"
 
 
-def write_shard_files(index_dir: Path, shard_no: int, generation: int, index_uuid: str,
-                      index: Any, records: Any, refine: Any | None,
+def write_shard_files(index_dir: str | os.PathLike[str], shard_no: int, generation: int,
+                      index_uuid: str, index: Any, records: Any, refine: Any | None,
                       sparse: Any | None = None) -> dict[str, Any]:
+    """Write a shard's files (faiss, records, refine store, BM25) under ``index_dir`` and
+    return its manifest entry.  For a URL they are written to a private temporary directory
+    of this process, uploaded, then removed: a worker never needs a shared filesystem."""
+    if is_url(index_dir):
+        cache = cache_root()
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="upload-", dir=cache))
+        try:
+            entry = write_shard_files(tmp, shard_no, generation, index_uuid, index, records,
+                                      refine, sparse)
+            ObjectStoreDir(str(index_dir)).upload_tree(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return entry
+    index_dir = Path(local_location(index_dir))
+    return _write_shard_files_local(index_dir, shard_no, generation, index_uuid, index,
+                                    records, refine, sparse)
+
+
+def _write_shard_files_local(index_dir: Path, shard_no: int, generation: int, index_uuid: str,
+                             index: Any, records: Any, refine: Any | None,
+                             sparse: Any | None) -> dict[str, Any]:
     import faiss
 
     faiss_name, meta_name, refine_name, bm25_name = shard_file_names(shard_no, generation)

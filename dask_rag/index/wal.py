@@ -21,9 +21,9 @@ import numpy as np
 import numpy.typing as npt
 
 from dask_rag.errors import CorruptIndex
-from dask_rag.index.store import atomic_write_bytes
+from dask_rag.index.store import list_files, put_file
 
-__all__ = ["WalEntry", "append_wal", "read_wal", "wal_files"]
+__all__ = ["WalEntry", "append_wal", "read_wal", "wal_files", "wal_seqs"]
 
 _WAL_RE = re.compile(r"^(\d{12})\.npz$")
 
@@ -61,8 +61,19 @@ def wal_files(index_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def wal_seqs(location: str | os.PathLike[str]) -> list[int]:
+    """Sequence numbers of the log entries at ``location`` (a directory or a URL), sorted."""
+    names = (rel.rsplit("/", 1)[-1] for rel in list_files(location, "wal"))
+    return sorted(int(m.group(1)) for m in map(_WAL_RE.match, names) if m)
+
+
+def wal_name(seq: int) -> str:
+    return f"wal/{seq:012d}.npz"
+
+
 def append_wal(index_dir: str | os.PathLike[str], entry: WalEntry) -> None:
-    """Durably record a mutation before it is applied anywhere."""
+    """Durably record a mutation before it is applied anywhere (an fsynced rename in a
+    directory, one PUT in an object store)."""
     arrays: dict[str, Any] = {"op": np.frombuffer(entry.op.encode(), dtype=np.uint8),
                               "ids": entry.ids}
     if entry.shards is not None:
@@ -77,7 +88,7 @@ def append_wal(index_dir: str | os.PathLike[str], entry: WalEntry) -> None:
         arrays["removed"] = entry.removed
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    atomic_write_bytes(Path(index_dir) / "wal" / f"{entry.seq:012d}.npz", buf.getvalue())
+    put_file(index_dir, wal_name(entry.seq), buf.getvalue())
 
 
 def read_wal(index_dir: str | os.PathLike[str], after_seq: int) -> Iterator[WalEntry]:

@@ -26,6 +26,7 @@ from dask_rag.errors import InvalidInput
 from dask_rag.faults import fault_point
 from dask_rag.index import store
 from dask_rag.index.build import jsonable_record
+from dask_rag.index.objstore import ObjectStoreDir
 from dask_rag.index.query import check_ids, check_vectors
 from dask_rag.index.routing import Router
 from dask_rag.index.tasks import (
@@ -34,9 +35,10 @@ from dask_rag.index.tasks import (
     contains_task,
     write_shard_task,
 )
-from dask_rag.index.wal import WalEntry, append_wal, wal_files
+from dask_rag.index.wal import WalEntry, append_wal, wal_name, wal_seqs
 
-__all__ = ["IndexWrites"]
+__all__ = ["IndexWrites", "discard_generation", "drop_unnamed", "next_generation",
+           "put_quantizer"]
 
 
 class IndexWrites:
@@ -44,7 +46,7 @@ class IndexWrites:
     attributes below are the index's own)."""
 
     client: Client
-    path: Path
+    location: str
     manifest: dict[str, Any]
     spec: IndexSpec
     router: Router
@@ -67,8 +69,8 @@ class IndexWrites:
         raise NotImplementedError
 
     def _next_seq(self) -> int:
-        files = wal_files(self.path)
-        last = files[-1][0] if files else 0
+        seqs = wal_seqs(self.location)
+        last = seqs[-1] if seqs else 0
         return max(last, int(self.manifest["wal_seq"])) + 1
 
     def add(self, xb: Any, ids: Any, records: Sequence[dict[str, Any]] | None = None, *,
@@ -98,7 +100,7 @@ class IndexWrites:
                                    "remove (or replace) them first")
             shard_of, lists = self.router.assign(xb, ids)
             seq = self._next_seq()
-            append_wal(self.path, WalEntry(seq, "add", ids, shard_of, xb, lists, recs_json,
+            append_wal(self.location, WalEntry(seq, "add", ids, shard_of, xb, lists, recs_json,
                                            removed))
             fault_point("wal.appended")
             futs = {}
@@ -125,7 +127,7 @@ class IndexWrites:
             return 0
         with self._write_lock:
             seq = self._next_seq()
-            append_wal(self.path, WalEntry(seq, "remove", arr))
+            append_wal(self.location, WalEntry(seq, "remove", arr))
             fault_point("wal.appended")
             futs = [self.client.submit(apply_remove_task, f, seq, arr,
                                        key=(f"dask-rag-apply-{uuid.uuid4().hex}", s), pure=False)
@@ -135,24 +137,26 @@ class IndexWrites:
                 self._counts[s] = int(count)
             return int(sum(gone for gone, _ in results))
 
-    def save(self, path: str | Path | None = None) -> Path:
-        """Write the current state durably and atomically.
+    def save(self, path: str | Path | None = None) -> Path | str:
+        """Write the current state durably and atomically; returns where.
 
         ``save()`` compacts in place: new shard files, then the manifest is replaced atomically,
         then old files and the write-ahead log are deleted.  ``save(other)`` exports a copy to
-        another directory (staged, then renamed into place).  A failure at any point leaves
+        another directory or URL (a directory is staged, then renamed into place; a URL gets
+        the next generation of file names, then its manifest).  A failure at any point leaves
         the previous index at the target loadable and unchanged.
         """
         self._check_open()
-        target = self.path if path is None else Path(path).resolve()
+        target = self.location if path is None else store.location_str(path)
         with self._write_lock:
-            if target == self.path:
+            if target == self.location:
                 self._save_in_place()
             else:
                 self._export(target)
-        return target
+        return target if store.is_url(target) else Path(target)
 
-    def _write_all(self, directory: Path, generation: int, index_uuid: str) -> list[dict[str, Any]]:
+    def _write_all(self, directory: str | Path, generation: int, index_uuid: str
+                   ) -> list[dict[str, Any]]:
         futs = [self.client.submit(write_shard_task, f, str(directory), generation, index_uuid,
                                    key=(f"dask-rag-write-{uuid.uuid4().hex}", s), pure=False)
                 for s, f in enumerate(self.shard_futures)]
@@ -160,47 +164,103 @@ class IndexWrites:
         return entries
 
     def _save_in_place(self) -> None:
-        old = store.read_manifest(self.path)
+        old = store.read_manifest(self.location)
         generation = int(old["generation"]) + 1
-        files = wal_files(self.path)
-        wal_seq = max([int(old["wal_seq"])] + [seq for seq, _ in files])
-        entries = self._write_all(self.path, generation, self.index_uuid)
+        wal_seq = max([int(old["wal_seq"]), *wal_seqs(self.location)])
+        entries = self._write_all(self.location, generation, self.index_uuid)
         fault_point("save.shards_written")
         manifest = dict(old)
         manifest.update(shards=entries, generation=generation, wal_seq=wal_seq,
                         updated_at=store.now(), ntotal=sum(e["count"] for e in entries))
-        store.atomic_write_json(self.path / store.MANIFEST, manifest)  # the commit point
+        store.commit_manifest(self.location, manifest)  # the commit point
         self.manifest = manifest
         # the new manifest is committed: old shard files and folded WAL entries can go
-        keep = {e[key] for e in entries for key in ("file", "meta", "refine_file", "bm25")
-                if key in e}
-        for p in (self.path / "shards").iterdir():
-            if f"shards/{p.name}" not in keep:
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-        for seq, p in files:
-            if seq <= wal_seq:
-                p.unlink(missing_ok=True)
+        drop_unnamed(self.location, manifest)
 
-    def _export(self, target: Path) -> None:
+    def _quantizer_bytes(self) -> bytes:
+        q = self.manifest["quantizer"]
+        local = store.local_index_dir(self.location, self.manifest, quantizer=True)
+        return store.resolve_index_file(local, q["file"]).read_bytes()
+
+    def _export(self, target: str) -> None:
         store.check_fresh_target(target)
-        staging = store.staging_dir(target)
+        index_uuid = store.new_index_uuid()
+        if store.is_url(target):
+            exists = store.has_manifest(target)
+            generation, wal_seq = next_generation(target)
+            try:
+                self._write_export(target, index_uuid, generation, wal_seq)
+            except BaseException:
+                discard_generation(target, len(self.shard_futures), generation, not exists)
+                raise
+            drop_unnamed(target, store.read_manifest(target))
+            return
+        staging = store.staging_dir(Path(target))
         try:
-            index_uuid = store.new_index_uuid()
-            entries = self._write_all(staging, 0, index_uuid)
-            fault_point("save.shards_written")
-            manifest = dict(self.manifest)
-            manifest.update(index_uuid=index_uuid, shards=entries, generation=0, wal_seq=0,
-                            created_at=store.now(), ntotal=sum(e["count"] for e in entries))
-            if manifest["quantizer"] is not None:
-                shutil.copyfile(self.path / store.QUANTIZER, staging / store.QUANTIZER)
-            store.atomic_write_json(staging / store.MANIFEST, manifest)
-            store.swap_into_place(staging, target)
+            self._write_export(staging, index_uuid, 0, 0)
+            store.swap_into_place(staging, Path(target))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+    def _write_export(self, directory: str | Path, index_uuid: str, generation: int,
+                      wal_seq: int) -> None:
+        entries = self._write_all(directory, generation, index_uuid)
+        fault_point("save.shards_written")
+        manifest = dict(self.manifest)
+        manifest.update(index_uuid=index_uuid, shards=entries, generation=generation,
+                        wal_seq=wal_seq, created_at=store.now(),
+                        ntotal=sum(e["count"] for e in entries))
+        if manifest["quantizer"] is not None:
+            manifest["quantizer"] = put_quantizer(directory, generation,
+                                                  self._quantizer_bytes())
+        store.commit_manifest(directory, manifest)
+
+
+# ---- whole-index writes shared by build, save and export -----------------------------------------
+
+
+def next_generation(location: str) -> tuple[int, int]:
+    """(generation, wal_seq) for a new index written over whatever is at ``location``: file
+    names after every generation present there, and a log position after every WAL entry
+    present (an old index's entries must never replay into the new one)."""
+    generation = -1
+    for rel in store.list_files(location, "shards"):
+        stem = rel.rsplit("/", 1)[-1].split(".")
+        gen = next((int(p[1:]) for p in stem[1:] if p[:1] == "g" and p[1:].isdigit()), 0)
+        generation = max(generation, gen)
+    return generation + 1, max(wal_seqs(location), default=0)
+
+
+def put_quantizer(location: str | Path, generation: int, data: bytes) -> dict[str, Any]:
+    """Write the trained template of ``generation``; returns its manifest entry."""
+    name = store.QUANTIZER if generation == 0 else f"quantizer.g{generation}.faiss"
+    store.put_file(location, name, data)
+    return {"file": name, "checksum": store.bytes_checksum(data)}
+
+
+def drop_unnamed(location: str, manifest: dict[str, Any]) -> None:
+    """After a commit: delete the shard files and quantizers the manifest no longer names and
+    the log entries it has folded (leftovers are garbage, never corruption)."""
+    keep = {e[key] for e in manifest["shards"]
+            for key in ("file", "meta", "refine_file", "bm25") if key in e}
+    if manifest.get("quantizer"):
+        keep.add(manifest["quantizer"]["file"])
+    stale = [rel for rel in store.list_files(location, "shards") if rel not in keep]
+    stale += [rel for rel in store.list_files(location, "") if rel.rsplit("/", 1)[-1]
+              .startswith("quantizer") and rel.rsplit("/", 1)[-1] not in keep]
+    stale += [wal_name(seq) for seq in wal_seqs(location) if seq <= int(manifest["wal_seq"])]
+    store.delete_files(location, stale)
+
+
+def discard_generation(location: str, n_shards: int, generation: int, everything: bool) -> None:
+    """Undo a failed write of ``generation`` at an object-store ``location`` (``everything``:
+    there was no index before, so remove all of it)."""
+    if everything:
+        ObjectStoreDir(location).delete_all()
+        return
+    names = [name for s in range(n_shards) for name in store.shard_file_names(s, generation)]
+    store.delete_files(location, [*names, f"quantizer.g{generation}.faiss"])
 
 
 def _id_array(ids: Any) -> npt.NDArray[np.int64]:
