@@ -163,10 +163,14 @@ class IndexSpec:
     backend: str = "faiss"
     train_size: int = 65_536
     seed: int = 1234
+    #: copies of each shard held on different workers (hosts when known): a search uses one,
+    #: a worker's loss costs no failed search while another lives
+    replicas: int = 1
 
     def __post_init__(self) -> None:
         info = parse_factory(self.factory)
         _check_int(self, "n_shards", 1, 4096)
+        _check_int(self, "replicas", 1, 16)
         _check_choice(self, "sharding", _SHARDINGS)
         _check_choice(self, "metric", _METRICS)
         _check_int(self, "nprobe", 1)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -191,8 +192,8 @@ def _ingest(client: Client, groups: list[list[Any]], index_dir: str | os.PathLik
             progress: bool, embed_batch: int, frame: FrameColumns | None = None
             ) -> IngestReport:
     t_start = time.perf_counter()
-    index_dir = Path(index_dir).resolve()
-    report = IngestReport(index_dir=str(index_dir))
+    index_dir = store.location_str(index_dir)  # a directory or an object-store URL
+    report = IngestReport(index_dir=index_dir)
     requested_embed = embed
     embed = embed or EmbedConfig()
     chunk = chunk or ChunkConfig()
@@ -203,7 +204,7 @@ def _ingest(client: Client, groups: list[list[Any]], index_dir: str | os.PathLik
     # what the index already holds
     existing: DistributedIndex | None = None
     known_docs: dict[str, tuple[str | None, list[int]]] = {}
-    if (index_dir / store.MANIFEST).exists():
+    if store.has_manifest(index_dir):
         existing = DistributedIndex.load(client, index_dir)
         embed = _index_encoder(existing, requested_embed)
         for cid, source, dh in existing.doc_index():
@@ -394,15 +395,19 @@ def _take_rows(blocks: Iterator[np.ndarray], keep: npt.NDArray[np.bool_]) -> np.
 
 
 def _build_in_batches(client: Client, chunks: list[Chunk], blocks: Iterator[np.ndarray],
-                      keep: npt.NDArray[np.bool_], spec: IndexSpec, index_dir: Path,
+                      keep: npt.NDArray[np.bool_], spec: IndexSpec, index_dir: str,
                       recorded: dict[str, Any], progress: bool) -> DistributedIndex:
     """A large first build with bounded client memory: the index is built from the first
     batch (the training sample of an IVF factory), the rest is added a batch at a time, then
     compacted — all in a staging directory swapped into place at the end, so a crash leaves
-    no partial index behind."""
+    no partial index behind.  An object store has no rename: there the index is built at its
+    URL, so a crash leaves the batches acknowledged so far, and re-running the same ingest
+    adds the rest (ingestion skips documents already indexed)."""
     first = max(BUILD_BATCH, spec.train_size if spec.info.kind == "ivf" else 0,
                 39 * spec.info.nlist)
-    staging = store.staging_dir(index_dir)
+    remote = store.is_url(index_dir)
+    staging = Path(tempfile.mkdtemp()) if remote else store.staging_dir(Path(index_dir))
+    target: str | Path = index_dir if remote else staging / "index"
     index: DistributedIndex | None = None
     pending_rows: list[int] = []
     pending_vecs: list[np.ndarray] = []
@@ -413,7 +418,7 @@ def _build_in_batches(client: Client, chunks: list[Chunk], blocks: Iterator[np.n
         ids = np.array([chunks[i].id for i in pending_rows], dtype=np.int64)
         records = [chunks[i].record() for i in pending_rows]
         if index is None:
-            index = DistributedIndex.build(client, xb, ids, spec, path=staging / "index",
+            index = DistributedIndex.build(client, xb, ids, spec, path=target,
                                            records=records, progress=False, embed=recorded)
         else:
             index.add(xb, ids, records)
@@ -431,7 +436,8 @@ def _build_in_batches(client: Client, chunks: list[Chunk], blocks: Iterator[np.n
         assert index is not None
         index.save()
         index.close()
-        store.swap_into_place(staging / "index", index_dir)
+        if not remote:
+            store.swap_into_place(staging / "index", Path(index_dir))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return DistributedIndex.load(client, index_dir, progress=progress)

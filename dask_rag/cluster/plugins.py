@@ -24,11 +24,16 @@ from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 from dask_rag.config import CommConfig
 
 __all__ = [
+    "MEMBERSHIP_TOPIC",
     "NEVER_STEAL_PREFIXES",
     "CommTuningSchedulerPlugin",
     "CommTuningWorkerPlugin",
+    "MembershipPlugin",
     "ModelCachePlugin",
     "ensure_model_cache",
+    "off_membership_change",
+    "on_membership_change",
+    "scheduler_id",
     "tune_comms",
     "worker_model_cache",
     "worker_plugin",
@@ -97,7 +102,7 @@ def tune_comms(client: Client, config: CommConfig | None = None) -> None:
     them.  ``CommConfig.distributed_defaults()`` restores distributed's own values.
     """
     config = config or CommConfig()
-    applied = (config, getattr(client.scheduler, "address", None))
+    applied = (config, scheduler_id(client))
     if getattr(client, "_dask_rag_comms", None) == applied:
         return  # already applied through this client
     client.register_plugin(CommTuningSchedulerPlugin(config))
@@ -105,6 +110,74 @@ def tune_comms(client: Client, config: CommConfig | None = None) -> None:
     client._dask_rag_comms = applied  # type: ignore[attr-defined]
     if client.scheduler_comm is not None:
         client.scheduler_comm.interval = config.client_to_scheduler_ms / 1000.0
+
+
+#: the event topic on which :class:`MembershipPlugin` announces workers joining and leaving
+MEMBERSHIP_TOPIC = "dask-rag-membership"
+
+
+class MembershipPlugin(SchedulerPlugin):
+    """Announce every worker that joins or leaves on :data:`MEMBERSHIP_TOPIC`.
+
+    Indexes subscribe to it (:func:`on_membership_change`) to re-spread their shards onto new
+    workers and re-replicate after a loss, without polling the scheduler.  A worker retiring
+    gracefully (``Client.retire_workers``, an adaptive cluster scaling down) first hands its
+    data to the others — Dask's active memory manager copies every key it alone holds, and a
+    shard copies itself by reloading from the index location on the receiver — and then
+    leaves, which this announces.
+    """
+
+    name = "dask-rag-membership"
+
+    def __init__(self) -> None:
+        self._scheduler: Any = None
+
+    async def start(self, scheduler: Any) -> None:
+        self._scheduler = scheduler
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        scheduler.log_event(MEMBERSHIP_TOPIC, {"action": "add", "worker": worker})
+
+    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        scheduler.log_event(MEMBERSHIP_TOPIC, {"action": "remove", "worker": worker})
+
+
+def scheduler_id(client: Client) -> str:
+    """The identity of the scheduler the client is connected to now (a restarted scheduler at
+    the same address has a new one, and none of the old one's plugins)."""
+    return str(client.scheduler_info(n_workers=0).get("id")
+               or getattr(client.scheduler, "address", ""))
+
+
+def on_membership_change(client: Client, handler: Any = None) -> None:
+    """Call ``handler(action, worker)`` (on the client's event loop: keep it short) whenever a
+    worker joins or leaves the cluster.  Installs :class:`MembershipPlugin` and subscribes
+    once per scheduler: call it again after a reconnect (with or without a handler) to
+    re-install both on a restarted scheduler."""
+    handlers: list[Any] = client.__dict__.setdefault("_dask_rag_membership_handlers", [])
+    if handler is not None and handler not in handlers:
+        handlers.append(handler)
+    sid = scheduler_id(client)
+    if client.__dict__.get("_dask_rag_membership") == sid:
+        return
+
+    def dispatch(event: tuple[float, dict[str, Any]]) -> None:
+        msg = event[1]
+        for h in list(handlers):
+            try:
+                h(msg.get("action"), msg.get("worker"))
+            except Exception:  # one index's handler must not silence the others
+                logger.exception("membership handler failed")
+
+    client.register_plugin(MembershipPlugin())
+    client.subscribe_topic(MEMBERSHIP_TOPIC, dispatch)
+    client.__dict__["_dask_rag_membership"] = sid
+
+
+def off_membership_change(client: Client, handler: Any) -> None:
+    handlers: list[Any] = getattr(client, "_dask_rag_membership_handlers", [])
+    if handler in handlers:
+        handlers.remove(handler)
 
 
 class ModelCachePlugin(WorkerPlugin):

@@ -23,7 +23,9 @@ direct actor calls) share the shard futures and their lock; writes and saves liv
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import json
 import shutil
 import tempfile
@@ -39,7 +41,7 @@ from distributed import Client, Future, wait
 
 from dask_rag.cluster import current_workers, resource_request
 from dask_rag.cluster.futures import await_future, gather_direct, release_placement
-from dask_rag.cluster.plugins import tune_comms
+from dask_rag.cluster.plugins import off_membership_change, on_membership_change, tune_comms
 from dask_rag.config import CommConfig, IndexSpec
 from dask_rag.errors import CorruptIndex, DaskRagError, InvalidInput, ShardUnavailable
 from dask_rag.faults import fault_point
@@ -64,7 +66,7 @@ from dask_rag.index.query import (
     check_vectors,
     parse_filter,
 )
-from dask_rag.index.routing import Router, plan_moves
+from dask_rag.index.routing import Router, plan_placement
 from dask_rag.index.searcher import ShardSearcher
 from dask_rag.index.shard import ShardRef
 from dask_rag.index.tasks import (
@@ -116,14 +118,23 @@ class DistributedIndex(IndexWrites):
         self.spec = IndexSpec.from_dict(manifest["spec"])
         self.router = router
         self._owns_dir = owns_dir
-        self._shards: list[Future] = []
+        #: the futures of each shard's replicas: ``_replicas[shard][replica]``
+        self._replicas: list[list[Future]] = []
         self._router_future: Future | None = None
-        #: worker -> keys of the shard futures it holds, and the searcher actors (direct path)
-        self._direct: dict[str, list[Any]] | None = None
+        #: searches submitted and not finished, per replica key (replica choice: least loaded)
+        self._inflight: collections.Counter[Any] = collections.Counter()
+        self._turn = itertools.count()
+        #: replica key -> the worker holding it, and the searcher actors (direct path)
+        self._direct: dict[Any, str] | None = None
         self._searchers: dict[str, Any] = {}
         self._counts: list[int] = []
         self._lock = threading.RLock()
         self._write_lock = threading.Lock()
+        self._rebalance_lock = threading.Lock()
+        self._elastic = False
+        self._rebalance_timer: threading.Timer | None = None
+        #: (time, moved) of each automatic rebalance, for tests and the dashboard's story
+        self.rebalance_log: list[tuple[float, int]] = []
         self._epoch = 0
         # unique per open index: two loads of one directory (or of copies of it, which share
         # an index uuid) must never share shard keys on the scheduler
@@ -153,9 +164,20 @@ class DistributedIndex(IndexWrites):
         return str(self.manifest["index_uuid"])
 
     @property
+    def replicas(self) -> int:
+        """How many copies of each shard the cluster holds (``IndexSpec.replicas``)."""
+        return self.spec.replicas
+
+    @property
     def shard_futures(self) -> list[Future]:
+        """One future per shard (its first replica): for reads that any replica answers."""
         with self._lock:
-            return list(self._shards)
+            return [reps[0] for reps in self._replicas]
+
+    def replica_futures(self) -> list[list[Future]]:
+        """Every replica of every shard (writes are applied to all of them)."""
+        with self._lock:
+            return [list(reps) for reps in self._replicas]
 
     def __repr__(self) -> str:
         return (f"<DistributedIndex {self.spec.factory} {self.spec.resolved_sharding} x"
@@ -257,8 +279,15 @@ class DistributedIndex(IndexWrites):
 
     @classmethod
     def load(cls, client: Client, path: str | Path, *, comms: CommConfig | None = CommConfig(),
-             progress: bool = False) -> DistributedIndex:
-        """Open the index at ``path``: one load task per shard, spread over the workers."""
+             progress: bool = False, replicas: int | None = None, elastic: bool = True
+             ) -> DistributedIndex:
+        """Open the index at ``path`` (a directory or an object-store URL): one load task per
+        shard replica, spread over the workers (``replicas`` overrides the spec's).
+
+        ``elastic``: follow the cluster's membership (:class:`~dask_rag.cluster.plugins.
+        MembershipPlugin`): when workers join or leave, :meth:`rebalance` runs in the
+        background a moment later, so new workers get shards and lost replicas are spread
+        again — no call by hand."""
         configure_faiss()
         location = store.location_str(path)
         if not store.is_url(location):
@@ -276,41 +305,83 @@ class DistributedIndex(IndexWrites):
         router = router_from_manifest(manifest, spec, template, where)
         if comms is not None:
             tune_comms(client, comms)
+        if replicas is not None:
+            manifest = {**manifest, "spec": {**manifest["spec"], "replicas": replicas}}
+            IndexSpec.from_dict(manifest["spec"])  # validates the override
         index = cls(client, location, manifest, router)
         index._start_shards(progress=progress)
+        if elastic:
+            index._elastic = True
+            on_membership_change(client, index._on_membership)
         return index
 
-    def _shard_key(self, shard_no: int) -> tuple[str, int]:
-        return (f"dask-rag-shard-{self.index_uuid[:8]}{self._token}-{self._epoch}", shard_no)
+    def _shard_key(self, shard_no: int, replica: int = 0) -> tuple[str, int]:
+        tag = "" if replica == 0 else f"-r{replica}"
+        return (f"dask-rag-shard-{self.index_uuid[:8]}{self._token}-{self._epoch}{tag}", shard_no)
 
-    def _start_shards(self, progress: bool = False) -> None:
+    def _load_replica(self, shard_no: int, replica: int, worker: str | None,
+                      resources: dict[str, float] | None = None) -> Future:
+        ref = ShardRef(self.location, shard_no, self.index_uuid)
+        return self.client.submit(load_shard, ref, key=self._shard_key(shard_no, replica),
+                                  workers=None if worker is None else [worker],
+                                  allow_other_workers=worker is not None,
+                                  resources=resources, pure=False)
+
+    def _shard_workers(self) -> list[str]:
         workers = current_workers(self.client)
-        resources = resource_request(self.client, "shard")
-        if resources:  # only workers declaring a 'shard' resource may hold shards
+        if resource_request(self.client, "shard"):
+            # only workers declaring a 'shard' resource may hold shards
             info = self.client.scheduler_info(n_workers=-1)["workers"]
             workers = [w for w in workers if "shard" in (info[w].get("resources") or {})]
-        futures = []
-        for s in range(self.n_shards):
-            ref = ShardRef(self.location, s, self.index_uuid)
-            target = [workers[s % len(workers)]] if workers else None
-            futures.append(self.client.submit(load_shard, ref, key=self._shard_key(s),
-                                              workers=target,
-                                              allow_other_workers=target is not None,
-                                              resources=resources, pure=False))
+        return workers
+
+    def _hosts(self) -> dict[str, str]:
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        return {w: str(d.get("host") or w) for w, d in info.items()}
+
+    def _start_shards(self, progress: bool = False) -> None:
+        workers = self._shard_workers()
+        resources = resource_request(self.client, "shard")
+        slots: dict[tuple[int, int], str | None] = {
+            (s, r): None for s in range(self.n_shards) for r in range(self.replicas)}
+        where = plan_placement(slots, workers, self._hosts()) if workers else {}
+        replicas = [[self._load_replica(s, r, where.get((s, r)), resources)
+                     for r in range(self.replicas)] for s in range(self.n_shards)]
+        futures = [f for reps in replicas for f in reps]
         wait_with_progress(futures, "loading shards", progress)
         for f in futures:
             if f.status == "error":
                 raise f.exception()
         release_placement(self.client, futures)
-        self._shards = futures
+        self._replicas = replicas
         self._counts = [int(c) for c in self.client.gather(
-            [self.client.submit(shard_count_task, f, pure=False) for f in futures])]
+            [self.client.submit(shard_count_task, reps[0], pure=False) for reps in replicas])]
         if self.router.quantizer is not None:
             # routes of batches whose vectors are futures run where this lives (re-runnable
             # from disk, like a shard)
             self._router_future = self.client.submit(
                 load_router, self.location, pure=False,
                 key=f"dask-rag-router-{self.index_uuid[:8]}{self._token}-{self._epoch}")
+
+    def _pick(self, shard_no: int) -> Future:
+        """The replica of ``shard_no`` a search uses: a loaded one (one whose worker died is
+        being reloaded elsewhere) with the fewest searches from this index in flight."""
+        reps = self._replicas[shard_no]
+        if len(reps) == 1:
+            return reps[0]
+        live = [f for f in reps if f.status == "finished"] or reps
+        turn = next(self._turn)
+        return min(live, key=lambda f: (self._inflight[f.key],
+                                        (reps.index(f) + turn) % len(reps)))
+
+    def _track(self, replica: Future, part: Future) -> None:
+        key = replica.key
+        self._inflight[key] += 1
+
+        def done(_: Future) -> None:
+            self._inflight[key] -= 1
+
+        part.add_done_callback(done)
 
     # ---- search -------------------------------------------------------------------------------
 
@@ -340,7 +411,7 @@ class DistributedIndex(IndexWrites):
         """
         self._check_open()
         with self._lock:
-            shards = list(self._shards)
+            shards = [self._pick(s) for s in range(self.n_shards)]
             router_future = self._router_future
         nprobe = query.nprobe or self.spec.nprobe
         probes = self.router.quantizer is not None and query.dense
@@ -385,6 +456,9 @@ class DistributedIndex(IndexWrites):
             search_shard_task, [shards[s] for s in visit], sources, query=query, nq=nq,
             router=router, key=[(f"dask-rag-search-{token}", s) for s in visit], pure=False,
             priority=10)
+        if self.replicas > 1:
+            for s, part in zip(visit, parts, strict=True):
+                self._track(shards[s], part)
         level = 0
         while len(parts) > MERGE_FAN_IN:
             groups = [parts[i:i + MERGE_FAN_IN] for i in range(0, len(parts), MERGE_FAN_IN)]
@@ -405,17 +479,18 @@ class DistributedIndex(IndexWrites):
             raise InvalidInput("direct searches take a callable vector source (an encoder), "
                                "or None for BM25 only")
         with self._lock:
-            shards = list(self._shards)
             if self._direct is None:
-                who = self.client.who_has(shards)
-                by_worker: dict[str, list[Any]] = {}
-                for f in shards:
-                    holders = sorted(who.get(f.key, ()))
-                    if not holders:
-                        return None
-                    by_worker.setdefault(holders[0], []).append(f.key)
-                self._direct = by_worker
-            plan = self._direct
+                every = [f for reps in self._replicas for f in reps]
+                who = self.client.who_has(every)
+                holders = {f.key: sorted(who.get(f.key, ())) for f in every}
+                self._direct = {k: ws[0] for k, ws in holders.items() if ws}
+            where = self._direct
+            plan: dict[str, list[Any]] = {}
+            for s in range(self.n_shards):
+                f = self._pick(s)
+                if f.key not in where:
+                    return None
+                plan.setdefault(where[f.key], []).append(f.key)
         index = ((self.location, self.index_uuid)
                  if self.router.quantizer is not None and query.dense else None)
         calls = []
@@ -587,57 +662,91 @@ class DistributedIndex(IndexWrites):
     # ---- placement ----------------------------------------------------------------------------
 
     def shard_locations(self) -> dict[int, list[str]]:
-        """Worker address(es) holding each shard."""
-        futs = self.shard_futures
-        who = self.client.who_has(futs)
-        return {s: sorted(who.get(f.key, ())) for s, f in enumerate(futs)}
+        """Worker address(es) holding each shard (any of its replicas)."""
+        reps = self.replica_futures()
+        who = self.client.who_has([f for r in reps for f in r])
+        return {s: sorted({w for f in r for w in who.get(f.key, ())})
+                for s, r in enumerate(reps)}
 
     def rebalance(self) -> int:
-        """Spread shards evenly over the current workers; returns how many shards moved.
+        """Spread shard replicas evenly over the current workers (the replicas of a shard on
+        different workers, and hosts when the scheduler knows them); returns how many moved.
 
         After a worker dies its shards are reloaded on the survivors; when workers come back
-        this moves shards onto them: load on the new worker first, then release the old copy,
-        so the shard is searchable throughout.
+        (or new ones join) this moves replicas onto them: load on the new worker first, then
+        release the old copy, so the shard is searchable throughout.  Writes wait while it
+        runs (a replica loaded from storage must not miss a write applied to the old one).
         """
-        workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
-        if not workers:
-            return 0
-        moves = plan_moves(self.shard_locations(), workers, self.n_shards)
-        if not moves:
-            return 0
-        self._epoch += 1
-        self._direct_failed()
-        new = {}
-        for s, w in moves:
-            ref = ShardRef(self.location, s, self.index_uuid)
-            new[s] = self.client.submit(load_shard, ref, key=self._shard_key(s), workers=[w],
-                                        allow_other_workers=True, pure=False)
-        wait(list(new.values()))
-        release_placement(self.client, list(new.values()))
-        with self._lock:
-            for s, f in new.items():
-                if f.status == "finished":
-                    self._shards[s] = f
-        return sum(1 for f in new.values() if f.status == "finished")
+        self._check_open()
+        with self._rebalance_lock, self._write_lock:
+            workers = self._shard_workers()
+            if not workers:
+                return 0
+            reps = self.replica_futures()
+            who = self.client.who_has([f for r in reps for f in r])
+            current: dict[tuple[int, int], str | None] = {}
+            for s, r_futs in enumerate(reps):
+                for r, f in enumerate(r_futs):
+                    holders = sorted(who.get(f.key, ()))
+                    current[(s, r)] = holders[0] if holders else None
+            moves = plan_placement(current, workers, self._hosts())
+            if not moves:
+                return 0
+            self._epoch += 1
+            new = {slot: self._load_replica(*slot, w) for slot, w in moves.items()}
+            wait(list(new.values()))
+            release_placement(self.client, list(new.values()))
+            with self._lock:
+                for (s, r), f in new.items():
+                    if f.status == "finished":
+                        self._replicas[s][r] = f
+                self._direct_failed()
+            return sum(1 for f in new.values() if f.status == "finished")
+
+    #: seconds to wait after a membership change before re-spreading (workers come in bursts)
+    REBALANCE_DELAY_S = 1.0
+
+    def _on_membership(self, action: str | None, worker: str | None) -> None:
+        """Runs on the client's event loop: only (re)arm a timer; the work runs in its thread."""
+        if self._closed:
+            return
+        if self._rebalance_timer is not None:
+            self._rebalance_timer.cancel()
+        self._rebalance_timer = threading.Timer(self.REBALANCE_DELAY_S, self._auto_rebalance)
+        self._rebalance_timer.daemon = True
+        self._rebalance_timer.start()
+
+    def _auto_rebalance(self) -> None:
+        import logging
+        import time
+
+        if self._closed or self.client.status != "running":
+            return
+        try:
+            moved = self.rebalance()
+        except Exception as exc:  # the cluster is changing under us; the next event retries
+            logging.getLogger(__name__).warning("automatic rebalance failed: %s", exc)
+            return
+        self.rebalance_log.append((time.time(), moved))
 
     def ensure_loaded(self) -> int:
-        """Resubmit the load of shards whose futures were lost; returns how many.
+        """Resubmit the load of shard replicas whose futures were lost; returns how many.
 
         A worker's death is handled by the scheduler itself (it recomputes the shard from
-        disk); losing the *scheduler* loses every future.  When the client reconnects to a
+        storage); losing the *scheduler* loses every future.  When the client reconnects to a
         restarted scheduler, this brings the shards back.
         """
-        lost = [s for s, f in enumerate(self.shard_futures)
-                if f.status in ("cancelled", "lost", "error")]
-        if not lost:
-            return 0
-        self._epoch += 1
-        self._direct_failed()
         with self._lock:
-            for s in lost:
-                ref = ShardRef(self.location, s, self.index_uuid)
-                self._shards[s] = self.client.submit(load_shard, ref, key=self._shard_key(s),
-                                                     pure=False)
+            lost = [(s, r) for s, reps in enumerate(self._replicas) for r, f in enumerate(reps)
+                    if f.status in ("cancelled", "lost", "error")]
+            if not lost:
+                return 0
+            if self._elastic:  # a restarted scheduler has none of the old one's plugins
+                on_membership_change(self.client)
+            self._epoch += 1
+            self._direct_failed()
+            for s, r in lost:
+                self._replicas[s][r] = self._load_replica(s, r, None)
             if self._router_future is not None and self._router_future.status in (
                     "cancelled", "lost", "error"):
                 self._router_future = self.client.submit(
@@ -656,12 +765,15 @@ class DistributedIndex(IndexWrites):
         if self._closed:
             return
         self._closed = True
+        off_membership_change(self.client, self._on_membership)
+        if self._rebalance_timer is not None:
+            self._rebalance_timer.cancel()
         with self._lock:
-            for f in [*self._shards, self._router_future]:
+            for f in [*(f for reps in self._replicas for f in reps), self._router_future]:
                 if f is not None:
                     with contextlib.suppress(Exception):
                         f.release()
-            self._shards = []
+            self._replicas = []
             self._router_future = None
             self._direct, self._searchers = None, {}
         if self._owns_dir:

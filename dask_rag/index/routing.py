@@ -31,7 +31,7 @@ __all__ = [
     "Router",
     "balance_lists",
     "coarse_assign",
-    "plan_moves",
+    "plan_placement",
     "range_boundaries",
 ]
 
@@ -208,29 +208,35 @@ class Router:
         return data
 
 
-def plan_moves(locations: dict[int, list[str]], workers: list[str], n_shards: int
-               ) -> list[tuple[int, str]]:
-    """``(shard, worker)`` moves that spread shards evenly over ``workers``: every worker ends
-    with ``floor(n_shards / len(workers))`` or one more; the fewest moves, deterministic.
-
-    ``locations`` maps each shard to the workers holding it (its first one counts)."""
+def plan_placement(current: dict[tuple[int, int], str | None], workers: list[str],
+                   hosts: dict[str, str]) -> dict[tuple[int, int], str]:
+    """Where each replica ``(shard, replica)`` should live: the moves (slot → worker) from
+    ``current`` (slot → its worker, None if it has none) that spread the slots evenly over
+    ``workers`` — each ends with ``floor`` or ``ceil`` of ``slots / workers`` — with the
+    replicas of one shard on different workers, and on different hosts when ``hosts``
+    (worker → host) allows.  Deterministic, and a slot that may stay where it is stays."""
     if not workers:
-        return []
-    load: dict[str, list[int]] = {w: [] for w in workers}
-    for s, where in sorted(locations.items()):
-        if where and where[0] in load:
-            load[where[0]].append(s)
-    cap = -(-n_shards // len(workers))
-    floor = n_shards // len(workers)
-    moves = []
-    donors = sorted(load, key=lambda w: -len(load[w]))
-    for w in sorted(load, key=lambda w: len(load[w])):
-        while len(load[w]) < floor:
-            donor = next((d for d in donors if len(load[d]) > cap or (
-                len(load[d]) > floor and len(load[d]) - len(load[w]) > 1)), None)
-            if donor is None:
-                break
-            s = load[donor].pop()
-            load[w].append(s)
-            moves.append((s, w))
-    return moves
+        return {}
+    slots = sorted(current)
+    cap = -(-len(slots) // len(workers))
+    load = {w: 0 for w in workers}
+    placed: dict[tuple[int, int], str] = {}
+
+    def siblings(slot: tuple[int, int]) -> list[str]:
+        return [w for (s, r), w in placed.items() if s == slot[0] and r != slot[1]]
+
+    for slot in slots:  # keep what may stay
+        w = current[slot]
+        if w in load and load[w] < cap and w not in siblings(slot):
+            placed[slot] = w
+            load[w] += 1
+    order = {w: i for i, w in enumerate(workers)}
+    for slot in slots:
+        if slot in placed:
+            continue
+        taken = siblings(slot)
+        taken_hosts = {hosts.get(w, w) for w in taken}
+        placed[slot] = min(workers, key=lambda w: (
+            load[w] >= cap, w in taken, hosts.get(w, w) in taken_hosts, load[w], order[w]))
+        load[placed[slot]] += 1
+    return {slot: w for slot, w in placed.items() if current[slot] != w}

@@ -62,7 +62,14 @@ class IndexWrites:
         raise NotImplementedError
 
     @property
+    def n_shards(self) -> int:
+        raise NotImplementedError
+
+    @property
     def shard_futures(self) -> list[Future]:
+        raise NotImplementedError
+
+    def replica_futures(self) -> list[list[Future]]:
         raise NotImplementedError
 
     def _check_open(self) -> None:
@@ -103,20 +110,23 @@ class IndexWrites:
             append_wal(self.location, WalEntry(seq, "add", ids, shard_of, xb, lists, recs_json,
                                            removed))
             fault_point("wal.appended")
-            futs = {}
-            targets = range(len(self.shard_futures)) if removed is not None else \
+            targets = range(self.n_shards) if removed is not None else \
                 [int(s) for s in np.unique(shard_of)]
+            replicas = self.replica_futures()
+            futs: dict[tuple[int, int], Future] = {}
             for s in targets:
                 m = shard_of == s
                 recs = None if records is None else [dict(r) for r, keep in
                                                      zip(records, m, strict=True) if keep]
-                futs[s] = self.client.submit(
-                    apply_add_task, self.shard_futures[s], seq, xb[m], ids[m], recs,
-                    None if lists is None else lists[m], removed,
-                    key=(f"dask-rag-apply-{uuid.uuid4().hex}", s), pure=False)
+                for r, replica in enumerate(replicas[s]):
+                    futs[(s, r)] = self.client.submit(
+                        apply_add_task, replica, seq, xb[m], ids[m], recs,
+                        None if lists is None else lists[m], removed,
+                        key=(f"dask-rag-apply-{uuid.uuid4().hex}", s), pure=False)
             wait(list(futs.values()))
-            for s, f in futs.items():
-                self._counts[s] = int(f.result())
+            for (s, r), f in futs.items():
+                if r == 0:
+                    self._counts[s] = int(f.result())
             return len(ids)
 
     def remove(self, ids: Any) -> int:
@@ -129,10 +139,11 @@ class IndexWrites:
             seq = self._next_seq()
             append_wal(self.location, WalEntry(seq, "remove", arr))
             fault_point("wal.appended")
-            futs = [self.client.submit(apply_remove_task, f, seq, arr,
-                                       key=(f"dask-rag-apply-{uuid.uuid4().hex}", s), pure=False)
-                    for s, f in enumerate(self.shard_futures)]
-            results = self.client.gather(futs)
+            futs = [[self.client.submit(apply_remove_task, f, seq, arr,
+                                        key=(f"dask-rag-apply-{uuid.uuid4().hex}", s),
+                                        pure=False) for f in reps]
+                    for s, reps in enumerate(self.replica_futures())]
+            results = [reps[0] for reps in self.client.gather(futs)]
             for s, (_, count) in enumerate(results):
                 self._counts[s] = int(count)
             return int(sum(gone for gone, _ in results))
