@@ -218,15 +218,17 @@ def write_shards(client: Client, directory: str | Path, index_uuid: str, spec: I
     return entries
 
 
-def wait_with_progress(futures: list[Future], desc: str, progress: bool) -> None:
+def wait_with_progress(futures: list[Future], desc: str, progress: bool,
+                       timeout: float | None = None) -> None:
+    """Wait for ``futures`` (TimeoutError after ``timeout``), with a tqdm bar if asked."""
     if not progress:
-        wait(futures)
+        wait(futures, timeout=timeout)
         return
     from distributed import as_completed
     from tqdm.auto import tqdm
 
     with tqdm(total=len(futures), desc=desc, unit="shard") as bar:
-        for _ in as_completed(futures):
+        for _ in as_completed(futures, timeout=timeout):
             bar.update(1)
 
 

@@ -132,6 +132,7 @@ class DistributedIndex(IndexWrites):
         self._write_lock = threading.Lock()
         self._rebalance_lock = threading.Lock()
         self._elastic = False
+        self._comms: CommConfig | None = None
         self._rebalance_timer: threading.Timer | None = None
         #: (time, moved) of each automatic rebalance, for tests and the dashboard's story
         self.rebalance_log: list[tuple[float, int]] = []
@@ -260,6 +261,7 @@ class DistributedIndex(IndexWrites):
             raise
         index = cls.load(client, target, comms=None, progress=progress)
         index._owns_dir = owns_dir
+        index._comms = comms
         return index
 
     @classmethod
@@ -309,6 +311,7 @@ class DistributedIndex(IndexWrites):
             manifest = {**manifest, "spec": {**manifest["spec"], "replicas": replicas}}
             IndexSpec.from_dict(manifest["spec"])  # validates the override
         index = cls(client, location, manifest, router)
+        index._comms = comms
         index._start_shards(progress=progress)
         if elastic:
             index._elastic = True
@@ -321,11 +324,40 @@ class DistributedIndex(IndexWrites):
 
     def _load_replica(self, shard_no: int, replica: int, worker: str | None,
                       resources: dict[str, float] | None = None) -> Future:
+        """Submit the load of one replica on ``worker`` — there and nowhere else (a loose
+        placement lets the scheduler or the work stealer put two replicas of a shard on one
+        worker); see :meth:`_settle_loads` for a worker that leaves meanwhile."""
         ref = ShardRef(self.location, shard_no, self.index_uuid)
         return self.client.submit(load_shard, ref, key=self._shard_key(shard_no, replica),
                                   workers=None if worker is None else [worker],
-                                  allow_other_workers=worker is not None,
+                                  allow_other_workers=False,
                                   resources=resources, pure=False)
+
+    #: a placed load that has not finished by then (its worker left) is given up or re-placed
+    LOAD_TIMEOUT_S = 120.0
+
+    def _settle_loads(self, loads: dict[tuple[int, int], Future], progress: bool = False,
+                      replace: bool = True) -> dict[tuple[int, int], Future]:
+        """Wait for placed loads; one whose worker left is re-submitted anywhere
+        (``replace``) or dropped; then the placements are lifted, so that a replica lost
+        later is recomputed on any worker."""
+        futures = list(loads.values())
+        with contextlib.suppress(TimeoutError):
+            wait_with_progress(futures, "loading shards", progress, timeout=self.LOAD_TIMEOUT_S)
+        out = {}
+        for slot, f in loads.items():
+            if f.status in ("pending", "lost", "cancelled"):
+                f.cancel()
+                if not replace:
+                    continue
+                self._epoch += 1
+                f = self._load_replica(*slot, None)
+                wait(f)
+            if f.status == "error":
+                raise f.exception()
+            out[slot] = f
+        release_placement(self.client, list(out.values()))
+        return out
 
     def _shard_workers(self) -> list[str]:
         workers = current_workers(self.client)
@@ -345,14 +377,9 @@ class DistributedIndex(IndexWrites):
         slots: dict[tuple[int, int], str | None] = {
             (s, r): None for s in range(self.n_shards) for r in range(self.replicas)}
         where = plan_placement(slots, workers, self._hosts()) if workers else {}
-        replicas = [[self._load_replica(s, r, where.get((s, r)), resources)
-                     for r in range(self.replicas)] for s in range(self.n_shards)]
-        futures = [f for reps in replicas for f in reps]
-        wait_with_progress(futures, "loading shards", progress)
-        for f in futures:
-            if f.status == "error":
-                raise f.exception()
-        release_placement(self.client, futures)
+        loads = self._settle_loads({slot: self._load_replica(*slot, where.get(slot), resources)
+                                    for slot in slots}, progress)
+        replicas = [[loads[(s, r)] for r in range(self.replicas)] for s in range(self.n_shards)]
         self._replicas = replicas
         self._counts = [int(c) for c in self.client.gather(
             [self.client.submit(shard_count_task, reps[0], pure=False) for reps in replicas])]
@@ -362,6 +389,12 @@ class DistributedIndex(IndexWrites):
             self._router_future = self.client.submit(
                 load_router, self.location, pure=False,
                 key=f"dask-rag-router-{self.index_uuid[:8]}{self._token}-{self._epoch}")
+
+    def _reattach(self) -> None:
+        """After a scheduler restart every future is cancelled: load the shards again (from
+        the index location) before anything uses them.  A status check per replica."""
+        if any(f.status == "cancelled" for reps in self._replicas for f in reps):
+            self.ensure_loaded()
 
     def _pick(self, shard_no: int) -> Future:
         """The replica of ``shard_no`` a search uses: a loaded one (one whose worker died is
@@ -410,6 +443,7 @@ class DistributedIndex(IndexWrites):
         (``query.texts``).
         """
         self._check_open()
+        self._reattach()
         with self._lock:
             shards = [self._pick(s) for s in range(self.n_shards)]
             router_future = self._router_future
@@ -663,6 +697,7 @@ class DistributedIndex(IndexWrites):
 
     def shard_locations(self) -> dict[int, list[str]]:
         """Worker address(es) holding each shard (any of its replicas)."""
+        self._reattach()
         reps = self.replica_futures()
         who = self.client.who_has([f for r in reps for f in r])
         return {s: sorted({w for f in r for w in who.get(f.key, ())})
@@ -693,9 +728,8 @@ class DistributedIndex(IndexWrites):
             if not moves:
                 return 0
             self._epoch += 1
-            new = {slot: self._load_replica(*slot, w) for slot, w in moves.items()}
-            wait(list(new.values()))
-            release_placement(self.client, list(new.values()))
+            new = self._settle_loads({slot: self._load_replica(*slot, w)
+                                      for slot, w in moves.items()}, replace=False)
             with self._lock:
                 for (s, r), f in new.items():
                     if f.status == "finished":
@@ -741,8 +775,12 @@ class DistributedIndex(IndexWrites):
                     if f.status in ("cancelled", "lost", "error")]
             if not lost:
                 return 0
-            if self._elastic:  # a restarted scheduler has none of the old one's plugins
+            # a restarted scheduler has none of the old one's plugins
+            if self._comms is not None:
+                tune_comms(self.client, self._comms)
+            if self._elastic:
                 on_membership_change(self.client)
+                self._on_membership(None, None)  # then spread the reloaded replicas
             self._epoch += 1
             self._direct_failed()
             for s, r in lost:

@@ -214,7 +214,8 @@ def plan_placement(current: dict[tuple[int, int], str | None], workers: list[str
     ``current`` (slot → its worker, None if it has none) that spread the slots evenly over
     ``workers`` — each ends with ``floor`` or ``ceil`` of ``slots / workers`` — with the
     replicas of one shard on different workers, and on different hosts when ``hosts``
-    (worker → host) allows.  Deterministic, and a slot that may stay where it is stays."""
+    (worker → host) allows; distinct hosts come before an even spread.  Deterministic, and
+    a slot that may stay where it is stays."""
     if not workers:
         return {}
     slots = sorted(current)
@@ -225,9 +226,13 @@ def plan_placement(current: dict[tuple[int, int], str | None], workers: list[str
     def siblings(slot: tuple[int, int]) -> list[str]:
         return [w for (s, r), w in placed.items() if s == slot[0] and r != slot[1]]
 
+    spread_hosts = len({hosts.get(w, w) for w in workers}) > 1
     for slot in slots:  # keep what may stay
         w = current[slot]
-        if w in load and load[w] < cap and w not in siblings(slot):
+        if w is None:
+            continue
+        same_host = spread_hosts and hosts.get(w, w) in {hosts.get(x, x) for x in siblings(slot)}
+        if w in load and load[w] < cap and w not in siblings(slot) and not same_host:
             placed[slot] = w
             load[w] += 1
     order = {w: i for i, w in enumerate(workers)}
@@ -236,7 +241,9 @@ def plan_placement(current: dict[tuple[int, int], str | None], workers: list[str
             continue
         taken = siblings(slot)
         taken_hosts = {hosts.get(w, w) for w in taken}
+        # a replica on another host first (a host's loss must not take every copy), then
+        # the even spread
         placed[slot] = min(workers, key=lambda w: (
-            load[w] >= cap, w in taken, hosts.get(w, w) in taken_hosts, load[w], order[w]))
+            w in taken, hosts.get(w, w) in taken_hosts, load[w] >= cap, load[w], order[w]))
         load[placed[slot]] += 1
     return {slot: w for slot, w in placed.items() if current[slot] != w}
