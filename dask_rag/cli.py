@@ -273,7 +273,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # a local cluster's scheduler gets a process of its own: on this process's event loop it
     # would compete with HTTP and the client for the GIL (see start_local_cluster)
     with _client(args, scheduler_process=not args.scheduler_in_process) as client, \
-            RagPipeline.from_index_dir(client, args.index, cfg, batch=serve_cfg.batch) as pipe:
+            RagPipeline.from_index_dir(client, args.index, cfg, batch=serve_cfg.batch,
+                                       replicas=args.replicas) as pipe:
         pipe.warmup()
         served: Any = pipe
         if args.collections:
@@ -434,7 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("serve", help="serve the index over HTTP (uvicorn + Starlette)")
-    p.add_argument("--index", required=True)
+    p.add_argument("--index", required=True,
+                   help="index directory or object-store URL (s3://bucket/prefix, gs://...)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="copies of each shard on different workers (default: the index's)")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--mode", default="hybrid", choices=["dense", "sparse", "hybrid"])
     p.add_argument("--generator", default="extractive")

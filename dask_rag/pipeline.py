@@ -112,12 +112,13 @@ class RagPipeline:
 
     @classmethod
     def from_index_dir(cls, client: Client, path: str | Path, config: RagConfig | None = None,
-                       embed: EmbedConfig | None = None, batch: BatchConfig | None = None
-                       ) -> RagPipeline:
-        """Open an ingested index with the encoder recorded in its manifest."""
+                       embed: EmbedConfig | None = None, batch: BatchConfig | None = None,
+                       replicas: int | None = None) -> RagPipeline:
+        """Open an ingested index (a directory or an object-store URL) with the encoder
+        recorded in its manifest; ``replicas`` overrides the index's replication factor."""
         config = config or RagConfig()
         parse_generator_spec(config.generator)  # bad specs fail before anything loads
-        index = DistributedIndex.load(client, path)
+        index = DistributedIndex.load(client, path, replicas=replicas)
         try:
             recorded = index.manifest.get("embed") or {}
             if not recorded and embed is None:

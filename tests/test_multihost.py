@@ -17,7 +17,7 @@ from dask_rag.datasets import exact_search
 from dask_rag.errors import IndexNotFound, StorageUnavailable
 from dask_rag.index.routing import plan_placement
 
-from .hosts import Hosts, MotoS3, free_port
+from benchmarks.hosts import Hosts, MotoS3, free_port
 
 
 def _data(n: int = 6_000, d: int = 32, nq: int = 24, seed: int = 0):
@@ -110,6 +110,30 @@ def test_failed_build_at_a_url_leaves_nothing_behind(threads_client, monkeypatch
     assert _memory_files(url) == before
     with DistributedIndex.load(threads_client, url) as old:
         assert old.ntotal == len(xb)
+
+
+def test_ingest_into_a_url_then_update_and_search_it(threads_client):
+    """Ingestion — the first build and an incremental update (WAL at the URL) — and a RAG
+    pipeline opened from the URL, on real documents and the real encoder."""
+    from dask_rag.corpus.loaders import Document
+    from dask_rag.ingest import ingest
+    from dask_rag.pipeline import RagPipeline
+
+    url = "memory://dask-rag-tests/ingested"
+    docs = [Document("tea.txt", "Green tea is steeped at 80 degrees for two minutes."),
+            Document("bikes.txt", "A bicycle chain should be cleaned and oiled every month."),
+            Document("bread.txt", "Sourdough bread rises slowly because of wild yeast.")]
+    report = ingest(threads_client, docs, url, progress=False)
+    assert report.built and report.index_dir == url
+    docs[1] = Document("bikes.txt", "Tyre pressure for a road bicycle is about 6 bar.")
+    report = ingest(threads_client, docs, url, progress=False)
+    assert report.changed_documents == 1 and not report.built
+    # the update went through the WAL at the URL and was compacted into generation 1
+    assert any(".g1." in f for f in _memory_files(url))
+    assert not [f for f in _memory_files(url) if f.startswith("wal/")]
+    with RagPipeline.from_index_dir(threads_client, url) as pipe:
+        hits = pipe.search("what pressure should bike tyres have?", k=1, mode="dense")
+        assert hits[0].source == "bikes.txt" and "6 bar" in hits[0].text
 
 
 def test_unknown_url_is_index_not_found(threads_client):

@@ -1,4 +1,5 @@
-"""Several "hosts" on one machine, and an S3-compatible store, for multi-machine tests.
+"""Several "hosts" on one machine, and an S3-compatible store, for multi-machine tests and
+benchmarks.
 
 :class:`MotoS3` runs moto's S3 server (the one s3fs's own tests use) on a loopback port and
 points this process (fsspec config) and the host processes (environment) at it.
@@ -104,7 +105,11 @@ class Hosts:
         self.root = Path(tempfile.mkdtemp(prefix="dask-rag-hosts-"))
         self.port = scheduler_port or free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **(env or {}), "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+        # what a nanny sets for its worker (these workers run without one): one OpenMP/BLAS
+        # thread per single-threaded worker, or faiss oversubscribes the cores
+        single = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+        self.env = {**os.environ, **single, **(env or {}),
+                    "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
         self.scheduler: subprocess.Popen[bytes] | None = None
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
         self._n = n_workers
