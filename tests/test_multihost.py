@@ -4,6 +4,7 @@ hosts without a shared filesystem, and a scheduler restart."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import threading
 import time
@@ -12,12 +13,11 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
+from benchmarks.hosts import Hosts, MotoS3, free_port
 from dask_rag import DistributedIndex, IndexSpec
 from dask_rag.datasets import exact_search
 from dask_rag.errors import IndexNotFound, StorageUnavailable
 from dask_rag.index.routing import plan_placement
-
-from benchmarks.hosts import Hosts, MotoS3, free_port
 
 
 def _data(n: int = 6_000, d: int = 32, nq: int = 24, seed: int = 0):
@@ -288,6 +288,16 @@ def _holdings(index: DistributedIndex) -> collections.Counter[str]:
     return collections.Counter(w for r in reps for f in r for w in who.get(f.key, ()))
 
 
+@contextlib.contextmanager
+def _s3_hosts(bucket: str):
+    """moto S3 with ``bucket``, a scheduler and 2 worker hosts, and a client of them."""
+    with MotoS3() as s3, Hosts(2, env=s3.env) as hosts, \
+            Client(hosts.address, timeout=60) as client:
+        s3.filesystem().mkdir(bucket)
+        client.wait_for_workers(2, timeout=60)
+        yield s3, hosts, client
+
+
 @pytest.mark.slow
 def test_s3_index_on_separate_hosts_replicas_survive_a_host_kill():
     """The index lives only in S3; each worker is its own process on its own loopback
@@ -297,10 +307,7 @@ def test_s3_index_on_separate_hosts_replicas_survive_a_host_kill():
     xb, xq = _data()
     expected = exact_search(xb, xq, 10)[1]
     url = "s3://dask-rag/index"
-    with MotoS3() as s3, Hosts(2, env=s3.env) as hosts, \
-            Client(hosts.address, timeout=60) as client:
-        s3.filesystem().mkdir("dask-rag")
-        client.wait_for_workers(2, timeout=60)
+    with _s3_hosts("dask-rag") as (s3, hosts, client):
         built = DistributedIndex.build(client, xb, spec=IndexSpec(n_shards=4, replicas=2),
                                        path=url, records=_records(len(xb)))
         built.close()
@@ -336,6 +343,8 @@ def test_s3_index_on_separate_hosts_replicas_survive_a_host_kill():
         assert counts["failed"] == 0 and counts["wrong"] == 0, \
             [o for *_, o in stream.timeline if o != "ok"][:3]
         assert stream.in_flight_at(t_kill) >= 1  # the kill landed during searches
+        print(f"host kill with R = 2: {dict(counts)}, {stream.in_flight_at(t_kill)} searches "
+              f"in flight at the kill, rebalances {index.rebalance_log}")
         assert index.rebalance_log  # re-spread by the membership plugin, not by hand
         np.testing.assert_array_equal(index.search(xq, 10)[1], expected)
         index.close()
@@ -350,10 +359,7 @@ def test_scheduler_restart_client_reconnects_and_index_reattaches_from_s3():
     xb, xq = _data(3_000)
     expected = exact_search(xb, xq, 10)[1]
     url = "s3://dask-rag-restart/index"
-    with MotoS3() as s3, Hosts(2, env=s3.env) as hosts, \
-            Client(hosts.address, timeout=60) as client:
-        s3.filesystem().mkdir("dask-rag-restart")
-        client.wait_for_workers(2, timeout=60)
+    with _s3_hosts("dask-rag-restart") as (_, hosts, client):
         index = DistributedIndex.build(client, xb, spec=IndexSpec(n_shards=4), path=url)
         np.testing.assert_array_equal(index.search(xq, 10)[1], expected)
         t_kill = time.monotonic()

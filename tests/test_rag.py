@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 
 import numpy as np
@@ -270,9 +271,14 @@ def test_cross_encoder_rerank(client, demo_index, tmp_path):
         before = p.search_many([q], k=10)[0]
         after = p.rerank_many([q], k=5)[0]
         logits = _cross_encoder_logits(model, q, [h.text for h in before])
-        # the reranker may squash logits (sigmoid): the order is what must agree
-        order = sorted(range(10), key=lambda i: (-logits[i], i))[:5]
-        assert [h.id for h in after] == [before[i].id for i in order]
+        # the reranker may squash logits (sigmoid): the order is what must agree.  The oracle
+        # scores one pair at a time, the reranker a query's pairs in one padded batch; the
+        # tiny random model's logits can tie to ~1e-6, so near-ties may come in either order
+        oracle = {before[i].id: logits[i] for i in range(10)}
+        got = [oracle[h.id] for h in after]
+        tol = 1e-4
+        assert all(a >= b - tol for a, b in itertools.pairwise(got)), got
+        assert min(got) >= sorted(logits, reverse=True)[4] - tol  # the oracle's best five
         assert [h.id for h in after] != [h.id for h in before[:5]]
         a = p.ask(q)  # the answer graph goes through the rerank
         assert "rerank" in a.timings_ms and a.citations
