@@ -1,7 +1,8 @@
 """Several "hosts" on one machine, and an S3-compatible store, for multi-machine tests and
 benchmarks.
 
-:class:`MotoS3` runs moto's S3 server (the one s3fs's own tests use) on a loopback port and
+:class:`MotoS3` runs moto's S3 server (the one s3fs's own tests use; ``moto[s3]`` + flask,
+not ``moto[server]``, whose other services pull in hundreds of MB) on a loopback port and
 points this process (fsspec config) and the host processes (environment) at it.
 :class:`Hosts` runs a Dask scheduler and workers as separate processes: each worker binds
 its own loopback address (127.0.0.2, 127.0.0.3, ...), runs in its own private working

@@ -79,8 +79,10 @@ def test_worker_killed_during_searches_shards_reload_from_disk(tmp_path):
     report = tmp_path / "faults.log"
     with start_local_cluster(2, dashboard_address=None, memory_limit="4GiB") as cluster, \
             Client(cluster) as client:
+        # not elastic: this test counts recomputations and calls rebalance() itself (the
+        # membership-driven rebalance is tested in test_multihost)
         index = DistributedIndex.build(client, xb, spec=IndexSpec(factory="Flat", n_shards=4),
-                                       path=tmp_path / "idx")
+                                       path=tmp_path / "idx", elastic=False)
         expected = exact_search(xb, xq, 10)[1]
         np.testing.assert_array_equal(index.search(xq, k=10)[1], expected)
         before = index.shard_locations()

@@ -218,17 +218,16 @@ def write_shards(client: Client, directory: str | Path, index_uuid: str, spec: I
     return entries
 
 
-def wait_with_progress(futures: list[Future], desc: str, progress: bool,
-                       timeout: float | None = None) -> None:
-    """Wait for ``futures`` (TimeoutError after ``timeout``), with a tqdm bar if asked."""
+def wait_with_progress(futures: list[Future], desc: str, progress: bool) -> None:
+    """Wait for ``futures``, with a tqdm bar if asked."""
     if not progress:
-        wait(futures, timeout=timeout)
+        wait(futures)
         return
     from distributed import as_completed
     from tqdm.auto import tqdm
 
     with tqdm(total=len(futures), desc=desc, unit="shard") as bar:
-        for _ in as_completed(futures, timeout=timeout):
+        for _ in as_completed(futures):
             bar.update(1)
 
 

@@ -53,7 +53,6 @@ from dask_rag.index.build import (
     read_template,
     router_from_manifest,
     train_template,
-    wait_with_progress,
     write_shards,
 )
 from dask_rag.index.merge import empty_result, merge_results
@@ -191,9 +190,10 @@ class DistributedIndex(IndexWrites):
     def build(cls, client: Client, xb: Any, ids: Any = None, spec: IndexSpec | None = None, *,
               path: str | Path | None = None, records: Sequence[dict[str, Any]] | None = None,
               embed: dict[str, Any] | None = None, overwrite: bool = False,
-              comms: CommConfig | None = CommConfig(), progress: bool = False
-              ) -> DistributedIndex:
-        """Train, shard and write an index of ``xb`` to ``path`` (a temp dir if None), then load it.
+              comms: CommConfig | None = CommConfig(), progress: bool = False,
+              elastic: bool = True) -> DistributedIndex:
+        """Train, shard and write an index of ``xb`` to ``path`` (a temp dir if None, or an
+        object-store URL), then load it (``elastic``: see :meth:`load`).
 
         ``records`` (one dict per vector: text, source, metadata, doc_hash) are stored beside
         the vectors of each shard.  ``embed`` describes the encoder that produced ``xb`` and is
@@ -259,7 +259,7 @@ class DistributedIndex(IndexWrites):
             else:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
-        index = cls.load(client, target, comms=None, progress=progress)
+        index = cls.load(client, target, comms=None, progress=progress, elastic=elastic)
         index._owns_dir = owns_dir
         index._comms = comms
         return index
@@ -333,31 +333,42 @@ class DistributedIndex(IndexWrites):
                                   allow_other_workers=False,
                                   resources=resources, pure=False)
 
-    #: a placed load that has not finished by then (its worker left) is given up or re-placed
-    LOAD_TIMEOUT_S = 120.0
-
-    def _settle_loads(self, loads: dict[tuple[int, int], Future], progress: bool = False,
+    def _settle_loads(self, loads: dict[tuple[int, int], Future],
+                      targets: dict[tuple[int, int], str], progress: bool = False,
                       replace: bool = True) -> dict[tuple[int, int], Future]:
-        """Wait for placed loads; one whose worker left is re-submitted anywhere
-        (``replace``) or dropped; then the placements are lifted, so that a replica lost
-        later is recomputed on any worker."""
-        futures = list(loads.values())
-        with contextlib.suppress(TimeoutError):
-            wait_with_progress(futures, "loading shards", progress, timeout=self.LOAD_TIMEOUT_S)
-        out = {}
-        for slot, f in loads.items():
-            if f.status in ("pending", "lost", "cancelled"):
-                f.cancel()
-                if not replace:
-                    continue
-                self._epoch += 1
-                f = self._load_replica(*slot, None)
-                wait(f)
-            if f.status == "error":
-                raise f.exception()
-            out[slot] = f
-        release_placement(self.client, list(out.values()))
-        return out
+        """Wait for placed loads.  One whose worker left the cluster meanwhile is submitted
+        again anywhere (``replace``) or dropped (a rebalance keeps the old copy); then the
+        placements are lifted, so that a replica lost later is recomputed on any worker."""
+        loads = dict(loads)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(loads), desc="loading shards", unit="shard")
+        while True:
+            pending = [f for f in loads.values() if f.status == "pending"]
+            if bar is not None:
+                bar.update(len(loads) - len(pending) - bar.n)
+            if not pending:
+                break
+            with contextlib.suppress(TimeoutError):
+                wait(pending, timeout=2.0)
+            live = set(self.client.scheduler_info(n_workers=-1)["workers"])
+            for slot, f in list(loads.items()):
+                if f.status == "pending" and slot in targets and targets[slot] not in live:
+                    f.cancel()
+                    del loads[slot]
+                    if replace:
+                        self._epoch += 1
+                        loads[slot] = self._load_replica(*slot, None)
+        if bar is not None:
+            bar.close()
+        for f in loads.values():
+            if f.status != "finished":
+                raise f.exception() if f.status == "error" else ShardUnavailable(
+                    f"shard load {f.key} ended {f.status}")
+        release_placement(self.client, list(loads.values()))
+        return loads
 
     def _shard_workers(self) -> list[str]:
         workers = current_workers(self.client)
@@ -378,7 +389,7 @@ class DistributedIndex(IndexWrites):
             (s, r): None for s in range(self.n_shards) for r in range(self.replicas)}
         where = plan_placement(slots, workers, self._hosts()) if workers else {}
         loads = self._settle_loads({slot: self._load_replica(*slot, where.get(slot), resources)
-                                    for slot in slots}, progress)
+                                    for slot in slots}, where, progress)
         replicas = [[loads[(s, r)] for r in range(self.replicas)] for s in range(self.n_shards)]
         self._replicas = replicas
         self._counts = [int(c) for c in self.client.gather(
@@ -729,7 +740,7 @@ class DistributedIndex(IndexWrites):
                 return 0
             self._epoch += 1
             new = self._settle_loads({slot: self._load_replica(*slot, w)
-                                      for slot, w in moves.items()}, replace=False)
+                                      for slot, w in moves.items()}, moves, replace=False)
             with self._lock:
                 for (s, r), f in new.items():
                     if f.status == "finished":
