@@ -123,6 +123,11 @@ class DistributedIndex(IndexWrites):
         #: searches submitted and not finished, per replica key (replica choice: least loaded)
         self._inflight: collections.Counter[Any] = collections.Counter()
         self._turn = itertools.count()
+        #: replica key -> the worker holding it, and workers announced gone (membership
+        #: events): a search avoids a replica on a departed worker at once — the future's own
+        #: status does not change while the scheduler reloads it elsewhere
+        self._holder: dict[Any, str] = {}
+        self._down: set[str] = set()
         #: replica key -> the worker holding it, and the searcher actors (direct path)
         self._direct: dict[Any, str] | None = None
         self._searchers: dict[str, Any] = {}
@@ -392,6 +397,7 @@ class DistributedIndex(IndexWrites):
                                     for slot in slots}, where, progress)
         replicas = [[loads[(s, r)] for r in range(self.replicas)] for s in range(self.n_shards)]
         self._replicas = replicas
+        self._holder = {loads[slot].key: w for slot, w in where.items() if w is not None}
         self._counts = [int(c) for c in self.client.gather(
             [self.client.submit(shard_count_task, reps[0], pure=False) for reps in replicas])]
         if self.router.quantizer is not None:
@@ -413,7 +419,8 @@ class DistributedIndex(IndexWrites):
         reps = self._replicas[shard_no]
         if len(reps) == 1:
             return reps[0]
-        live = [f for f in reps if f.status == "finished"] or reps
+        loaded = [f for f in reps if f.status == "finished"]
+        live = [f for f in loaded if self._holder.get(f.key) not in self._down] or loaded or reps
         turn = next(self._turn)
         return min(live, key=lambda f: (self._inflight[f.key],
                                         (reps.index(f) + turn) % len(reps)))
@@ -745,6 +752,7 @@ class DistributedIndex(IndexWrites):
                 for (s, r), f in new.items():
                     if f.status == "finished":
                         self._replicas[s][r] = f
+                        self._holder[f.key] = moves[(s, r)]
                 self._direct_failed()
             return sum(1 for f in new.values() if f.status == "finished")
 
@@ -755,6 +763,8 @@ class DistributedIndex(IndexWrites):
         """Runs on the client's event loop: only (re)arm a timer; the work runs in its thread."""
         if self._closed:
             return
+        if action == "remove" and worker:
+            self._down.add(worker)
         if self._rebalance_timer is not None:
             self._rebalance_timer.cancel()
         self._rebalance_timer = threading.Timer(self.REBALANCE_DELAY_S, self._auto_rebalance)
@@ -769,10 +779,19 @@ class DistributedIndex(IndexWrites):
             return
         try:
             moved = self.rebalance()
+            self._refresh_holders()
         except Exception as exc:  # the cluster is changing under us; the next event retries
             logging.getLogger(__name__).warning("automatic rebalance failed: %s", exc)
             return
         self.rebalance_log.append((time.time(), moved))
+
+    def _refresh_holders(self) -> None:
+        """Ask the scheduler where every replica is now (after reloads it placed itself)."""
+        reps = self.replica_futures()
+        who = self.client.who_has([f for r in reps for f in r])
+        # a replica still being reloaded keeps its old (departed) holder: still avoided
+        self._holder = {**self._holder, **{f.key: sorted(who[f.key])[0] for r in reps
+                                           for f in r if who.get(f.key)}}
 
     def ensure_loaded(self) -> int:
         """Resubmit the load of shard replicas whose futures were lost; returns how many.
