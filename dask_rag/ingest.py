@@ -198,13 +198,13 @@ def _ingest(client: Client, groups: list[list[Any]], index_dir: str | os.PathLik
     embed = embed or EmbedConfig()
     chunk = chunk or ChunkConfig()
     resolve_model_path(embed.model)  # ModelLoadError now, before any task runs
-    store.check_fresh_target(index_dir)
+    has_index = store.check_fresh_target(index_dir)
     ensure_model_cache(client)
 
     # what the index already holds
     existing: DistributedIndex | None = None
     known_docs: dict[str, tuple[str | None, list[int]]] = {}
-    if store.has_manifest(index_dir):
+    if has_index:
         existing = DistributedIndex.load(client, index_dir)
         embed = _index_encoder(existing, requested_embed)
         for cid, source, dh in existing.doc_index():

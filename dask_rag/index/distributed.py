@@ -16,9 +16,10 @@ process should mutate an index at a time.
 This module holds the driver only: worker code is in :mod:`~dask_rag.index.tasks`, the on-disk
 format in :mod:`~dask_rag.index.store`, building in :mod:`~dask_rag.index.build`.
 
-Why one module of ~670 lines: building, loading, placement and both search paths (graph and
-direct actor calls) share the shard futures and their lock; writes and saves live in
-:mod:`dask_rag.index.writes`, tasks in :mod:`dask_rag.index.tasks`.
+Why one module of ~860 lines: building, loading, replica placement (with the membership-driven
+rebalance) and both search paths (graph and direct actor calls) share the replica futures and
+their lock; writes and saves live in :mod:`dask_rag.index.writes`, tasks in
+:mod:`dask_rag.index.tasks`.  Placement is the next candidate for a mixin of its own.
 """
 
 from __future__ import annotations
@@ -79,13 +80,7 @@ from dask_rag.index.tasks import (
     shard_count_task,
     sources_task,
 )
-from dask_rag.index.writes import (
-    IndexWrites,
-    discard_generation,
-    drop_unnamed,
-    next_generation,
-    put_quantizer,
-)
+from dask_rag.index.writes import IndexWrites, put_quantizer, write_index
 
 __all__ = ["MERGE_FAN_IN", "DistributedIndex"]
 
@@ -226,11 +221,9 @@ class DistributedIndex(IndexWrites):
         owns_dir = path is None
         target = tempfile.mkdtemp(prefix="dask-rag-index-") if path is None \
             else store.location_str(path)
-        remote = store.is_url(target)
         exists = False
         if not owns_dir:
-            store.check_fresh_target(target)
-            exists = store.has_manifest(target)
+            exists = store.check_fresh_target(target)
             if exists and not overwrite:
                 raise InvalidInput(f"an index already exists at {target!r}; load it, or "
                                    "pass overwrite=True to replace it")
@@ -240,30 +233,19 @@ class DistributedIndex(IndexWrites):
         template, template_bytes = train_template(spec, xb)
         router, shard_of, lists = plan_shards(spec, sharding, template, xb, ids)
         index_uuid = store.new_index_uuid()
-        # a directory is written in a staging sibling and swapped into place; an object store
-        # has no rename, so a rebuild there writes the next generation of file names beside
-        # the old index and commits by replacing its manifest (see objstore)
-        staging: str | Path = target if owns_dir or remote else store.staging_dir(Path(target))
-        generation, wal_seq = next_generation(target) if remote else (0, 0)
-        try:
-            entries = write_shards(client, staging, index_uuid, spec, dim, template_bytes, xb,
-                                    ids, shard_of, lists, records, progress, generation)
+
+        def write(directory: str | Path, generation: int, wal_seq: int) -> dict[str, Any]:
+            entries = write_shards(client, directory, index_uuid, spec, dim, template_bytes,
+                                    xb, ids, shard_of, lists, records, progress, generation)
             fault_point("build.shards_written")
             manifest = new_manifest(index_uuid, spec, dim, router, entries, embed)
             manifest.update(generation=generation, wal_seq=wal_seq)
             if template_bytes is not None:
-                manifest["quantizer"] = put_quantizer(staging, generation, template_bytes)
-            store.commit_manifest(staging, manifest)
-            if remote:
-                drop_unnamed(target, manifest)
-            elif not owns_dir:
-                store.swap_into_place(Path(staging), Path(target))
-        except BaseException:  # the staging dir (or the new generation's files) is incomplete
-            if remote:
-                discard_generation(target, spec.n_shards, generation, not exists)
-            else:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
+                manifest["quantizer"] = put_quantizer(directory, generation, template_bytes)
+            store.commit_manifest(directory, manifest)
+            return manifest
+
+        write_index(target, spec.n_shards, exists, write, direct=owns_dir)
         index = cls.load(client, target, comms=None, progress=progress, elastic=elastic)
         index._owns_dir = owns_dir
         index._comms = comms
@@ -532,10 +514,7 @@ class DistributedIndex(IndexWrites):
                                "or None for BM25 only")
         with self._lock:
             if self._direct is None:
-                every = [f for reps in self._replicas for f in reps]
-                who = self.client.who_has(every)
-                holders = {f.key: sorted(who.get(f.key, ())) for f in every}
-                self._direct = {k: ws[0] for k, ws in holders.items() if ws}
+                self._direct = {k: ws[0] for k, ws in self._replica_holders().items() if ws}
             where = self._direct
             plan: dict[str, list[Any]] = {}
             for s in range(self.n_shards):
@@ -716,10 +695,16 @@ class DistributedIndex(IndexWrites):
     def shard_locations(self) -> dict[int, list[str]]:
         """Worker address(es) holding each shard (any of its replicas)."""
         self._reattach()
-        reps = self.replica_futures()
-        who = self.client.who_has([f for r in reps for f in r])
-        return {s: sorted({w for f in r for w in who.get(f.key, ())})
-                for s, r in enumerate(reps)}
+        holders = self._replica_holders()
+        return {s: sorted({w for f in r for w in holders[f.key]})
+                for s, r in enumerate(self.replica_futures())}
+
+    def _replica_holders(self) -> dict[Any, list[str]]:
+        """Replica key -> the workers holding it now (sorted; [] while it is being loaded),
+        from one scheduler query."""
+        every = [f for r in self.replica_futures() for f in r]
+        who = self.client.who_has(every)
+        return {f.key: sorted(who.get(f.key, ())) for f in every}
 
     def rebalance(self) -> int:
         """Spread shard replicas evenly over the current workers (the replicas of a shard on
@@ -735,13 +720,10 @@ class DistributedIndex(IndexWrites):
             workers = self._shard_workers()
             if not workers:
                 return 0
-            reps = self.replica_futures()
-            who = self.client.who_has([f for r in reps for f in r])
-            current: dict[tuple[int, int], str | None] = {}
-            for s, r_futs in enumerate(reps):
-                for r, f in enumerate(r_futs):
-                    holders = sorted(who.get(f.key, ()))
-                    current[(s, r)] = holders[0] if holders else None
+            holders = self._replica_holders()
+            current: dict[tuple[int, int], str | None] = {
+                (s, r): holders[f.key][0] if holders[f.key] else None
+                for s, r_futs in enumerate(self.replica_futures()) for r, f in enumerate(r_futs)}
             moves = plan_placement(current, workers, self._hosts())
             if not moves:
                 return 0
@@ -787,11 +769,9 @@ class DistributedIndex(IndexWrites):
 
     def _refresh_holders(self) -> None:
         """Ask the scheduler where every replica is now (after reloads it placed itself)."""
-        reps = self.replica_futures()
-        who = self.client.who_has([f for r in reps for f in r])
         # a replica still being reloaded keeps its old (departed) holder: still avoided
-        self._holder = {**self._holder, **{f.key: sorted(who[f.key])[0] for r in reps
-                                           for f in r if who.get(f.key)}}
+        self._holder = {**self._holder, **{k: ws[0] for k, ws in
+                                           self._replica_holders().items() if ws}}
 
     def ensure_loaded(self) -> int:
         """Resubmit the load of shard replicas whose futures were lost; returns how many.

@@ -26,7 +26,6 @@ the manifest or the task graph.  Every failure names the URL (:class:`StorageUna
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
@@ -199,11 +198,13 @@ class ObjectStoreDir:
         ``wal_after``, the write-ahead log entries after that sequence number.  Cached files
         whose checksum matches are kept.  The manifest is not copied: callers parse the one
         they read, so two loads of different generations cannot mix."""
+        from dask_rag.index.store import file_checksum  # store builds on this module
+
         local = cache_root() / index_uuid
         local.mkdir(parents=True, exist_ok=True)
         for rel, checksum in files.items():
             dest = local / rel
-            if dest.exists() and (checksum is None or _checksum(dest) == checksum):
+            if dest.exists() and (checksum is None or file_checksum(dest) == checksum):
                 continue
             self.download(rel, dest)
         if wal_after is not None:
@@ -213,16 +214,6 @@ class ObjectStoreDir:
                 if fresh and not (local / rel).exists():
                     self.download(rel, local / rel)
         return local
-
-
-def _checksum(path: Path) -> str | None:
-    if path.is_dir():
-        return None
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def not_found(url: str, what: str) -> IndexNotFound:

@@ -45,7 +45,6 @@ __all__ = [
     "commit_manifest",
     "delete_files",
     "file_checksum",
-    "has_manifest",
     "is_url",
     "list_files",
     "local_index_dir",
@@ -223,13 +222,6 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
     return validate_manifest(data, where)
 
 
-def has_manifest(location: str | os.PathLike[str]) -> bool:
-    """Whether ``location`` holds a manifest (valid or not): an index to replace or load."""
-    if is_url(location):
-        return ObjectStoreDir(str(location)).exists(MANIFEST)
-    return (Path(local_location(location)) / MANIFEST).exists()
-
-
 def bytes_checksum(data: bytes) -> str:
     """:func:`file_checksum` of bytes in memory."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -342,16 +334,18 @@ def read_records(path: Path, index_uuid: str | None = None, shard_no: int | None
 
 
 # --------------------------------------------------------------------------------------------
-def check_fresh_target(path: str | os.PathLike[str]) -> None:
+def check_fresh_target(path: str | os.PathLike[str]) -> bool:
     """Refuse to write an index into a non-empty directory (or URL prefix) that is not a
-    dask-rag index; for a URL, first check that the store is reachable at all."""
+    dask-rag index; for a URL, first check that the store is reachable at all.  Returns
+    whether an index (a manifest, valid or not) is already there, to replace or update."""
     if is_url(path):
         remote = ObjectStoreDir(str(path))
         remote.check_reachable()
-        if not remote.exists(MANIFEST) and remote.listdir("") and remote.exists(""):
+        present = remote.exists(MANIFEST)
+        if not present and remote.listdir(""):
             raise InvalidInput(f"{remote.url!r} holds objects but no dask-rag index; refusing "
                                "to write into it")
-        return
+        return present
     path = Path(local_location(path))
     if path.exists() and not path.is_dir():
         raise InvalidInput(f"index path {str(path)!r} exists and is not a directory")
@@ -360,6 +354,7 @@ def check_fresh_target(path: str | os.PathLike[str]) -> None:
             f"index path {str(path)!r} is a non-empty directory that is not a dask-rag index; "
             "refusing to write into it"
         )
+    return (path / MANIFEST).exists()
 
 
 def recover_interrupted_swap(path: Path) -> None:
@@ -476,14 +471,10 @@ def read_faiss_file(path: Path, expected_checksum: str | None, what: str) -> tup
     if not path.is_file():
         raise CorruptIndex(f"{path}: {what} file is missing")
     data = path.read_bytes()
-    if expected_checksum is not None:
-        import hashlib
-
-        got = hashlib.blake2b(data, digest_size=16).hexdigest()
-        if got != expected_checksum:
-            raise CorruptIndex(
-                f"{path}: {what} checksum mismatch (file truncated, modified, or from another "
-                "index)")
+    if expected_checksum is not None and bytes_checksum(data) != expected_checksum:
+        raise CorruptIndex(
+            f"{path}: {what} checksum mismatch (file truncated, modified, or from another "
+            "index)")
     try:
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as exc:

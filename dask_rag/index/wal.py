@@ -50,15 +50,8 @@ class WalEntry:
 
 
 def wal_files(index_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    wal = Path(index_dir) / "wal"
-    if not wal.is_dir():
-        return []
-    found = []
-    for p in wal.iterdir():
-        m = _WAL_RE.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    """(seq, path) of the log entries in a local index directory, in order."""
+    return [(seq, Path(index_dir) / wal_name(seq)) for seq in wal_seqs(index_dir)]
 
 
 def wal_seqs(location: str | os.PathLike[str]) -> list[int]:

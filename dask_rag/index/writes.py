@@ -13,7 +13,7 @@ import json
 import shutil
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,7 @@ from dask_rag.index.tasks import (
 )
 from dask_rag.index.wal import WalEntry, append_wal, wal_name, wal_seqs
 
-__all__ = ["IndexWrites", "discard_generation", "drop_unnamed", "next_generation",
-           "put_quantizer"]
+__all__ = ["IndexWrites", "put_quantizer", "write_index"]
 
 
 class IndexWrites:
@@ -194,28 +193,14 @@ class IndexWrites:
         return store.resolve_index_file(local, q["file"]).read_bytes()
 
     def _export(self, target: str) -> None:
-        store.check_fresh_target(target)
+        exists = store.check_fresh_target(target)
         index_uuid = store.new_index_uuid()
-        if store.is_url(target):
-            exists = store.has_manifest(target)
-            generation, wal_seq = next_generation(target)
-            try:
-                self._write_export(target, index_uuid, generation, wal_seq)
-            except BaseException:
-                discard_generation(target, len(self.shard_futures), generation, not exists)
-                raise
-            drop_unnamed(target, store.read_manifest(target))
-            return
-        staging = store.staging_dir(Path(target))
-        try:
-            self._write_export(staging, index_uuid, 0, 0)
-            store.swap_into_place(staging, Path(target))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        write_index(target, self.n_shards, exists,
+                    lambda directory, generation, wal_seq: self._write_export(
+                        directory, index_uuid, generation, wal_seq))
 
     def _write_export(self, directory: str | Path, index_uuid: str, generation: int,
-                      wal_seq: int) -> None:
+                      wal_seq: int) -> dict[str, Any]:
         entries = self._write_all(directory, generation, index_uuid)
         fault_point("save.shards_written")
         manifest = dict(self.manifest)
@@ -226,6 +211,7 @@ class IndexWrites:
             manifest["quantizer"] = put_quantizer(directory, generation,
                                                   self._quantizer_bytes())
         store.commit_manifest(directory, manifest)
+        return manifest
 
 
 # ---- whole-index writes shared by build, save and export -----------------------------------------
@@ -243,9 +229,45 @@ def next_generation(location: str) -> tuple[int, int]:
     return generation + 1, max(wal_seqs(location), default=0)
 
 
+def write_index(target: str, n_shards: int, exists: bool,
+                write: Callable[[str | Path, int, int], dict[str, Any]],
+                direct: bool = False) -> None:
+    """Write a whole index at ``target`` so that a failure leaves the previous one intact.
+
+    ``write(directory, generation, wal_seq)`` writes every file, commits the manifest there
+    and returns it.  A directory is written in a staging sibling and swapped into place
+    (``direct``: into ``target`` itself, a fresh directory removed on failure).  An object
+    store has no rename: the index is written at ``target`` under the next generation of
+    file names, beside the old one; a failure deletes that generation (all of ``target``
+    when there was no index: not ``exists``), a success deletes what the new manifest does
+    not name.
+    """
+    if store.is_url(target):
+        generation, wal_seq = next_generation(target)
+        try:
+            manifest = write(target, generation, wal_seq)
+        except BaseException:
+            discard_generation(target, n_shards, generation, not exists)
+            raise
+        drop_unnamed(target, manifest)
+        return
+    staging = Path(target) if direct else store.staging_dir(Path(target))
+    try:
+        write(staging, 0, 0)
+        if not direct:
+            store.swap_into_place(staging, Path(target))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def quantizer_name(generation: int) -> str:
+    return store.QUANTIZER if generation == 0 else f"quantizer.g{generation}.faiss"
+
+
 def put_quantizer(location: str | Path, generation: int, data: bytes) -> dict[str, Any]:
     """Write the trained template of ``generation``; returns its manifest entry."""
-    name = store.QUANTIZER if generation == 0 else f"quantizer.g{generation}.faiss"
+    name = quantizer_name(generation)
     store.put_file(location, name, data)
     return {"file": name, "checksum": store.bytes_checksum(data)}
 
@@ -271,7 +293,7 @@ def discard_generation(location: str, n_shards: int, generation: int, everything
         ObjectStoreDir(location).delete_all()
         return
     names = [name for s in range(n_shards) for name in store.shard_file_names(s, generation)]
-    store.delete_files(location, [*names, f"quantizer.g{generation}.faiss"])
+    store.delete_files(location, [*names, quantizer_name(generation)])
 
 
 def _id_array(ids: Any) -> npt.NDArray[np.int64]:
