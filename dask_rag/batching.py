@@ -6,6 +6,9 @@ oldest waiting item has waited ``max_wait_ms`` — so a lone request pays at mos
 ``max_wait_ms`` extra, and under load each model call / Dask graph serves up to ``max_batch``
 requests.  While another batch is being processed the oldest may wait ``busy_wait_ms`` instead
 (see :class:`~dask_rag.config.BatchConfig`): under load, batches fill instead of splitting.
+When nothing is in flight but the last batches just answered more callers than are waiting,
+those callers are likely coming back (closed-loop clients): the batcher then waits for that many,
+at most ``busy_wait_ms``, instead of flushing the first one alone.
 Up to ``max_concurrent_batches`` batches run at once, so the next batch is formed and submitted
 while the previous one computes (stages of successive batches overlap).
 
@@ -136,6 +139,10 @@ class MicroBatcher(Generic[T, R]):
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._recent_batch_s = 0.05
+        #: callers answered since the last flush: how many may be about to come back
+        self._answered = 0
+        #: queue length at which the runner wants waking (a full batch, or the answered ones)
+        self._target = self.config.max_batch
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -154,7 +161,7 @@ class MicroBatcher(Generic[T, R]):
         self.stats.submitted += 1
         # the runner only needs waking for a first item (it starts the max_wait clock) or a
         # full batch; waking it per item cost a task + timer each in the event loop
-        if len(self._queue) == 1 or len(self._queue) >= self.config.max_batch:
+        if len(self._queue) == 1 or len(self._queue) >= self._target:
             self._wakeup.set()
         try:
             return await fut
@@ -226,16 +233,27 @@ class MicroBatcher(Generic[T, R]):
                 await self._wakeup.wait()
                 continue
             # wait until the batch is full or the oldest item has waited max_wait (busy_wait
-            # while another batch is in flight)
-            deadline = self._queue[0].enqueued + (busy_wait if self._inflight else max_wait)
-            while len(self._queue) < self.config.max_batch and not self._closing:
+            # while another batch is in flight, or while the callers just answered are coming
+            # back: a lone caller goes at once, the wave of a finished batch goes together)
+            self._target = self.config.max_batch
+            wait = busy_wait
+            if not self._inflight:
+                coming = min(self.config.max_batch, self._answered)
+                if len(self._queue) < coming:
+                    self._target = coming
+                else:
+                    wait = max_wait
+            deadline = self._queue[0].enqueued + wait
+            while len(self._queue) < self._target and not self._closing:
                 remaining = deadline - self.clock.now()
                 if remaining <= 0:
                     break
                 self._wakeup.clear()
                 await self.clock.wait(self._wakeup, remaining)
+            self._target = self.config.max_batch
             await self._slots.acquire()
             batch = self._take_batch()
+            self._answered = 0
             if not batch:
                 self._slots.release()
                 continue
@@ -266,6 +284,7 @@ class MicroBatcher(Generic[T, R]):
             self._slots.release()
             self.stats.batches += 1
             self.stats.items += len(batch)
+            self._answered += len(batch)
             if len(self.stats.batch_sizes) < 100_000:
                 self.stats.batch_sizes.append(len(batch))
             elapsed = self.clock.now() - t0

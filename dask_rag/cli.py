@@ -304,8 +304,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-wait-ms", type=float, default=0.0,
                    help="how long a lone request may wait for others to batch with")
     g.add_argument("--busy-wait-ms", type=float, default=25.0,
-                   help="the same while another batch is being processed (fills batches under "
-                        "load)")
+                   help="the same while another batch is being processed or the callers "
+                        "just answered are coming back (fills batches under load)")
     g.add_argument("--max-inflight", type=int, default=512)
     g.add_argument("--rate-limit", type=float, default=None, help="requests/s per API key")
     g.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")

@@ -292,3 +292,48 @@ def test_busy_wait_never_shorter_than_max_wait():
         await b.close()
 
     run(main())
+
+
+def test_callers_of_a_finished_batch_coming_back_form_one_batch():
+    """Closed-loop clients: with nothing in flight, the callers the last batch answered are
+    awaited (up to busy_wait) instead of the first of them going alone; a lone caller, whose
+    batch answered only itself, still goes at once."""
+
+    async def main():
+        calls: list[int] = []
+
+        async def process(items):
+            calls.append(len(items))
+            return items
+
+        clock = ManualClock()
+        b = MicroBatcher(process, BatchConfig(max_batch=64, max_wait_ms=0, busy_wait_ms=80),
+                         clock=clock)
+        assert await asyncio.gather(*(b.submit(i) for i in range(3))) == [0, 1, 2]
+        assert calls == [3]
+        back = [asyncio.ensure_future(b.submit(10))]
+        await settle()
+        clock.advance(0.01)
+        back.append(asyncio.ensure_future(b.submit(11)))
+        await settle()
+        assert calls == [3]  # 2 of the 3 answered are back: waiting for the third
+        back.append(asyncio.ensure_future(b.submit(12)))
+        await settle()
+        assert calls == [3, 3]  # the third is back: the wave goes, 10 ms < busy_wait
+        assert await asyncio.gather(*back) == [10, 11, 12]
+        # only one of the three comes back: it waits busy_wait, not longer
+        lone = asyncio.ensure_future(b.submit(20))
+        await settle()
+        clock.advance(0.079)
+        await settle()
+        assert calls == [3, 3] and not lone.done()
+        clock.advance(0.001)
+        await settle()
+        assert calls == [3, 3, 1] and await lone == 20
+        # a lone client (its batch answered only itself) never waits: no time passes here
+        for i in range(3):
+            assert await b.submit(30 + i) == 30 + i
+        assert calls == [3, 3, 1, 1, 1, 1]
+        await b.close()
+
+    run(main())

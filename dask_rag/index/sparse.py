@@ -136,29 +136,42 @@ def search_sparse(shard: Shard, rows: npt.NDArray[np.int64], queries: list[str],
 
 
 def merge_sparse(nq: int, parts: Sequence[ShardResult]) -> SparseHits:
-    """Merge per-shard BM25 hits (rows are batch rows) into per-query top-k by score."""
-    per_row: list[list[tuple[float, int, dict[str, Any] | None]]] = [[] for _ in range(nq)]
-    k = 0
-    for part in parts:
-        sp = part.sparse
-        if sp is None:
-            continue
-        k = max(k, sp.I.shape[1])
-        for local, row in enumerate(sp.rows):
-            for cid, score, rec in zip(sp.I[local], sp.S[local], sp.payload[local],
-                                       strict=True):
-                if cid >= 0:
-                    per_row[int(row)].append((float(score), int(cid), rec))
+    """Merge per-shard BM25 hits (rows are batch rows) into per-query top-k by score, ties by
+    id; an id met twice keeps its best place.  One ``lexsort`` over all the shards' columns
+    (it runs once per batch, in the batch's last task)."""
+    hits = [p.sparse for p in parts if p.sparse is not None]
+    k = max((sp.I.shape[1] for sp in hits), default=0)
     I = np.full((nq, k), -1, dtype=np.int64)
     S = np.zeros((nq, k), dtype=np.float32)
     payload: list[list[dict[str, Any] | None]] = [[None] * k for _ in range(nq)]
-    for r, cands in enumerate(per_row):
+    width = sum(sp.I.shape[1] for sp in hits)
+    if not k or not width:
+        return SparseHits(rows=np.arange(nq, dtype=np.int64), I=I, S=S, payload=payload)
+    I_all = np.full((nq, width), -1, dtype=np.int64)
+    S_all = np.zeros((nq, width), dtype=np.float32)
+    recs: list[list[dict[str, Any] | None]] = [[None] * width for _ in range(nq)]
+    col = 0
+    for sp in hits:
+        w = sp.I.shape[1]
+        I_all[sp.rows, col:col + w] = sp.I
+        S_all[sp.rows, col:col + w] = sp.S
+        for local, row in enumerate(sp.rows.tolist()):
+            row_recs = list(sp.payload[local])[:w] if local < len(sp.payload) else []
+            recs[row][col:col + len(row_recs)] = row_recs
+        col += w
+    # padding sorts last; then score descending, then id ascending
+    key = np.where(I_all < 0, np.inf, -S_all.astype(np.float64))
+    order = np.lexsort((I_all, key), axis=-1)
+    I_sorted = np.take_along_axis(I_all, order, axis=1)
+    for r in range(nq):
+        taken = 0
         seen: set[int] = set()
-        best = []
-        for score, cid, rec in sorted(cands, key=lambda c: (-c[0], c[1])):
-            if cid not in seen:
-                seen.add(cid)
-                best.append((score, cid, rec))
-        for j, (score, cid, rec) in enumerate(best[:k]):
-            I[r, j], S[r, j], payload[r][j] = cid, score, rec
+        for pos, cid in zip(order[r].tolist(), I_sorted[r].tolist(), strict=True):
+            if cid < 0 or taken == k:
+                break
+            if cid in seen:
+                continue
+            seen.add(cid)
+            I[r, taken], S[r, taken], payload[r][taken] = cid, S_all[r, pos], recs[r][pos]
+            taken += 1
     return SparseHits(rows=np.arange(nq, dtype=np.int64), I=I, S=S, payload=payload)

@@ -72,10 +72,13 @@ def _ranks(ranked: Ranked) -> dict[int, int]:
 
 
 def _sorted(scores: dict[int, float], ranks: Sequence[dict[int, int]]) -> list[tuple[int, float]]:
-    def best(cid: int) -> int:
-        return min(r.get(cid, 1 << 30) for r in ranks)
-
-    return sorted(scores.items(), key=lambda kv: (-kv[1], best(kv[0]), kv[0]))
+    # each id's best rank in any list, computed once (it runs per query in the fusion task)
+    best: dict[int, int] = {}
+    for r in ranks:
+        for cid, rank in r.items():
+            if rank < best.get(cid, 1 << 30):
+                best[cid] = rank
+    return sorted(scores.items(), key=lambda kv: (-kv[1], best.get(kv[0], 1 << 30), kv[0]))
 
 
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], rrf_k: int = 60,
@@ -87,12 +90,22 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], rrf_k: int = 60,
     if rrf_k < 1:
         raise InvalidInput(f"rrf_k={rrf_k} is invalid: must be >= 1")
     weights = weights or [1.0] * len(rankings)
-    rank_maps = [_ranks([(c, 0.0) for c in ranking]) for ranking in rankings]
     scores: dict[int, float] = {}
-    for ranks, w in zip(rank_maps, weights, strict=True):
-        for cid, rank in ranks.items():
+    best: dict[int, int] = {}
+    for ranking, w in zip(rankings, weights, strict=True):
+        seen: set[int] = set()
+        rank = 0
+        for cid in ranking:
+            if cid < 0:
+                continue
+            rank += 1
+            if cid in seen:  # an id counts at its first place
+                continue
+            seen.add(cid)
             scores[cid] = scores.get(cid, 0.0) + w / (rrf_k + rank)
-    return _sorted(scores, rank_maps)
+            if rank < best.get(cid, 1 << 30):
+                best[cid] = rank
+    return sorted(scores.items(), key=lambda kv: (-kv[1], best[kv[0]], kv[0]))
 
 
 def _convex(dense: Ranked, sparse: Ranked, dense_weight: float,

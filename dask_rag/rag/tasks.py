@@ -62,15 +62,22 @@ class RetrievalPlan:
     submitted_at: float = 0.0
 
 
-def _ranked(I: npt.NDArray[np.int64], S: npt.NDArray[np.float32], recs: Sequence[Any],
-            into: dict[int, Any]) -> list[tuple[int, float]]:
-    """One query row's ``(id, score)`` pairs, padding dropped; records go into ``into``."""
+def _ranked(I: npt.NDArray[np.int64], S: npt.NDArray[np.float32]) -> list[tuple[int, float]]:
+    """One query row's ``(id, score)`` pairs, padding dropped."""
     keep = I >= 0
-    ids = I[keep].tolist()
-    if len(recs):
-        for cid, rec in zip(ids, itertools.compress(recs, keep.tolist()), strict=True):
-            into.setdefault(cid, rec)
-    return list(zip(ids, S[keep].tolist(), strict=True))
+    return list(zip(I[keep].tolist(), S[keep].tolist(), strict=True))
+
+
+def _record(cid: int, *lists: tuple[list[tuple[int, float]], Sequence[Any]]) -> Any:
+    """The record of ``cid``: its first place in the dense list, else in the BM25 list (a
+    record is looked up only for the hits kept, not for every candidate)."""
+    for ranked, recs in lists:
+        if not len(recs):
+            continue
+        for pos, (c, _) in enumerate(ranked):
+            if c == cid:
+                return recs[pos]
+    return None
 
 
 def fused_candidates(res: ShardResult, plan: RetrievalPlan) -> list[list[Hit]]:
@@ -80,22 +87,26 @@ def fused_candidates(res: ShardResult, plan: RetrievalPlan) -> list[list[Hit]]:
     JSON to parse) are built only for the kept ones.
     """
     nq = plan.nq
-    dense: list[list[tuple[int, float]]] = [[] for _ in range(nq)]
-    sparse: list[list[tuple[int, float]]] = [[] for _ in range(nq)]
-    records: list[dict[int, Any]] = [{} for _ in range(nq)]
-    for j, row in enumerate(res.rows):
-        r = int(row)
-        dense[r] = _ranked(res.I[j], res.D[j],
-                           res.payload[j] if res.payload is not None else [], records[r])
+    empty: tuple[list[tuple[int, float]], Sequence[Any]] = ([], [])
+    dense = [empty] * nq
+    sparse = [empty] * nq
+    for j, row in enumerate(res.rows.tolist()):
+        recs = res.payload[j] if res.payload is not None else []
+        # records of padding slots are dropped with them: keep them aligned with the pairs
+        dense[row] = (_ranked(res.I[j], res.D[j]),
+                      [rec for rec, c in zip(recs, res.I[j].tolist(), strict=False) if c >= 0])
     if res.sparse is not None:
         sp = res.sparse
-        for local, row in enumerate(sp.rows):
-            r = int(row)
-            sparse[r] = _ranked(sp.I[local], sp.S[local], sp.payload[local], records[r])
+        for local, row in enumerate(sp.rows.tolist()):
+            recs = sp.payload[local]
+            sparse[row] = (_ranked(sp.I[local], sp.S[local]),
+                           [rec for rec, c in zip(recs, sp.I[local].tolist(), strict=False)
+                            if c >= 0])
     out = []
-    for d, s_, recs in zip(dense, sparse, records, strict=True):
-        ranked = fuse(plan.mode, d, s_, plan.fusion)
-        out.append([Hit.from_record(recs.get(c), c, score) for c, score in ranked[:plan.keep]])
+    for d, s_ in zip(dense, sparse, strict=True):
+        ranked = fuse(plan.mode, d[0], s_[0], plan.fusion)
+        out.append([Hit.from_record(_record(c, d, s_), c, score)
+                    for c, score in ranked[:plan.keep]])
     return out
 
 
