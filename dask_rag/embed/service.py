@@ -148,8 +148,10 @@ class EmbeddingService:
         parts = split_balanced(np.fromiter((len(texts[i]) for i in order), dtype=np.int64,
                                            count=len(texts)), n_parts)
         rows = [order[a:b] for a, b in parts]
-        return [(self.client.submit(embed_texts_task, self.config, [texts[i] for i in r],
-                                    pure=False, priority=5), r) for r in rows]
+        # one map call: one update_graph message for all the parts
+        futures = self.client.map(embed_texts_task, [self.config] * len(rows),
+                                  [[texts[i] for i in r] for r in rows], pure=False, priority=5)
+        return list(zip(futures, rows, strict=True))
 
     def here(self, texts: Sequence[str]) -> EmbedHere:
         """``texts`` to be embedded in the task that needs them (see :class:`EmbedHere`)."""

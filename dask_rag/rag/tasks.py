@@ -11,7 +11,6 @@ the models.  Models (cross-encoder, generator) come from the worker's model cach
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
