@@ -4,7 +4,9 @@ change), both served by ``dask-rag serve`` at once and loaded in alternating rou
 
 The figure is the server process's own CPU time (user + system, from ``psutil``; its
 scheduler and workers run in other processes) divided by the requests it answered: what the
-HTTP shim, the request models, the micro-batcher and the Dask client cost per request.
+HTTP shim, the request models, the micro-batcher and the Dask client cost per request.  The
+same is recorded for the whole serving tree by role (scheduler, nannies, worker processes):
+on 2 shared cores, throughput follows the tree's total CPU per request.
 
     python -m benchmarks.server_cpu --baseline-tree /tmp/before   # a worktree of the old commit
 """
@@ -117,17 +119,33 @@ def main(argv: list[str] | None = None) -> int:
                  for c, b in zip(rows["current"], rows["baseline"], strict=True)]
     summary = {name: {"server_cpu_ms_per_request_median": float(np.median(
                           [r["server_cpu_ms_per_request"] for r in rs])),
+                      "tree_cpu_ms_per_request_median": {
+                          role: float(np.median([r["cpu_ms_per_request"][role] for r in rs]))
+                          for role in rs[0]["cpu_ms_per_request"]},
+                      "total_cpu_ms_per_request_median": float(np.median(
+                          [sum(r["cpu_ms_per_request"].values()) for r in rs])),
                       "qps_median": float(np.median([r["qps"] for r in rs]))}
                for name, rs in rows.items()}
+    total_ratio = [sum(c["cpu_ms_per_request"].values()) / sum(b["cpu_ms_per_request"].values())
+                   for c, b in zip(rows["current"], rows["baseline"], strict=True)]
+    qps_ratio = [c["qps"] / b["qps"] for c, b in zip(rows["current"], rows["baseline"],
+                                                       strict=True)]
     result = {"config": {"endpoint": "POST /v1/search k=5 hybrid", "index": str(index),
                          "concurrency": args.concurrency, "seconds": args.seconds,
                          "rounds": args.rounds, "baseline_tree": str(args.baseline_tree)},
               "rounds": rows, "summary": summary,
               "cpu_ratio_per_round": [round(x, 4) for x in per_round],
-              "cpu_ratio_median": round(float(np.median(per_round)), 4)}
+              "cpu_ratio_median": round(float(np.median(per_round)), 4),
+              "total_cpu_ratio_per_round": [round(x, 4) for x in total_ratio],
+              "total_cpu_ratio_median": round(float(np.median(total_ratio)), 4),
+              "qps_ratio_per_round": [round(x, 4) for x in qps_ratio],
+              "qps_ratio_median": round(float(np.median(qps_ratio)), 4)}
     write_result(args.name, result)
     print(f"server CPU per request, current / baseline: median {result['cpu_ratio_median']:.3f}"
-          f" (rounds {result['cpu_ratio_per_round']})")
+          f" (rounds {result['cpu_ratio_per_round']}); whole tree (server, scheduler, nannies, "
+          f"workers): median {result['total_cpu_ratio_median']:.3f} (rounds "
+          f"{result['total_cpu_ratio_per_round']}); q/s median {result['qps_ratio_median']:.3f}"
+          f" (rounds {result['qps_ratio_per_round']})")
     return 0
 
 
