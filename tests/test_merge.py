@@ -95,3 +95,52 @@ def test_merge_rejects_bad_arguments():
         merge_topk([D], [I], 1, "cos")
     with pytest.raises(InvalidInput, match="shape"):
         merge_topk([D, D[:1]], [I, I[:1]], 1, "ip")
+
+
+def _sparse_part(rng, nq, k, pool):
+    """A shard's BM25 answer for some rows of an nq-query batch: ids from ``pool`` (repeats
+    allowed), scores on a coarse grid (ties), padding at the end, a record per slot."""
+    from dask_rag.index.query import ShardResult
+    from dask_rag.index.sparse import SparseHits
+
+    rows = np.sort(rng.choice(nq, size=int(rng.integers(1, nq + 1)), replace=False))
+    I = np.full((len(rows), k), -1, np.int64)
+    S = np.zeros((len(rows), k), np.float32)
+    for j in range(len(rows)):
+        n = int(rng.integers(0, k + 1))
+        I[j, :n] = rng.choice(pool, size=n)
+        S[j, :n] = np.round(rng.random(n) * 3, 1)
+    payload = [[{"text": f"chunk {c}"} if c >= 0 else None for c in row] for row in I.tolist()]
+    empty = np.zeros((len(rows), 0), np.float32)
+    return ShardResult(rows=rows.astype(np.int64), D=empty, I=empty.astype(np.int64),
+                       sparse=SparseHits(rows=rows.astype(np.int64), I=I, S=S, payload=payload))
+
+
+def test_merge_sparse_equals_a_sort_of_every_shards_hits():
+    """BM25 merge: per query, every shard's hits sorted by score then id, an id met twice at
+    its best place, padding dropped, each record still beside its id; in any part order."""
+    from dask_rag.index.sparse import merge_sparse
+
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        nq, k = int(rng.integers(1, 6)), int(rng.integers(1, 8))
+        parts = [_sparse_part(rng, nq, k, np.arange(25)) for _ in range(int(rng.integers(1, 4)))]
+        got = merge_sparse(nq, parts)
+        for r in range(nq):
+            cands = sorted((float(s), int(c)) for p in parts for local, row in
+                           enumerate(p.sparse.rows) if row == r
+                           for c, s in zip(p.sparse.I[local], p.sparse.S[local], strict=True)
+                           if c >= 0)
+            cands.sort(key=lambda sc: (-sc[0], sc[1]))
+            want: list[tuple[float, int]] = []
+            for s, c in cands:
+                if c not in {w[1] for w in want}:
+                    want.append((s, c))
+            want = want[:k]
+            n = len(want)
+            assert got.I[r, :n].tolist() == [c for _, c in want]
+            assert got.S[r, :n].tolist() == [s for s, _ in want]
+            assert (got.I[r, n:] == -1).all()
+            assert got.payload[r][:n] == [{"text": f"chunk {c}"} for _, c in want]
+        again = merge_sparse(nq, parts[::-1])
+        np.testing.assert_array_equal(again.I, got.I)

@@ -53,6 +53,21 @@ def test_rrf_and_weighted_fusion():
         reciprocal_rank_fusion([[1]], rrf_k=0)
 
 
+def test_rrf_ties_break_by_best_rank_then_id():
+    # 0.75 / (1 + 5) == 0.25 / (1 + 1) == 0.125 exactly: chunk 7 (5th dense) ties chunk 9
+    # (1st BM25); 9 has the better best rank, so it goes first although 7 < 9
+    fused = reciprocal_rank_fusion([[10, 11, 12, 13, 7], [9, -1]], rrf_k=1,
+                                   weights=[0.75, 0.25])
+    assert dict(fused)[7] == dict(fused)[9] == 0.125
+    order = [c for c, _ in fused]
+    assert order.index(9) < order.index(7)
+    # equal scores and equal best ranks: the smaller id first; a repeated id counts once, at
+    # its first place (the later copy still takes up a rank)
+    fused = reciprocal_rank_fusion([[5, 4, 5, 8], [4, 5]], rrf_k=60)
+    assert [c for c, _ in fused] == [4, 5, 8]
+    assert dict(fused)[8] == pytest.approx(1 / 64)
+
+
 _words = st.text(alphabet=st.sampled_from(list("abcdefgh xyz.,!?<>/\"'\n")), min_size=0,
                  max_size=400)
 
