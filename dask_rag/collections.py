@@ -4,13 +4,17 @@ One server answers for a *default* collection (``/v1/search``, ``/v1/ask``, ...)
 named ones (``/v1/collections/{name}/...``).  A collections root folder holds one index folder
 per name; ``serve --collections DIR`` opens every index found there, and
 ``POST /v1/collections`` creates an empty one (flat or HNSW; filled through
-``/documents``) with the default collection's encoder.
+``/documents``) with the default collection's encoder; ``DELETE /v1/collections/{name}``
+removes a named one and its folder (the default collection is never deleted).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import shutil
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,10 @@ __all__ = ["NAME_RE", "Collections"]
 
 #: a collection's name: a folder name and a URL segment at once
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+#: a deleted collection's folder is renamed to this prefix first (no collection name starts
+#: with "."), then removed; :meth:`Collections.open` removes any a crash left behind
+_DELETING = ".deleting-"
 
 
 class Collections:
@@ -48,6 +56,8 @@ class Collections:
         """The default pipeline plus every index folder under ``root``."""
         out = cls(default, root=root, config=config, batch=batch)
         out.root.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        for d in out.root.glob(f"{_DELETING}*"):  # type: ignore[union-attr]
+            shutil.rmtree(d, ignore_errors=True)
         for d in sorted(out.root.iterdir()):  # type: ignore[union-attr]
             if (d / "manifest.json").is_file() and NAME_RE.match(d.name) and \
                     d.name != out.default_name:
@@ -99,6 +109,34 @@ class Collections:
             pipe = RagPipeline(self.client, index, base.embedder, self.config, self.batch)
             self._pipes[name] = pipe
             return pipe
+
+    async def adelete(self, name: str) -> dict[str, Any]:
+        """Delete the named collection and its folder; returns what it held.
+
+        Order matters for what a client can see: the name leaves the registry first (new
+        requests get 404), then the requests it already took finish, then its index closes
+        (an in-flight write completes first; none can start after), and only then does its
+        folder go — renamed out of the way in one step, then removed, so a crash midway leaves
+        no half-deleted index that :meth:`open` would serve.  The shared encoder stays.
+        """
+        if name == self.default_name:
+            raise InvalidInput("the default collection cannot be deleted")
+        described = self.describe(name)  # IndexNotFound (404) for an unknown name
+        with self._lock:
+            pipe = self._pipes.get(name)
+            if pipe is None:  # deleted meanwhile
+                raise IndexNotFound(f"no collection named {name!r}")
+            folder = None if self.root is None else self.root / name
+            if folder is None or Path(str(pipe.index.path)).resolve() != folder.resolve():
+                raise InvalidInput(f"collection {name!r} is not a folder of this server's "
+                                   "collections root: it is not deleted")
+            del self._pipes[name]
+        await pipe.adrain()
+        await asyncio.to_thread(pipe.close)
+        trash = folder.with_name(f"{_DELETING}{name}-{uuid.uuid4().hex[:8]}")
+        await asyncio.to_thread(folder.rename, trash)
+        await asyncio.to_thread(shutil.rmtree, trash, True)
+        return described
 
     def batchers(self) -> dict[str, MicroBatcher[Any, Any]]:
         """Every collection's micro-batchers, as ``name`` (default) or ``collection/name``."""

@@ -489,9 +489,14 @@ class RagPipeline:
         """Load the encoder (and generator) on every worker before the first request."""
         self.embedder.warmup()
 
-    async def aclose(self) -> None:
+    async def adrain(self) -> None:
+        """Stop taking requests and finish the ones taken (the encoder, which collections
+        share, is left open)."""
         await self._ask_batcher.close()
         await self._search_batcher.close()
+
+    async def aclose(self) -> None:
+        await self.adrain()
         await self.embedder.aclose()
 
     def close(self) -> None:

@@ -268,6 +268,9 @@ def test_api_key_scopes(client, small_index, tmp_path):
     keys = ("admin-secret", "reader:read", "travel-writer:write:travel",
             "default-reader:read:default")
     shutil.copytree(small_index, tmp_path / "index")
+    # what a crash in the middle of a collection delete leaves: removed when the root opens
+    (tmp_path / "root" / ".deleting-old-0000" / "shards").mkdir(parents=True)
+    (tmp_path / "root" / ".deleting-old-0000" / "manifest.json").write_text("{}")
     with RagPipeline.from_index_dir(client, tmp_path / "index", RagConfig(k=3)) as pipe, \
             _server(Collections.open(pipe, tmp_path / "root"), api_keys=keys) as s, \
             httpx.Client(base_url=s.url, timeout=60) as http:
@@ -277,6 +280,7 @@ def test_api_key_scopes(client, small_index, tmp_path):
                 return http.get(path, headers=headers)
             return http.post(path, json=body, headers=headers)
 
+        assert not (tmp_path / "root" / ".deleting-old-0000").exists()
         if "travel" not in {c["name"] for c in call("admin-secret", "/v1/collections").json()[
                 "collections"]}:
             assert call("admin-secret", "/v1/collections", {"name": "travel"}).status_code == 200
@@ -306,6 +310,60 @@ def test_api_key_scopes(client, small_index, tmp_path):
         assert call("wrong", "/v1/search", {"query": "csv"}).status_code == 401
         assert call("admin-secret", "/v1/documents/delete",
                     {"ids": ["scoped/none"]}).status_code == 200
+        # deleting a collection needs an unrestricted write key, even the collection's writer
+        for key in ("travel-writer", "reader"):
+            r = http.delete("/v1/collections/travel", headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 403, r.text
+        assert (tmp_path / "root" / "travel" / "manifest.json").is_file()
+
+
+def test_delete_collection_while_it_is_written(http, root):
+    """DELETE /v1/collections/{name}: the default one is refused, an unknown one is 404; a
+    named one disappears with its folder while another client keeps writing to it (each of
+    its writes succeeds or is refused — none recreates the folder), and the name can be used
+    again for a new, empty collection."""
+    import threading
+
+    assert http.delete("/v1/collections/default").status_code == 422
+    assert http.delete("/v1/collections/nope").status_code == 404
+    assert _sources(http, "JSON encoder", k=1)  # the default collection still answers
+    assert http.post("/v1/collections", json={"name": "scratch"}).status_code == 200
+    doc = {"documents": [{"id": "s/0", "text": "Scratch notes about the Ruwenzori glaciers."}]}
+    assert http.post("/v1/collections/scratch/documents", json=doc).status_code == 200
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        with httpx.Client(base_url=str(http.base_url), timeout=60) as h:
+            i = 1
+            while not stop.is_set():
+                body = {"documents": [{"id": f"s/{i}", "text": f"Scratch note {i}."}]}
+                statuses.append(h.post("/v1/collections/scratch/documents",
+                                       json=body).status_code)
+                i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    while len(statuses) < 2:
+        time.sleep(0.05)
+    r = http.delete("/v1/collections/scratch")
+    assert r.status_code == 200, r.text
+    assert r.json()["name"] == "scratch" and r.json()["deleted"] and r.json()["chunks"] >= 2
+    n = len(statuses)
+    while len(statuses) < n + 3:
+        time.sleep(0.05)
+    stop.set()
+    t.join(60)
+    assert set(statuses) <= {200, 404, 422} and statuses[-1] == 404, statuses
+    assert not (root / "scratch").exists()
+    assert not list(root.glob(".deleting-*"))
+    assert http.get("/v1/collections/scratch").status_code == 404
+    assert http.post("/v1/collections/scratch/search", json={"query": "x"}).status_code == 404
+    assert "scratch" not in {c["name"] for c in http.get("/v1/collections").json()[
+        "collections"]}
+    assert http.post("/v1/collections", json={"name": "scratch"}).status_code == 200
+    assert http.get("/v1/collections/scratch").json()["chunks"] == 0
+    assert http.delete("/v1/collections/scratch").status_code == 200
 
 
 def test_bad_writes_change_nothing(http, pipe):

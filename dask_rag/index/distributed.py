@@ -684,6 +684,7 @@ class DistributedIndex(IndexWrites):
                                f"{sorted(self.METADATA_FIELDS)}")
         json.dumps(value)  # JSON or nothing
         with self._write_lock:
+            self._check_open()  # again: close() may have run while this waited
             manifest = store.read_manifest(self.location)
             manifest[name] = value
             manifest["updated_at"] = store.now()
@@ -717,7 +718,7 @@ class DistributedIndex(IndexWrites):
         """
         self._check_open()
         with self._rebalance_lock, self._write_lock:
-            workers = self._shard_workers()
+            workers = [] if self._closed else self._shard_workers()
             if not workers:
                 return 0
             holders = self._replica_holders()
@@ -809,10 +810,18 @@ class DistributedIndex(IndexWrites):
             raise InvalidInput("this DistributedIndex is closed")
 
     def close(self) -> None:
-        """Release the shard futures (and delete the directory if the index made it)."""
+        """Release the shard futures (and delete the directory if the index made it).
+
+        A write in progress finishes first (up to 60 s), so nothing writes into the index's
+        location after ``close`` returns; later writes fail as "closed"."""
         if self._closed:
             return
-        self._closed = True
+        locked = self._write_lock.acquire(timeout=60)
+        try:
+            self._closed = True
+        finally:
+            if locked:
+                self._write_lock.release()
         off_membership_change(self.client, self._on_membership)
         if self._rebalance_timer is not None:
             self._rebalance_timer.cancel()

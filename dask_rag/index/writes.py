@@ -97,6 +97,7 @@ class IndexWrites:
         recs_json = None if records is None else json.dumps(
             [jsonable_record(r) for r in records]).encode()
         with self._write_lock:
+            self._check_open()  # again: close() may have run while this write waited
             present = np.concatenate(self.client.gather([
                 self.client.submit(contains_task, f, ids, pure=False) for f in self.shard_futures]))
             if removed is not None:
@@ -135,6 +136,7 @@ class IndexWrites:
         if arr.size == 0:
             return 0
         with self._write_lock:
+            self._check_open()
             seq = self._next_seq()
             append_wal(self.location, WalEntry(seq, "remove", arr))
             fault_point("wal.appended")
@@ -159,6 +161,7 @@ class IndexWrites:
         self._check_open()
         target = self.location if path is None else store.location_str(path)
         with self._write_lock:
+            self._check_open()
             if target == self.location:
                 self._save_in_place()
             else:

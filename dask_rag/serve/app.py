@@ -144,6 +144,13 @@ async def create_collection(request: Request, body: bytes) -> Response:
     return json_response(collections.describe(req.name))
 
 
+async def delete_collection(request: Request, body: bytes) -> Response:
+    require_unrestricted_write(request, "deleting a collection")
+    collections: Collections = request.app.state.collections
+    gone = await collections.adelete(str(_collection(request)))
+    return json_response({"name": gone["name"], "deleted": True, "chunks": gone["chunks"]})
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -231,6 +238,8 @@ def create_app(pipeline: Any, config: ServeConfig | None = None,
               methods=["POST"]),
         Route("/v1/collections/{name}", guarded("collection", get_collection,
                                                 needs_body=False), methods=["GET"]),
+        Route("/v1/collections/{name}", guarded("delete_collection", delete_collection,
+                                                needs_body=False), methods=["DELETE"]),
         Route("/v1/collections/{name}/search", guarded("search", search), methods=["POST"]),
         Route("/v1/collections/{name}/ask", guarded("ask", ask), methods=["POST"]),
         Route("/v1/collections/{name}/documents", guarded("upsert", upsert, large_body=True),

@@ -304,9 +304,9 @@ def allowed_collections(request: Request) -> list[str]:
             if scope.collections is None or n in scope.collections]
 
 
-def require_unrestricted_write(request: Request) -> None:
-    """Creating collections needs a key with write access to every collection."""
+def require_unrestricted_write(request: Request, action: str = "creating a collection"
+                               ) -> None:
+    """Creating or deleting collections needs a key with write access to every collection."""
     scope = _scope(request)
     if not scope.write or scope.collections is not None:
-        raise Forbidden("creating a collection needs an API key with write access to every "
-                        "collection")
+        raise Forbidden(f"{action} needs an API key with write access to every collection")

@@ -53,7 +53,8 @@ def openapi_document(cfg: ServeConfig) -> dict[str, Any]:
     responses: list[type[BaseModel]] = [schemas.SearchResponse, schemas.AskResponse,
                                          schemas.EmbedResponse, schemas.EmbedResponseB64,
                                          schemas.WriteResponse, schemas.CollectionOut,
-                                         schemas.CollectionList, schemas.ModelList,
+                                         schemas.CollectionList, schemas.CollectionDeleted,
+                                         schemas.ModelList,
                                          schemas.ChatCompletion, schemas.ErrorResponse,
                                          schemas.Status]
     modes: list[tuple[type[BaseModel], JsonSchemaMode]] = [
@@ -129,9 +130,17 @@ def openapi_document(cfg: ServeConfig) -> dict[str, Any]:
                 **post("Create an empty collection (needs an unrestricted write key)",
                        schemas.CollectionCreate, ok("The new collection",
                                                     schemas.CollectionOut))},
-            "/v1/collections/{name}": in_collection(get(
-                "One collection", ok("The collection", schemas.CollectionOut),
-                401, 403, 404, 429, 504)),
+            "/v1/collections/{name}": {
+                **in_collection(get("One collection", ok("The collection",
+                                                         schemas.CollectionOut),
+                                    401, 403, 404, 429, 504)),
+                **in_collection({"delete": {
+                    "summary": "Delete a named collection and its files (needs an "
+                               "unrestricted write key; the default collection is never "
+                               "deleted)",
+                    "security": security,
+                    "responses": {"200": ok("What was deleted", schemas.CollectionDeleted),
+                                  **_errors(401, 403, 404, 422, 429, 503, 504)}}})},
             "/v1/collections/{name}/search": in_collection(search),
             "/v1/collections/{name}/ask": in_collection(ask),
             "/v1/collections/{name}/documents": in_collection(upsert),

@@ -264,6 +264,13 @@ class CollectionList(BaseModel):
     collections: list[CollectionOut]
 
 
+class CollectionDeleted(BaseModel):
+    name: str
+    deleted: bool
+    #: chunks the collection held when it was deleted
+    chunks: int
+
+
 class ModelOut(BaseModel):
     id: str
     object: Literal["model"]
