@@ -696,14 +696,15 @@ class DistributedIndex(IndexWrites):
     def shard_locations(self) -> dict[int, list[str]]:
         """Worker address(es) holding each shard (any of its replicas)."""
         self._reattach()
-        holders = self._replica_holders()
-        return {s: sorted({w for f in r for w in holders[f.key]})
-                for s, r in enumerate(self.replica_futures())}
+        reps = self.replica_futures()  # one snapshot: a rebalance may swap futures meanwhile
+        holders = self._replica_holders(reps)
+        return {s: sorted({w for f in r for w in holders[f.key]}) for s, r in enumerate(reps)}
 
-    def _replica_holders(self) -> dict[Any, list[str]]:
+    def _replica_holders(self, reps: list[list[Future]] | None = None) -> dict[Any, list[str]]:
         """Replica key -> the workers holding it now (sorted; [] while it is being loaded),
-        from one scheduler query."""
-        every = [f for r in self.replica_futures() for f in r]
+        from one scheduler query; for the replicas ``reps`` (a snapshot of
+        :meth:`replica_futures`, taken now when not given)."""
+        every = [f for r in (self.replica_futures() if reps is None else reps) for f in r]
         who = self.client.who_has(every)
         return {f.key: sorted(who.get(f.key, ())) for f in every}
 
@@ -721,10 +722,11 @@ class DistributedIndex(IndexWrites):
             workers = [] if self._closed else self._shard_workers()
             if not workers:
                 return 0
-            holders = self._replica_holders()
+            reps = self.replica_futures()
+            holders = self._replica_holders(reps)
             current: dict[tuple[int, int], str | None] = {
                 (s, r): holders[f.key][0] if holders[f.key] else None
-                for s, r_futs in enumerate(self.replica_futures()) for r, f in enumerate(r_futs)}
+                for s, r_futs in enumerate(reps) for r, f in enumerate(r_futs)}
             moves = plan_placement(current, workers, self._hosts())
             if not moves:
                 return 0
