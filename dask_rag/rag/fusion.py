@@ -90,22 +90,12 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], rrf_k: int = 60,
     if rrf_k < 1:
         raise InvalidInput(f"rrf_k={rrf_k} is invalid: must be >= 1")
     weights = weights or [1.0] * len(rankings)
+    rank_maps = [_ranks([(c, 0.0) for c in ranking]) for ranking in rankings]
     scores: dict[int, float] = {}
-    best: dict[int, int] = {}
-    for ranking, w in zip(rankings, weights, strict=True):
-        seen: set[int] = set()
-        rank = 0
-        for cid in ranking:
-            if cid < 0:
-                continue
-            rank += 1
-            if cid in seen:  # an id counts at its first place
-                continue
-            seen.add(cid)
+    for ranks, w in zip(rank_maps, weights, strict=True):
+        for cid, rank in ranks.items():
             scores[cid] = scores.get(cid, 0.0) + w / (rrf_k + rank)
-            if rank < best.get(cid, 1 << 30):
-                best[cid] = rank
-    return sorted(scores.items(), key=lambda kv: (-kv[1], best[kv[0]], kv[0]))
+    return _sorted(scores, rank_maps)
 
 
 def _convex(dense: Ranked, sparse: Ranked, dense_weight: float,

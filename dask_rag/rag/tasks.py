@@ -61,10 +61,12 @@ class RetrievalPlan:
     submitted_at: float = 0.0
 
 
-def _ranked(I: npt.NDArray[np.int64], S: npt.NDArray[np.float32]) -> list[tuple[int, float]]:
-    """One query row's ``(id, score)`` pairs, padding dropped."""
+def _ranked(I: npt.NDArray[np.int64], S: npt.NDArray[np.float32], recs: Sequence[Any]
+            ) -> tuple[list[tuple[int, float]], list[Any]]:
+    """One query row's ``(id, score)`` pairs and their records (if any), padding dropped."""
     keep = I >= 0
-    return list(zip(I[keep].tolist(), S[keep].tolist(), strict=True))
+    kept = [rec for rec, k in zip(recs, keep.tolist(), strict=False) if k]
+    return list(zip(I[keep].tolist(), S[keep].tolist(), strict=True)), kept
 
 
 def _record(cid: int, *lists: tuple[list[tuple[int, float]], Sequence[Any]]) -> Any:
@@ -86,21 +88,16 @@ def fused_candidates(res: ShardResult, plan: RetrievalPlan) -> list[list[Hit]]:
     JSON to parse) are built only for the kept ones.
     """
     nq = plan.nq
-    empty: tuple[list[tuple[int, float]], Sequence[Any]] = ([], [])
+    empty: tuple[list[tuple[int, float]], list[Any]] = ([], [])
     dense = [empty] * nq
     sparse = [empty] * nq
     for j, row in enumerate(res.rows.tolist()):
-        recs = res.payload[j] if res.payload is not None else []
-        # records of padding slots are dropped with them: keep them aligned with the pairs
-        dense[row] = (_ranked(res.I[j], res.D[j]),
-                      [rec for rec, c in zip(recs, res.I[j].tolist(), strict=False) if c >= 0])
+        dense[row] = _ranked(res.I[j], res.D[j],
+                             res.payload[j] if res.payload is not None else [])
     if res.sparse is not None:
         sp = res.sparse
         for local, row in enumerate(sp.rows.tolist()):
-            recs = sp.payload[local]
-            sparse[row] = (_ranked(sp.I[local], sp.S[local]),
-                           [rec for rec, c in zip(recs, sp.I[local].tolist(), strict=False)
-                            if c >= 0])
+            sparse[row] = _ranked(sp.I[local], sp.S[local], sp.payload[local])
     out = []
     for d, s_ in zip(dense, sparse, strict=True):
         ranked = fuse(plan.mode, d[0], s_[0], plan.fusion)
