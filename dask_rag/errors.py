@@ -20,6 +20,7 @@ Every error a caller can act on has its own class; everything derives from
     ├── StorageUnavailable        an index URL cannot be reached (endpoint down, credentials
     │                             missing or refused, bucket missing); the message names it
     └── ModelLoadError            a model path is not a loadable model
+        └── EncoderMismatch       no worker's encoder reproduces the index's canary vectors
 
 HTTP handlers never choose status codes themselves: they call :func:`http_status`.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 __all__ = [
     "CorruptIndex",
     "DaskRagError",
+    "EncoderMismatch",
     "Forbidden",
     "IndexNotFound",
     "InvalidInput",
@@ -139,6 +141,14 @@ class ModelLoadError(DaskRagError):
     """A model (encoder, cross-encoder, generator) could not be loaded from its path."""
 
     type_name = "model_load_error"
+
+
+class EncoderMismatch(ModelLoadError):
+    """An encoder does not reproduce the canary vectors recorded in the index's manifest (it
+    would embed queries differently from how the index was built); the message names the
+    workers and the difference."""
+
+    type_name = "encoder_mismatch"
 
 
 # Ordered most specific first: the first matching class decides the status.

@@ -6,6 +6,8 @@ The real code paths call :func:`fault_point` at the places where a crash matters
     save.shards_written   a save wrote the new shard files; the manifest commit comes next
     build.shards_written  a build wrote every shard; the manifest comes next
     embed.batch           an embedding task is about to encode its texts
+    embed.vectors         an encoder's output vectors (``perturb``: this encoder now embeds
+                          differently, as another CPU kind or a damaged model copy would)
     search.shard          a shard's search task is about to search
 
 A test arms points through the environment (``DASK_RAG_FAULTS``), in the client process
@@ -14,8 +16,9 @@ worker inherits the nanny's environment, the plugin re-arms it)::
 
     DASK_RAG_FAULTS="save.shards_written=raise,embed.batch=kill@3"
 
-Actions: ``raise`` (raise :class:`InjectedFault`), ``kill`` (SIGKILL this process: no cleanup,
-no flush — a power cut for the process), ``block`` (wait until the file named by
+Actions: ``raise`` (raise :class:`InjectedFault`), ``perturb`` (only at value points, see
+:func:`perturb_point`: return the value slightly changed), ``kill`` (SIGKILL this process: no
+cleanup, no flush — a power cut for the process), ``block`` (wait until the file named by
 ``DASK_RAG_FAULTS_RELEASE`` exists: the test decides when the work goes on); ``@N`` fires only
 on the N-th time the point is reached (counted per process).  With a report file, a point fires
 at most once across all processes (a worker restarted after its kill does not kill itself
@@ -35,13 +38,13 @@ from typing import Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 __all__ = ["FAULTS_ENV", "RELEASE_ENV", "REPORT_ENV", "ArmFaults", "InjectedFault",
-           "fault_point", "read_report"]
+           "fault_point", "perturb_point", "read_report"]
 
 FAULTS_ENV = "DASK_RAG_FAULTS"
 REPORT_ENV = "DASK_RAG_FAULTS_REPORT"
 RELEASE_ENV = "DASK_RAG_FAULTS_RELEASE"
 POINTS = frozenset({"wal.appended", "save.shards_written", "build.shards_written",
-                    "embed.batch", "search.shard"})
+                    "embed.batch", "embed.vectors", "search.shard"})
 
 _counts: dict[str, int] = {}
 _lock = threading.Lock()
@@ -81,6 +84,30 @@ def fault_point(name: str) -> None:
         _block_until_released(name)
         return
     raise InjectedFault(f"fault injected at {name} (call {count})")
+
+
+def perturb_point(name: str, vectors: Any) -> Any:
+    """``vectors`` (float rows), or with ``name=perturb`` armed, the rows plus a fixed pattern
+    of +-0.01 per component, renormalised where they were unit rows: a deterministic stand-in
+    for an encoder whose arithmetic differs (reported like every other action; ``@N`` and
+    the once-across-processes claim do not apply: a perturbed encoder stays perturbed)."""
+    armed = _armed(name)
+    if armed is None or armed[0] != "perturb":
+        return vectors
+    import numpy as np
+
+    with _lock:
+        _counts[name] = count = _counts.get(name, 0) + 1
+        _report(f"{name} {os.getpid()} {count} perturb")
+    v = np.asarray(vectors, dtype=np.float32)
+    if v.size == 0:
+        return v
+    sign = np.where(np.arange(v.shape[-1]) % 3 == 0, 0.01, -0.01).astype(np.float32)
+    out = v + sign
+    norms = np.linalg.norm(v, axis=-1, keepdims=True)
+    unit = np.abs(norms - 1.0) < 1e-3
+    return np.where(unit, out / np.linalg.norm(out, axis=-1, keepdims=True), out
+                    ).astype(np.float32)
 
 
 def _claim(name: str) -> bool:

@@ -44,7 +44,12 @@ from dask_rag.corpus.chunking import Chunk, chunk_documents
 from dask_rag.corpus.frames import FrameColumns, frame_documents
 from dask_rag.corpus.loaders import Document, discover_files, load_file
 from dask_rag.embed.encoder import recorded_config, resolve_model_path
-from dask_rag.embed.service import embed_texts_task, encoder_info_task, worker_encoder
+from dask_rag.embed.service import (
+    embed_texts_task,
+    encoder_canaries_task,
+    encoder_info_task,
+    worker_encoder,
+)
 from dask_rag.errors import InvalidInput
 from dask_rag.index import store
 from dask_rag.index.distributed import DistributedIndex
@@ -123,7 +128,8 @@ def read_and_chunk_task(embed: EmbedConfig, chunk: ChunkConfig, items: list[Any]
             docs.append(item)
     seen = [(d.source, d.doc_hash) for d in docs]
     todo = [d for d in docs if known.get(d.source) != d.doc_hash]
-    chunks = chunk_documents(todo, worker_encoder(embed).count_tokens, chunk) if todo else []
+    chunks = (chunk_documents(todo, worker_encoder(embed, check=False).count_tokens, chunk)
+              if todo else [])
     return seen, chunks, skipped
 
 
@@ -302,8 +308,12 @@ def _ingest(client: Client, groups: list[list[Any]], index_dir: str | os.PathLik
         n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
         spec = spec or auto_spec(report.chunks_embedded, n_workers)
         info = client.submit(encoder_info_task, embed, pure=False).result()
-        recorded = {**info, "chunk": {"max_tokens": chunk.max_tokens,
-                                      "overlap_tokens": chunk.overlap_tokens}}
+        # the vectors of a few fixed texts: every worker that serves the index checks its
+        # encoder against them (another CPU kind, another model copy: see EncoderCanaries)
+        canaries = client.submit(encoder_canaries_task, embed, pure=False).result()
+        recorded = {**info, "canaries": canaries,
+                    "chunk": {"max_tokens": chunk.max_tokens,
+                              "overlap_tokens": chunk.overlap_tokens}}
         if batched is None:
             index = DistributedIndex.build(
                 client, vectors, np.array([c.id for c in chunks], dtype=np.int64), spec,

@@ -198,9 +198,14 @@ class RagPipeline:
         if plan.mode == "sparse":
             return None
         texts = [r.query if isinstance(r, SearchRequest) else r.question for r in reqs]
-        if len(texts) <= SMALL_BATCH:
+        if self._small(reqs):
             return self.embedder.here(texts)
         return self.embedder.submit(texts)
+
+    def _small(self, reqs: Sequence[SearchRequest | AskRequest]) -> bool:
+        """Whether a batch is embedded in the shards' own tasks (see SMALL_BATCH): only while
+        every worker's encoder matches the index's canaries, since shards live anywhere."""
+        return len(reqs) <= SMALL_BATCH and self.embedder.embeds_everywhere()
 
     def _search_parts(self, reqs: Sequence[SearchRequest | AskRequest], keep: int
                       ) -> tuple[list[Future], RetrievalPlan, str]:
@@ -256,7 +261,7 @@ class RagPipeline:
         return hits
 
     def _search_now(self, reqs: Sequence[SearchRequest]) -> Retrieved:
-        if len(reqs) <= SMALL_BATCH:
+        if self._small(reqs):
             # a small batch: the workers' searcher actors answer directly, and the shards'
             # answers are merged and fused here (see SMALL_BATCH); a graph if that fails
             query, plan = self._plan(reqs, self._k(reqs[0]))
@@ -344,7 +349,7 @@ class RagPipeline:
         return _answers([req], results, t0)[0]
 
     async def _asearch_graph(self, reqs: list[SearchRequest]) -> Retrieved:
-        if len(reqs) <= SMALL_BATCH:
+        if self._small(reqs):
             query, plan = self._plan(reqs, self._k(reqs[0]))
             parts = await self.index.asearch_direct(query, self._vectors(reqs, plan), plan.nq)
             if parts is not None:
@@ -483,7 +488,17 @@ class RagPipeline:
         bad = [f for f in futs if f.status != "finished"]
         if bad:
             return False, f"{len(bad)} of {len(futs)} shards are not loaded ({bad[0].status})"
-        return True, f"{len(futs)} shards loaded"
+        encoders_ok, mismatched, detail = self.encoder_status()
+        if not encoders_ok:
+            return False, detail
+        return True, f"{len(futs)} shards loaded" + (f"; {detail}" if mismatched else "")
+
+    def encoder_status(self) -> tuple[bool, int, str]:
+        """(some worker may embed for this index, how many may not, what the canaries say):
+        workers whose encoder does not reproduce the index's canary vectors embed nothing."""
+        mismatched = self.embedder.mismatched_workers()
+        ok = self.embedder.config.canaries is None or bool(self.embedder.healthy_workers())
+        return ok, len(mismatched), self.embedder.mismatch_summary()
 
     def warmup(self) -> None:
         """Load the encoder (and generator) on every worker before the first request."""

@@ -69,6 +69,10 @@ class Telemetry:
             registry=self.registry)
         self.inflight = Gauge("dask_rag_inflight_requests", "Requests being processed",
                               registry=self.registry)
+        self.encoder_mismatch = Gauge(
+            "dask_rag_encoder_mismatched_workers",
+            "Workers whose encoder does not reproduce the index's canary vectors (they do "
+            "not embed for it)", registry=self.registry)
         self.rejected = Counter("dask_rag_rejected_total", "Requests rejected by back-pressure",
                                 ["reason"], registry=self.registry)
         self.requests = Counter("dask_rag_requests_total", "Requests by endpoint and status",

@@ -151,7 +151,7 @@ def test_eval_command_on_a_beir_set(tmp_path, capsys):
     assert "3 queries with judgements, 1 without (not scored)" in text
     result = json.loads(out.read_text())
     assert result["dataset"] == "tiny" and result["split"] == "test"
-    assert result["encoder"]["precision"] == "int8" and result["index"]["factory"] == "Flat"
+    assert result["encoder"]["precision"] == "fp32" and result["index"]["factory"] == "Flat"
     assert set(result["results"]) == {"dense", "sparse", "hybrid", "hybrid (tuned)"}
     assert result["results"]["dense"]["recall@10"] == 1.0
     manifest = json.loads((d / ".dask-rag-index" / "manifest.json").read_text())

@@ -43,7 +43,7 @@ def test_default_encoder_is_batch_invariant_through_the_service(client, pool):
     every vector is bit-identical to that text encoded alone, here and on the workers."""
     cfg = EmbedConfig()
     local = SentenceEncoder(cfg)
-    assert (local.precision, local.backend) == ("int8", "onnx")  # the default, not fp32
+    assert (local.precision, local.backend) == ("fp32", "onnx")  # the default, not torch
     service = EmbeddingService(client, cfg, BatchConfig(max_batch=64, max_wait_ms=20))
     alone_local = np.concatenate([local.encode([t]) for t in pool])
     alone_cluster = np.concatenate([service.embed_now([t]) for t in pool])

@@ -5,15 +5,19 @@ Dynamic padding: a batch is tokenized once, sorted by token length, cut into buc
 back in input order.  On a mixed-length corpus most of the compute of naive batching goes to
 padding tokens (measured here: 3.4x faster on shuffled stdlib docstrings at batch 64).
 
-Precision on CPU: ``precision="auto"`` is int8, per-channel dynamic quantization of the linear
-layers run by ONNX Runtime (``backend="auto"``, :mod:`dask_rag.embed.onnx`): mean cosine ~0.993
-to fp32 at 1.7x its throughput on an AVX2-only EPYC and 2.6x on an EPYC with AVX512-BF16/VNNI.
-bf16 keeps cosine ~1.000 and runs 1.8x fp32 where the CPU computes it natively (AVX512-BF16 /
-AMX) but ~7x *slower* where torch must emulate it (AVX2-only CPUs); ``auto`` falls back to it,
-where it is native, only when onnxruntime is missing.  Torch's own int8
-(``backend="torch"``, ``torch.ao.quantization.quantize_dynamic``) reaches only cosine ~0.978 —
-all of them reported by the benchmark so a user can choose.
-fp16 is for GPUs.
+Precision on CPU: ``precision="auto"`` is fp32 run by ONNX Runtime (``backend="auto"``,
+:mod:`dask_rag.embed.onnx`), each text on its own: its vectors are the same on every x86 CPU
+generation to ~1e-7 per component — the invariant that a query's results never depend on the
+CPU that computes them.  int8 (ONNX Runtime's per-channel dynamic quantization) runs ~1.5x
+faster at mean cosine ~0.993 to fp32, but its vectors differ between CPU generations by up to
+0.035 per component: dynamic quantization rounds activations to 8 bits, and the last-bit
+differences of the fp32 kernels around it (LayerNorm, GELU, softmax, fp32 GEMMs; AVX2 and
+AVX-512 builds of each) move values across rounding steps (measured: native AVX2 vs an
+emulated SSE4.2 CPU, exact-integer GEMMs on both, still 0.013).  So int8 is opt-in, and an
+int8 index is served only by workers whose canaries match (:func:`check_canaries`).
+bf16 is native only on AVX512-BF16/AMX CPUs and ~7x *slower* where torch emulates it.
+Torch's own int8 (``backend="torch"``) reaches only cosine ~0.978.  fp16 is for GPUs.
+All of them are reported by ``benchmarks/embed_throughput.py`` so a user can choose.
 
 Why one module of ~500 lines: the precision and backend choice, the per-text ONNX path and the
 length-bucketed torch path together decide what a vector is; kept side by side, the rule that
@@ -25,19 +29,23 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
-from dask_rag.config import EmbedConfig
+from dask_rag.config import EmbedConfig, EncoderCanaries
 from dask_rag.errors import InvalidInput, ModelLoadError
+from dask_rag.faults import perturb_point
 
 __all__ = [
+    "CANARY_TEXTS",
+    "CanaryVerdict",
     "Encoder",
     "SentenceEncoder",
+    "check_canaries",
     "default_model_path",
     "length_buckets",
     "model_fingerprint",
@@ -119,7 +127,8 @@ def recorded_config(recorded: dict[str, Any], override: EmbedConfig | None = Non
             fields[key] = bool(recorded[key])
     if isinstance(recorded.get("max_seq_length"), int):
         fields["max_seq_length"] = recorded["max_seq_length"]
-    config = EmbedConfig(**fields)
+    canaries = EncoderCanaries.from_manifest(recorded.get("canaries"))
+    config = EmbedConfig(**fields, canaries=canaries)
     if override is None:
         return config
     index_side, query_side = _effective(config), _effective(override)
@@ -130,15 +139,15 @@ def recorded_config(recorded: dict[str, Any], override: EmbedConfig | None = Non
                    f"{', '.join(f'{k}={index_side[k]!r}' for k in changed)}; queries: "
                    f"{', '.join(f'{k}={query_side[k]!r}' for k in changed)}): their vectors "
                    "will not match how the documents were embedded")
-    return override
+        return override
+    # the same vectors by its settings: the index's canaries still check each worker
+    return replace(override, canaries=canaries)
 
 
 @functools.lru_cache(maxsize=64)
 def resolve_config(config: EmbedConfig) -> EmbedConfig:
     """``config`` with ``"auto"`` device, precision and backend resolved on this machine: two
     configs that resolve alike load one encoder (a worker caches encoders by this)."""
-    from dataclasses import replace
-
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     return replace(config, device=device, precision=precision,
@@ -192,23 +201,13 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """The precision ``"auto"`` stands for here: fp16 on GPUs; on CPUs int8 run by ONNX Runtime
-    when it is installed, else bf16 where the CPU computes it natively, else fp32.
+    """The precision ``"auto"`` stands for here: fp16 on GPUs, fp32 on CPUs.
 
-    int8 on ONNX Runtime keeps mean cosine ~0.993 to fp32 and was the fastest CPU mode on both
-    CPUs measured (``benchmarks/embed_throughput.py``): 1.7x fp32 on an AVX2-only EPYC, where
-    torch's bf16 is emulated and 7x *slower* than fp32; 2.6x fp32 on an EPYC with AVX512-BF16/VNNI,
-    where bf16 reaches 1.8x (at cosine 1.000 — pick ``"bf16"`` explicitly for that fidelity).
-    Torch's own int8 reaches only ~0.978, so without onnxruntime int8 is not chosen.
+    fp32 on CPU because it is the precision whose vectors do not depend on the CPU generation
+    (see the module docstring); the faster int8 and bf16 are explicit choices.
     """
     if precision == "auto":
-        if device.startswith("cuda"):
-            return "fp16"
-        from dask_rag.embed.onnx import onnx_available
-
-        if onnx_available():
-            return "int8"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
+        return "fp16" if device.startswith("cuda") else "fp32"
     if precision == "fp16" and not device.startswith("cuda"):
         raise InvalidInput("EmbedConfig.precision='fp16' needs a GPU; on CPU use 'fp32', "
                            "'bf16' or 'int8'")
@@ -218,15 +217,64 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 def resolve_backend(backend: str, precision: str, device: str) -> str:
-    """``"auto"``: ONNX Runtime for int8 on CPU when it is installed, torch otherwise."""
+    """``"auto"``: ONNX Runtime for fp32 and int8 on CPU when it is installed, torch otherwise.
+
+    ONNX Runtime's per-call overhead is a fraction of torch's: one short query encodes in
+    ~5 ms at fp32 instead of ~13 ms with torch (measured here), at equal vectors (cosine
+    0.99999)."""
     if backend == "auto":
         from dask_rag.embed.onnx import onnx_available
 
-        return "onnx" if precision == "int8" and onnx_available() else "torch"
+        return ("onnx" if precision in ("fp32", "int8") and not device.startswith("cuda")
+                and onnx_available() else "torch")
     if backend == "onnx" and (device.startswith("cuda") or precision not in ("fp32", "int8")):
         raise InvalidInput(f"EmbedConfig.backend='onnx' runs fp32 or int8 on CPU, not "
                            f"{precision} on {device}; use backend='torch'")
     return backend
+
+
+#: canary texts: short and long, ASCII and not, digits and punctuation (see check_canaries)
+CANARY_TEXTS = (
+    "how do I sort a list",
+    "Zürich, 2024-06-01: naïve café prices rose 3.14159% — see §4.2 (ISO 8601).",
+    "The worker process loads every shard it owns from the index directory, searches the "
+    "inverted lists that the coarse quantizer routes each query to, and returns the best "
+    "distances and identifiers; the client merges the partial top-k lists into one ranking "
+    "and breaks ties by identifier so that the order never depends on arrival.",
+)
+
+#: how far (largest absolute difference of one component) a worker's canary vector may be
+#: from the recorded one: fp32 differs by ~1e-7 between CPU generations; int8 is
+#: bit-identical on one CPU kind and differs by ~1e-2 across kinds; bf16/fp16 by ~1e-3
+CANARY_MAX_ABS = {"fp32": 1e-5, "int8": 1e-5, "bf16": 5e-3, "fp16": 5e-3}
+
+
+@dataclass(frozen=True)
+class CanaryVerdict:
+    """How a worker's encoder compares with an index's canaries."""
+
+    ok: bool
+    max_abs_diff: float
+    max_abs: float
+    detail: str
+
+
+def check_canaries(encoder: Encoder, canaries: Any) -> CanaryVerdict:
+    """Encode the canary texts here and compare with the recorded vectors."""
+    expected = np.frombuffer(canaries.vectors, dtype=np.float32).reshape(len(canaries.texts),
+                                                                         -1)
+    if expected.shape[1] != encoder.dim:
+        return CanaryVerdict(False, float("inf"), canaries.max_abs,
+                             f"encoder dimension {encoder.dim} != canaries' {expected.shape[1]}")
+    got = encoder.encode(list(canaries.texts))
+    diff = float(np.abs(got.astype(np.float64) - expected).max())
+    if not np.isfinite(diff) or diff > canaries.max_abs:
+        return CanaryVerdict(False, diff, canaries.max_abs,
+                             f"canary vectors differ by up to {diff:.3g} (tolerance "
+                             f"{canaries.max_abs:.3g}): this encoder does not reproduce the "
+                             "index's (another CPU kind for int8, another model copy, ...)")
+    return CanaryVerdict(True, diff, canaries.max_abs,
+                         f"canaries match (max |diff| {diff:.3g})")
 
 
 #: a length bucket is closed early once padding would exceed this fraction of its real tokens
@@ -331,6 +379,12 @@ class SentenceEncoder:
                 "normalize": self.config.normalize,
                 "max_seq_length": self.max_seq_length}
 
+    def canaries(self) -> EncoderCanaries:
+        """The :data:`CANARY_TEXTS` and their vectors from this encoder, for a manifest."""
+        vectors = self.encode(list(CANARY_TEXTS)).astype(np.float32)
+        return EncoderCanaries(CANARY_TEXTS, vectors.tobytes(),
+                               CANARY_MAX_ABS.get(self.precision, 1e-5))
+
     def _tokenize(self, texts: Sequence[str]) -> dict[str, list[list[int]]]:
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_seq_length,
                              padding=False)
@@ -360,9 +414,11 @@ class SentenceEncoder:
         self.encode_calls += 1
         tokens = self._tokenize(texts)
         if self.config.batch_invariant:
-            return self._encode_each(tokens, len(texts))
-        return self._encode_buckets(tokens, len(texts), batch_size or self.config.batch_size,
-                                    self.config.bucketing if bucketing is None else bucketing)
+            out = self._encode_each(tokens, len(texts))
+        else:
+            out = self._encode_buckets(tokens, len(texts), batch_size or self.config.batch_size,
+                                       self.config.bucketing if bucketing is None else bucketing)
+        return perturb_point("embed.vectors", out)
 
     def _encode_each(self, tokens: dict[str, list[list[int]]], n: int
                      ) -> npt.NDArray[np.float32]:
@@ -507,7 +563,13 @@ def _numpy_pooling(model: Any) -> _Pooling | None:
 
 
 def _unit(v: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-    """``v / ||v||`` computed in float64, as float32 (a zero vector stays zero)."""
+    """``v / ||v||`` computed in float64, as float32 (a zero vector stays zero).
+
+    The norm is an exactly rounded sum (``math.fsum``), not a BLAS dot product: BLAS picks
+    its kernel, and with it the order of the sum, by CPU generation.
+    """
+    import math
+
     v64 = np.asarray(v, dtype=np.float64)
-    norm = float(np.sqrt(np.dot(v64, v64)))
+    norm = math.sqrt(math.fsum((v64 * v64).tolist()))
     return (v64 / norm if norm > 1e-12 else v64).astype(np.float32)

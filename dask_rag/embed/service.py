@@ -3,12 +3,20 @@
 ``embed_texts_task`` is the one task that turns texts into vectors; ingestion maps it over
 chunk batches, and :class:`EmbeddingService` feeds it from the async micro-batcher so that
 concurrent single-text requests (HTTP ``/v1/embed``, query embedding) share model calls.
+
+Canaries: when the config carries an index's :class:`~dask_rag.config.EncoderCanaries`, a
+worker checks its encoder against them once (the verdict is cached with the model) and
+refuses to embed for that index if its vectors differ (:class:`EncoderMismatch`); the
+service checks every worker up front and places embedding only on those that match, so a
+cluster with one mismatched worker answers exactly like a healthy one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,22 +30,73 @@ from dask_rag.batching import MicroBatcher
 from dask_rag.cluster.futures import await_future, gather_direct
 from dask_rag.cluster.plugins import ensure_model_cache, worker_model_cache
 from dask_rag.config import BatchConfig, EmbedConfig
-from dask_rag.embed.encoder import SentenceEncoder, resolve_config, resolve_model_path
-from dask_rag.errors import InvalidInput
+from dask_rag.embed.encoder import (
+    CanaryVerdict,
+    SentenceEncoder,
+    check_canaries,
+    resolve_config,
+    resolve_model_path,
+)
+from dask_rag.errors import EncoderMismatch, InvalidInput
 from dask_rag.faults import fault_point
 
-__all__ = ["EmbedHere", "EmbeddingService", "embed_texts_task", "split_balanced",
-           "worker_encoder"]
+__all__ = ["EmbedHere", "EmbeddingService", "canary_check_task", "embed_texts_task",
+           "encoder_canaries_task", "split_balanced", "worker_encoder"]
 
 
-def worker_encoder(config: EmbedConfig) -> SentenceEncoder:
-    """The encoder for ``config`` on this worker (loaded on first use, then cached under the
-    config with ``"auto"`` resolved, so ``precision="auto"`` and the precision it means here
-    share one model)."""
+log = logging.getLogger("dask_rag.embed")
+
+
+def _loaded_encoder(config: EmbedConfig) -> SentenceEncoder:
     resolved = resolve_config(config)
     enc: SentenceEncoder = worker_model_cache().get(("encoder", resolved),
                                                     lambda: SentenceEncoder(resolved))
     return enc
+
+
+def worker_encoder(config: EmbedConfig, check: bool = True) -> SentenceEncoder:
+    """The encoder for ``config`` on this worker (loaded on first use, then cached under the
+    config with ``"auto"`` resolved, so ``precision="auto"`` and the precision it means here
+    share one model).  With canaries in ``config``, an encoder that does not reproduce them
+    raises :class:`EncoderMismatch` instead of embedding (``check=False``: for its tokenizer
+    only, e.g. chunking, which the canaries do not concern)."""
+    enc = _loaded_encoder(config)
+    if check and config.canaries is not None:
+        verdict = _canary_verdict(enc, config)
+        if not verdict.ok:
+            raise EncoderMismatch(f"worker {_worker_name()}: {verdict.detail}")
+    return enc
+
+
+def _canary_verdict(enc: SentenceEncoder, config: EmbedConfig) -> CanaryVerdict:
+    """This worker's verdict on ``config.canaries``, checked once and cached with the model."""
+    canaries = config.canaries
+    assert canaries is not None
+
+    def check() -> CanaryVerdict:
+        verdict = check_canaries(enc, canaries)
+        if not verdict.ok:
+            log.warning("worker %s does not embed for indexes with canaries %s: %s",
+                        _worker_name(), canaries.digest, verdict.detail)
+        return verdict
+
+    key = ("canaries", resolve_config(config), canaries.digest)
+    result: CanaryVerdict = worker_model_cache().get(key, check)
+    return result
+
+
+def _worker_name() -> str:
+    from distributed import get_worker
+
+    try:
+        return str(get_worker().address)
+    except ValueError:
+        return "(not a worker)"
+
+
+def canary_check_task(config: EmbedConfig) -> tuple[str, CanaryVerdict]:
+    """(this worker's address, its verdict on ``config.canaries``)."""
+    return _worker_name(), _canary_verdict(_loaded_encoder(config), config)
 
 
 def embed_texts_task(config: EmbedConfig, texts: list[str]) -> npt.NDArray[np.float32]:
@@ -62,8 +121,13 @@ def encoder_info_task(config: EmbedConfig) -> dict[str, Any]:
     return worker_encoder(config).describe()
 
 
+def encoder_canaries_task(config: EmbedConfig) -> dict[str, Any]:
+    """The canaries of ``config``'s encoder on this worker, as a manifest records them."""
+    return _loaded_encoder(config).canaries().to_manifest()
+
+
 def _encoder_counters_task(config: EmbedConfig) -> tuple[int, int, int]:
-    enc = worker_encoder(config)
+    enc = _loaded_encoder(config)
     return enc.encode_calls, enc.texts_encoded, enc.model_calls
 
 
@@ -93,13 +157,22 @@ class EmbeddingService:
         self.config = config or EmbedConfig()
         resolve_model_path(self.config.model)  # a bad path fails here, before any task
         ensure_model_cache(client)
-        self.info: dict[str, Any] = client.submit(encoder_info_task, self.config,
-                                                  pure=False).result()
+        #: canary verdicts by worker address (only with canaries); checks still running
+        self.verdicts: dict[str, CanaryVerdict] = {}
+        self._checking: dict[str, Future] = {}
+        self._verdict_lock = threading.Lock()
+        self._workers: list[str] = []
+        self._workers_checked = -1e9
+        if self.config.canaries is not None:
+            self._refresh_workers(wait=True)
+            if not self.healthy_workers():
+                raise EncoderMismatch(self.mismatch_summary())
+        info_at = self.healthy_workers() if self.config.canaries is not None else None
+        self.info: dict[str, Any] = client.submit(encoder_info_task, self.config, pure=False,
+                                                  workers=info_at).result()
         self.dim = int(self.info["dim"])
         #: split batches across workers only in parts of at least this many texts
         self.min_part = 8
-        self._workers = 1
-        self._workers_checked = -1e9
         self._tokenizer: Any = None
         self.batcher: MicroBatcher[str, npt.NDArray[np.float32]] = MicroBatcher(
             self._process, batch or BatchConfig(), name="embed")
@@ -119,11 +192,96 @@ class EmbeddingService:
         return [len(ids) for ids in enc["input_ids"]]
 
     def warmup(self) -> None:
-        """Load the model on every worker now rather than on the first request."""
+        """Load the model on every worker now rather than on the first request (and, with
+        canaries, check every worker's encoder against them)."""
+        if self.config.canaries is not None:
+            self._refresh_workers(wait=True)
+            return
         workers = list(self.client.scheduler_info(n_workers=-1)["workers"])
         futs = [self.client.submit(encoder_info_task, self.config, workers=[w], pure=False,
                                    allow_other_workers=False) for w in workers]
         self.client.gather(futs)
+
+    # ---- canaries -----------------------------------------------------------------------------
+
+    def _refresh_workers(self, wait: bool = False) -> list[str]:
+        """The cluster's workers (a scheduler round trip at most every few seconds); with
+        canaries, a check is started on each worker not seen before (``wait``: and awaited)."""
+        now = time.monotonic()
+        if wait or now - self._workers_checked > 5.0:
+            self._workers = list(self.client.scheduler_info(n_workers=-1)["workers"])
+            self._workers_checked = now
+            if self.config.canaries is not None:
+                self._check_new_workers(wait)
+        return self._workers
+
+    def _check_new_workers(self, wait: bool) -> None:
+        current = set(self._workers)
+        with self._verdict_lock:
+            for gone in set(self.verdicts) - current:
+                del self.verdicts[gone]
+            new = [w for w in self._workers
+                   if w not in self.verdicts and w not in self._checking]
+            for w in new:
+                fut = self.client.submit(canary_check_task, self.config, workers=[w],
+                                         allow_other_workers=False, pure=False, priority=20)
+                self._checking[w] = fut
+                fut.add_done_callback(lambda f, w=w: self._record_verdict(w, f))
+            pending = list(self._checking.values())
+        if wait and pending:
+            from distributed import wait as wait_futures
+
+            wait_futures(pending, timeout=600)
+            for w, f in list(self._checking.items()):  # callbacks may lag behind wait()
+                self._record_verdict(w, f)
+
+    def _record_verdict(self, worker: str, fut: Future) -> None:
+        with self._verdict_lock:
+            if self._checking.get(worker) is not fut:
+                return
+            if fut.status == "finished":
+                _, verdict = fut.result()
+                self.verdicts[worker] = verdict
+                if not verdict.ok:
+                    log.warning("worker %s is not used to embed: %s", worker, verdict.detail)
+            elif fut.status in ("error", "cancelled", "lost"):
+                pass  # the worker went away mid-check: checked again if it comes back
+            else:
+                return
+            del self._checking[worker]
+
+    def healthy_workers(self) -> list[str]:
+        """Workers that may embed for this config: all of them without canaries, else those
+        whose encoder reproduced the canaries."""
+        workers = self._refresh_workers()
+        if self.config.canaries is None:
+            return workers
+        with self._verdict_lock:
+            return [w for w in workers if (v := self.verdicts.get(w)) is not None and v.ok]
+
+    def embeds_everywhere(self) -> bool:
+        """True when every current worker may embed (so any task may embed where it runs)."""
+        if self.config.canaries is None:
+            return True
+        workers = self._refresh_workers()
+        with self._verdict_lock:
+            return all((v := self.verdicts.get(w)) is not None and v.ok for w in workers)
+
+    def mismatched_workers(self) -> dict[str, CanaryVerdict]:
+        """Workers whose encoder does not reproduce the canaries, with their verdicts."""
+        self._refresh_workers()
+        with self._verdict_lock:
+            return {w: v for w, v in self.verdicts.items() if not v.ok}
+
+    def mismatch_summary(self) -> str:
+        bad = self.mismatched_workers()
+        total = len(self._workers)
+        if not bad:
+            return f"encoder canaries match on {total - len(self._checking)} of {total} workers"
+        first = next(iter(bad.values()))
+        return (f"{len(bad)} of {total} workers' encoders do not reproduce the index's "
+                f"canary vectors and do not embed for it ({', '.join(sorted(bad))}): "
+                f"{first.detail}")
 
     def counters(self) -> tuple[int, int]:
         """(encode calls, texts encoded) summed over the cluster's encoders."""
@@ -142,15 +300,19 @@ class EmbeddingService:
         batch-invariant.)
         """
         texts = _check_texts(texts)
-        n_workers = self._n_workers()
-        n_parts = max(1, min(n_workers, len(texts) // self.min_part))
+        workers = self.healthy_workers()
+        if self.config.canaries is not None and not workers:
+            raise EncoderMismatch(self.mismatch_summary())
+        restrict = None if self.embeds_everywhere() else workers
+        n_parts = max(1, min(len(workers), len(texts) // self.min_part))
         order = np.argsort([-len(t) for t in texts], kind="stable").astype(np.int64)
         parts = split_balanced(np.fromiter((len(texts[i]) for i in order), dtype=np.int64,
                                            count=len(texts)), n_parts)
         rows = [order[a:b] for a, b in parts]
         # one map call: one update_graph message for all the parts
         futures = self.client.map(embed_texts_task, [self.config] * len(rows),
-                                  [[texts[i] for i in r] for r in rows], pure=False, priority=5)
+                                  [[texts[i] for i in r] for r in rows], pure=False, priority=5,
+                                  workers=restrict, allow_other_workers=False)
         return list(zip(futures, rows, strict=True))
 
     def here(self, texts: Sequence[str]) -> EmbedHere:
@@ -164,14 +326,6 @@ class EmbeddingService:
         for part, (_, rows) in zip(parts, pieces, strict=True):
             out[rows] = part
         return out
-
-    def _n_workers(self) -> int:
-        # scheduler_info() is a round trip to the scheduler: refresh at most every few seconds
-        now = time.monotonic()
-        if now - self._workers_checked > 5.0:
-            self._workers = max(1, len(self.client.scheduler_info(n_workers=-1)["workers"]))
-            self._workers_checked = now
-        return self._workers
 
     def embed_now(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Embed a batch on the cluster and wait (the parts run in parallel)."""

@@ -176,6 +176,10 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request, body: bytes) -> Response:
+    collections: Collections = request.app.state.collections
+    with contextlib.suppress(Exception):  # the cluster unreachable: the rest still reports
+        _, mismatched, _ = await asyncio.to_thread(collections.default.encoder_status)
+        request.app.state.telemetry.encoder_mismatch.set(mismatched)
     data, content_type = request.app.state.telemetry.exposition()
     return Response(data, media_type=content_type)
 
