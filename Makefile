@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.dask-rag-installed
 TORCH  := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all test-fast demo lint typecheck bench bench-quick clean
+.PHONY: install qemu test test-all test-fast demo lint typecheck bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,20 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+## qemu-user: the cross-instruction-set test runs the encoder under an emulated CPU of another
+## generation (tests/test_cross_isa.py); installed with apt where we are root, else skipped
+qemu:
+	@command -v qemu-x86_64 >/dev/null || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && apt-get install -y -qq qemu-user >/dev/null) || \
+	  echo "qemu-user not installed: the cross-instruction-set test will be skipped"; }
+
 ## the test suite CI runs: slow tests included, the few that take minutes left out
 ## (gpu/vllm tests skip without a GPU)
 test: install
 	$(BIN)/python -m pytest -m "not minutes" $(PYTEST_ARGS)
 
-## everything, the minutes-long tests too
-test-all: install
+## everything, the minutes-long tests too (the cross-instruction-set test among them)
+test-all: install qemu
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## the fast suite only
