@@ -368,8 +368,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="A/B: naive baseline vs optimized dask-rag")
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options (``dask-rag bench`` hands its own to it)."""
+    p = argparse.ArgumentParser(description="A/B: naive baseline vs optimized dask-rag",
+                                allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="1,200 docstrings, 120 queries")
     p.add_argument("--rounds", type=int, default=3, help="rounds (rows alternate within each)")
     p.add_argument("--concurrency", type=int, default=128,
@@ -384,7 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--response-bytes", type=float, default=4096.0,
                    help="bytes per response, for egress")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     result = run_ab(args.quick, args.out, args.concurrency, args.report, args.passes,
                     args.rounds)
     print(markdown_table(result))

@@ -130,6 +130,8 @@ def machine_info() -> dict[str, Any]:
     The same CPU model name hides different generations (an AVX2-only EPYC and one with
     AVX512-BF16 rank bf16 vs fp32 in opposite order), so the flags are recorded too.
     """
+    from dask_rag.cluster.workers import cpu_flags
+
     mem = None
     try:
         import psutil
@@ -137,20 +139,9 @@ def machine_info() -> dict[str, Any]:
         mem = round(psutil.virtual_memory().total / 2**30, 1)
     except ImportError:
         pass
-    return {"cpu": _cpu_model(), "cpu_flags": _cpu_flags(), "cores": os.cpu_count(),
+    return {"cpu": _cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
             "memory_gib": mem, "gpu": _gpu_model(), "platform": platform.platform(),
             "python": platform.python_version()}
-
-
-def _cpu_flags() -> list[str]:
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return [f for f in wanted if f in flags]
 
 
 def versions() -> dict[str, str | None]:

@@ -243,7 +243,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ev.write_results(args.out, {
             "dataset": evalset.name, "split": evalset.split, "queries": judged,
             "unjudged_queries": len(evalset.unjudged), "k": args.k, "level": "document",
-            "encoder": manifest.get("embed"), "index": manifest.get("spec"),
+            "encoder": {k: v for k, v in (manifest.get("embed") or {}).items()
+                        if k != "canaries"},
+            "index": manifest.get("spec"),
             "default_fusion": default.model_dump(), "tuned_fusion": manifest.get("fusion"),
             "results": results, "tuning": tuned_table})
         print(f"wrote {args.out}")
@@ -379,12 +381,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+class ExactParser(argparse.ArgumentParser):
+    """An argument parser that takes options under their full names only (no prefixes)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # no abbreviated options: a documented option must exist under its own name (a prefix
+    # that happens to match another option is not the option the docs name)
+    parser = ExactParser(
         prog="dask-rag",
         description="Retrieval-augmented generation with a faiss index sharded on Dask.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ExactParser)
 
     p = sub.add_parser("ingest", help="chunk, embed and index files or directories")
     p.add_argument("paths", nargs="+",
@@ -515,12 +527,26 @@ def install_sigterm_handler() -> None:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line as :func:`main` reads it (SystemExit 2 with a usage message when it
+    does not parse)."""
+    parser = build_parser()
+    # `bench` hands its options to benchmarks/ab_pipeline.py: argparse's REMAINDER after a
+    # subcommand does not take a leading option (`bench --quick`), so those come back unknown
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "bench_args", None) is not None:
+        args.bench_args = [*unknown, *args.bench_args]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     install_sigterm_handler()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:

@@ -326,5 +326,12 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def write_results(path: str | Path, payload: dict[str, Any]) -> None:
+    """``payload`` as JSON, with the machine's CPU features beside it (quality figures can
+    depend on them through the encoder, see :mod:`dask_rag.embed.encoder`)."""
+    import os
+
+    from dask_rag.cluster.workers import cpu_flags
+
+    payload = {**payload, "machine": {"cpu_flags": cpu_flags(), "cores": os.cpu_count()}}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")

@@ -60,8 +60,8 @@ def test_a_worker_whose_encoder_differs_is_not_used_and_results_stay_exact(
     from dask_rag.pipeline import RagPipeline
     from dask_rag.serve.app import create_app
 
-    questions = list(DEMO_QUESTIONS) + ["how do I sort a list", "parse command line options",
-                                        "compress a file with gzip", "read a csv file"]
+    questions = [*DEMO_QUESTIONS, "how do I sort a list", "parse command line options",
+                 "compress a file with gzip", "read a csv file"]
     with RagPipeline.from_index_dir(client, canary_index) as pipe:
         healthy = _hits(pipe, questions)
 

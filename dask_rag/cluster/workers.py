@@ -11,8 +11,8 @@ from distributed import Client, LocalCluster
 
 from dask_rag.errors import InvalidInput
 
-__all__ = ["WORKER_MALLOC_ENV", "current_workers", "resource_request", "start_local_cluster",
-           "tune_worker_malloc"]
+__all__ = ["WORKER_MALLOC_ENV", "cpu_flags", "current_workers", "resource_request",
+           "start_local_cluster", "tune_worker_malloc"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,23 @@ logger = logging.getLogger(__name__)
 #: with the mmap threshold pinned at 32 MiB it is back within 8 % (1,024 ms) while memory
 #: beyond 32 MiB free still goes back to the OS.
 WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 32 << 20}
+
+
+#: the CPU features results and speed depend on (int8 and bf16 kernels differ by them)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`CPU_FLAGS` this machine's CPU has (recorded beside every figure: the
+    same CPU model name hides generations that differ in them)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return [f for f in CPU_FLAGS if f in flags]
 
 
 def tune_worker_malloc() -> dict[str, int]:
