@@ -14,6 +14,7 @@ cluster with one mismatched worker answers exactly like a healthy one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -229,10 +230,10 @@ class EmbeddingService:
                 fut.add_done_callback(lambda f, w=w: self._record_verdict(w, f))
             pending = list(self._checking.values())
         if wait and pending:
-            from distributed import wait as wait_futures
-
-            wait_futures(pending, timeout=600)
-            for w, f in list(self._checking.items()):  # callbacks may lag behind wait()
+            for f in pending:  # (distributed.wait would use the default client, not ours)
+                with contextlib.suppress(Exception):  # a worker lost mid-check: checked later
+                    f.result(timeout=600)
+            for w, f in list(self._checking.items()):  # callbacks may lag behind result()
                 self._record_verdict(w, f)
 
     def _record_verdict(self, worker: str, fut: Future) -> None:
@@ -251,16 +252,18 @@ class EmbeddingService:
             del self._checking[worker]
 
     def healthy_workers(self) -> list[str]:
-        """Workers that may embed for this config: all of them without canaries, else those
-        whose encoder reproduced the canaries."""
+        """Workers that may embed for this config: all of them without canaries, else all
+        but those whose encoder failed the canaries.  A worker not checked yet is included:
+        its embedding tasks check it themselves and raise rather than embed differently."""
         workers = self._refresh_workers()
         if self.config.canaries is None:
             return workers
         with self._verdict_lock:
-            return [w for w in workers if (v := self.verdicts.get(w)) is not None and v.ok]
+            return [w for w in workers if (v := self.verdicts.get(w)) is None or v.ok]
 
     def embeds_everywhere(self) -> bool:
-        """True when every current worker may embed (so any task may embed where it runs)."""
+        """True when every current worker is known to embed alike (then any task may embed
+        where it runs: a small batch is embedded in the shards' own tasks)."""
         if self.config.canaries is None:
             return True
         workers = self._refresh_workers()
@@ -303,7 +306,7 @@ class EmbeddingService:
         workers = self.healthy_workers()
         if self.config.canaries is not None and not workers:
             raise EncoderMismatch(self.mismatch_summary())
-        restrict = None if self.embeds_everywhere() else workers
+        restrict = workers if self.mismatched_workers() else None
         n_parts = max(1, min(len(workers), len(texts) // self.min_part))
         order = np.argsort([-len(t) for t in texts], kind="stable").astype(np.int64)
         parts = split_balanced(np.fromiter((len(texts[i]) for i in order), dtype=np.int64,
