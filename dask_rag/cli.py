@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from dask_rag.config import MODES, RagConfig
 from dask_rag.errors import DaskRagError, InvalidInput
 
 __all__ = ["main"]
@@ -126,15 +127,24 @@ def cmd_search(args: argparse.Namespace) -> int:
     with _client(args, quiet=args.json) as client, \
             RagPipeline.from_index_dir(client, args.index) as pipe:
         timings: dict[str, float] = {}
-        flt = json.loads(args.filter) if args.filter else None
-        hits = pipe.search_many([args.query], k=args.k, filter=flt, timings=timings)[0]
+        flt = _json_option("--filter", args.filter)
+        hits = pipe.search_many([args.query], k=args.k, filter=flt, timings=timings,
+                                mode=args.mode, fusion=_json_option("--fusion", args.fusion))[0]
         _print_hits(hits, args.json, timings)
     return 0
 
 
-def _rag_config(args: argparse.Namespace) -> Any:
-    from dask_rag.config import RagConfig
+def _json_option(name: str, value: str | None) -> Any:
+    """A JSON-valued option, or None; InvalidInput naming the option when it is not JSON."""
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{name} is not valid JSON: {exc}") from None
 
+
+def _rag_config(args: argparse.Namespace) -> Any:
     return RagConfig(k=args.k, mode=args.mode, generator=args.generator,
                      rerank_model=getattr(args, "rerank_model", None),
                      token_budget=getattr(args, "token_budget", 1024))
@@ -425,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True)
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--filter", help='JSON filter, e.g. {"source_prefix": "json."}')
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="dense, sparse or hybrid (default: the index's configured mode)")
+    p.add_argument("--fusion", help='JSON fusion, as in the HTTP API, e.g. '
+                                    '{"method": "rrf", "dense_weight": 0.5}')
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_cluster_args(p)
     p.set_defaults(func=cmd_search)
@@ -433,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--index", required=True)
     p.add_argument("-k", type=int, default=5, help="passages in the prompt")
-    p.add_argument("--mode", default="hybrid", choices=["dense", "sparse", "hybrid"])
+    p.add_argument("--mode", default=RagConfig().mode, choices=MODES)
     p.add_argument("--generator", default="extractive",
                    help="'extractive' (default), 'hf:PATH' or 'vllm:PATH'")
     p.add_argument("--rerank-model", help="local cross-encoder directory")
@@ -452,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=None,
                    help="copies of each shard on different workers (default: the index's)")
     p.add_argument("-k", type=int, default=5)
-    p.add_argument("--mode", default="hybrid", choices=["dense", "sparse", "hybrid"])
+    p.add_argument("--mode", default=RagConfig().mode, choices=MODES)
     p.add_argument("--generator", default="extractive")
     p.add_argument("--rerank-model")
     p.add_argument("--token-budget", type=int, default=1024)

@@ -240,6 +240,9 @@ def test_collections_create_write_search(http, root):
     r = http.post("/v1/collections", json={"name": "travel", "factory": "HNSW16", "shards": 2})
     assert r.status_code == 200, r.text
     assert r.json()["chunks"] == 0 and (root / "travel" / "manifest.json").is_file()
+    # a collection records the encoder's canaries like an ingested index (checked on reopen)
+    travel = json.loads((root / "travel" / "manifest.json").read_text())["embed"]
+    assert travel["canaries"]["texts"] and travel["canaries"]["vectors_f32_b64"]
     assert http.post("/v1/collections", json={"name": "travel"}).status_code == 422
     assert http.post("/v1/collections", json={"name": "../etc"}).status_code == 422
     docs = [{"id": f"trip/{i}", "text": f"Day {i}: we hiked {name} and camped by the lake."}

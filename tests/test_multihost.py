@@ -132,6 +132,8 @@ def test_ingest_into_a_url_then_update_and_search_it(threads_client):
     assert any(".g1." in f for f in _memory_files(url))
     assert not [f for f in _memory_files(url) if f.startswith("wal/")]
     with RagPipeline.from_index_dir(threads_client, url) as pipe:
+        # the manifest at the URL carries the canaries, and every worker was checked
+        assert pipe.embedder.config.canaries is not None and pipe.embedder.embeds_everywhere()
         hits = pipe.search("what pressure should bike tyres have?", k=1, mode="dense")
         assert hits[0].source == "bikes.txt" and "6 bar" in hits[0].text
 
