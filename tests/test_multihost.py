@@ -378,12 +378,15 @@ def test_scheduler_restart_client_reconnects_and_index_reattaches_from_s3():
             except Exception:
                 return False
 
-        recovery = _wait_until(answered, 90, "searches answered after the restart")
+        _wait_until(answered, 90, "searches answered after the restart")
         recovery = time.monotonic() - t_kill
         np.testing.assert_array_equal(answers[-1], expected)
-        assert all(len(ws) >= 1 for ws in index.shard_locations().values())
+        # the event that recovery means: every shard is held again, by workers of the new
+        # scheduler (a measured time, printed, is no assertion: the wait above bounds it)
+        live = set(client.scheduler_info(n_workers=-1)["workers"])
+        locations = index.shard_locations()
+        assert locations and all(ws and set(ws) <= live for ws in locations.values())
         print(f"scheduler restart: searches complete again {recovery:.1f} s after the kill")
-        assert recovery < 90
         index.close()
 
 
