@@ -6,7 +6,8 @@ Same corpus (the built-in stdlib docs), same queries (short, medium and long), s
   process, extractive generation one prompt at a time;
 * **optimized** — the default (fp32 on ONNX Runtime, batch-invariant) encoder,
   micro-batching (concurrent requests share one graph per batch), IVF-PQ with exact refine
-  sharded on the Dask cluster, the async batched pipeline (``RagPipeline.aask`` with 128 closed-loop clients);
+  sharded on the Dask cluster, the async batched pipeline (``RagPipeline.aask`` with 128
+  closed-loop clients);
 * one **ablation** row per optimization applied alone to the baseline.
 
 Every row runs once per round, the rows' order rotating from round to round, and the
