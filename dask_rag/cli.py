@@ -421,9 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=16)
     p.add_argument("--model", default="default", help="local sentence-transformers model dir")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16",
-                                                            "int8"])
+                                                            "int8"],
+                   help="auto: fp32 on CPU (the same vectors on every CPU generation), fp16 "
+                        "on GPU; int8 is faster but its vectors depend on the CPU kind")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
-                   help="encoder runtime (auto: ONNX Runtime for int8 on CPU)")
+                   help="encoder runtime (auto: ONNX Runtime on CPU)")
     p.add_argument("--chunk-tokens", type=int, default=200)
     p.add_argument("--overlap-tokens", type=int, default=32)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
