@@ -177,6 +177,11 @@ class ObjectStoreDir:
             if self._guard(f"look up {rel}", self.fs.isdir, self._full(rel)):
                 self._guard(f"read {rel}", self.fs.get, self._full(rel) + "/", str(tmp) + "/",
                             recursive=True)
+            elif self.fs.protocol in ("memory", ("memory",)):
+                # fsspec's memory filesystem hands every reader the *same* file object (one
+                # seek position): threaded workers downloading one file at once read each
+                # other's positions and got empty files (seen in CI); cat_file copies
+                tmp.write_bytes(self._guard(f"read {rel}", self.fs.cat_file, self._full(rel)))
             else:
                 self._guard(f"read {rel}", self.fs.get_file, self._full(rel), str(tmp))
             if dest.is_dir():
