@@ -168,6 +168,33 @@ def test_hf_generator_greedy_stream_and_params(gpt2_dir):
         gen.generate(["word " * 2000], SamplingParams(max_tokens=8))
 
 
+def test_hf_generator_sampling_parameters_and_stop_take_effect(gpt2_dir):
+    """Each decoding parameter changes what the real model generates, checked against the
+    model's own greedy output (the oracle): sampling differs from greedy and from another
+    seed; top_k=1 and a tiny top_p leave only the argmax token, i.e. greedy again; another
+    temperature under the same seed samples differently; a stop string cuts the greedy text
+    exactly before its first occurrence."""
+    from dask_rag.rag.generate.hf import HFGenerator
+
+    gen = HFGenerator(str(gpt2_dir))
+    prompts = ["How do I serialize a Python object?", "The quick brown fox", "Sort a list"]
+    greedy = gen.generate(prompts, SamplingParams(max_tokens=16))
+
+    def sample(**kw):
+        return gen.generate(prompts, SamplingParams(max_tokens=16, **kw))
+
+    assert sample(temperature=1.0, seed=1) != greedy
+    assert sample(temperature=1.0, seed=1) != sample(temperature=1.0, seed=2)
+    assert sample(temperature=1.0, seed=1) != sample(temperature=3.0, seed=1)
+    assert sample(temperature=1.0, seed=3, top_k=1) == greedy
+    assert sample(temperature=1.0, seed=3, top_p=1e-6) == greedy
+    text = greedy[0]
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert stop.strip(), text  # a visible piece of the answer
+    cut = gen.generate(prompts[:1], SamplingParams(max_tokens=16, stop=(stop,)))[0]
+    assert cut == text[:text.find(stop)] and len(cut) < len(text)
+
+
 # ------------------------------------------------------------------------------------------------
 # on the cluster
 # ------------------------------------------------------------------------------------------------
