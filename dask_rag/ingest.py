@@ -46,7 +46,6 @@ from dask_rag.corpus.loaders import Document, discover_files, load_file
 from dask_rag.embed.encoder import recorded_config, resolve_model_path
 from dask_rag.embed.service import (
     embed_texts_task,
-    encoder_canaries_task,
     encoder_info_task,
     worker_encoder,
 )
@@ -307,13 +306,11 @@ def _ingest(client: Client, groups: list[list[Any]], index_dir: str | os.PathLik
                 f"{'; '.join(r for _, r in report.skipped[:3])})" if report.skipped else ""))
         n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
         spec = spec or auto_spec(report.chunks_embedded, n_workers)
-        info = client.submit(encoder_info_task, embed, pure=False).result()
-        # the vectors of a few fixed texts: every worker that serves the index checks its
-        # encoder against them (another CPU kind, another model copy: see EncoderCanaries)
-        canaries = client.submit(encoder_canaries_task, embed, pure=False).result()
-        recorded = {**info, "canaries": canaries,
-                    "chunk": {"max_tokens": chunk.max_tokens,
-                              "overlap_tokens": chunk.overlap_tokens}}
+        # with the vectors of a few fixed texts: every worker that serves the index checks
+        # its encoder against them (another CPU kind, another model copy: EncoderCanaries)
+        info = client.submit(encoder_info_task, embed, True, pure=False).result()
+        recorded = {**info, "chunk": {"max_tokens": chunk.max_tokens,
+                                      "overlap_tokens": chunk.overlap_tokens}}
         if batched is None:
             index = DistributedIndex.build(
                 client, vectors, np.array([c.id for c in chunks], dtype=np.int64), spec,

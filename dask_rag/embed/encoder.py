@@ -191,13 +191,11 @@ def cpu_has_native_bf16() -> bool:
 
     Without it torch emulates bf16 matmuls: measured on an AVX2-only EPYC (this project's CI
     machine), bf16 MiniLM encodes ~6x *slower* than fp32, while on CPUs with AVX512-BF16 it is
-    ~2x faster.  So the automatic CPU precision depends on this flag.
+    ~2x faster (``benchmarks/embed_throughput.py`` reports it beside its bf16 row).
     """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    from dask_rag.cluster.workers import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -259,7 +257,7 @@ class CanaryVerdict:
     detail: str
 
 
-def check_canaries(encoder: Encoder, canaries: Any) -> CanaryVerdict:
+def check_canaries(encoder: Encoder, canaries: EncoderCanaries) -> CanaryVerdict:
     """Encode the canary texts here and compare with the recorded vectors."""
     expected = np.frombuffer(canaries.vectors, dtype=np.float32).reshape(len(canaries.texts),
                                                                          -1)

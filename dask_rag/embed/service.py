@@ -42,7 +42,7 @@ from dask_rag.errors import EncoderMismatch, InvalidInput
 from dask_rag.faults import fault_point
 
 __all__ = ["EmbedHere", "EmbeddingService", "canary_check_task", "embed_texts_task",
-           "encoder_canaries_task", "split_balanced", "worker_encoder"]
+           "encoder_info_task", "split_balanced", "worker_encoder"]
 
 
 log = logging.getLogger("dask_rag.embed")
@@ -118,13 +118,14 @@ class EmbedHere:
         return embed_texts_task(self.config, list(self.texts))
 
 
-def encoder_info_task(config: EmbedConfig) -> dict[str, Any]:
-    return worker_encoder(config).describe()
-
-
-def encoder_canaries_task(config: EmbedConfig) -> dict[str, Any]:
-    """The canaries of ``config``'s encoder on this worker, as a manifest records them."""
-    return _loaded_encoder(config).canaries().to_manifest()
+def encoder_info_task(config: EmbedConfig, with_canaries: bool = False) -> dict[str, Any]:
+    """What a manifest records about ``config``'s encoder on this worker; ``with_canaries``:
+    also its :class:`~dask_rag.config.EncoderCanaries` (for a new index)."""
+    enc = worker_encoder(config)
+    info = enc.describe()
+    if with_canaries:
+        info["canaries"] = enc.canaries().to_manifest()
+    return info
 
 
 def _encoder_counters_task(config: EmbedConfig) -> tuple[int, int, int]:
@@ -251,15 +252,18 @@ class EmbeddingService:
                 return
             del self._checking[worker]
 
-    def healthy_workers(self) -> list[str]:
-        """Workers that may embed for this config: all of them without canaries, else all
-        but those whose encoder failed the canaries.  A worker not checked yet is included:
-        its embedding tasks check it themselves and raise rather than embed differently."""
-        workers = self._refresh_workers()
-        if self.config.canaries is None:
-            return workers
+    def mismatched_workers(self) -> dict[str, CanaryVerdict]:
+        """Workers whose encoder does not reproduce the canaries, with their verdicts."""
+        self._refresh_workers()
         with self._verdict_lock:
-            return [w for w in workers if (v := self.verdicts.get(w)) is None or v.ok]
+            return {w: v for w, v in self.verdicts.items() if not v.ok}
+
+    def healthy_workers(self) -> list[str]:
+        """Workers that may embed for this config: all but those whose encoder failed the
+        canaries.  A worker not checked yet is included: its embedding tasks check it
+        themselves and raise rather than embed differently."""
+        bad = self.mismatched_workers()
+        return [w for w in self._workers if w not in bad]
 
     def embeds_everywhere(self) -> bool:
         """True when every current worker is known to embed alike (then any task may embed
@@ -269,12 +273,6 @@ class EmbeddingService:
         workers = self._refresh_workers()
         with self._verdict_lock:
             return all((v := self.verdicts.get(w)) is not None and v.ok for w in workers)
-
-    def mismatched_workers(self) -> dict[str, CanaryVerdict]:
-        """Workers whose encoder does not reproduce the canaries, with their verdicts."""
-        self._refresh_workers()
-        with self._verdict_lock:
-            return {w: v for w, v in self.verdicts.items() if not v.ok}
 
     def mismatch_summary(self) -> str:
         bad = self.mismatched_workers()
@@ -303,10 +301,11 @@ class EmbeddingService:
         batch-invariant.)
         """
         texts = _check_texts(texts)
-        workers = self.healthy_workers()
+        bad = self.mismatched_workers()
+        workers = [w for w in self._workers if w not in bad]
         if self.config.canaries is not None and not workers:
             raise EncoderMismatch(self.mismatch_summary())
-        restrict = workers if self.mismatched_workers() else None
+        restrict = workers if bad else None
         n_parts = max(1, min(len(workers), len(texts) // self.min_part))
         order = np.argsort([-len(t) for t in texts], kind="stable").astype(np.int64)
         parts = split_balanced(np.fromiter((len(texts[i]) for i in order), dtype=np.int64,
