@@ -5,6 +5,7 @@ like a healthy one."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -57,6 +58,7 @@ def test_a_worker_whose_encoder_differs_is_not_used_and_results_stay_exact(
     from starlette.testclient import TestClient
 
     from dask_rag.cluster import start_local_cluster
+    from dask_rag.embed.encoder import SentenceEncoder
     from dask_rag.pipeline import RagPipeline
     from dask_rag.serve.app import create_app
 
@@ -79,6 +81,17 @@ def test_a_worker_whose_encoder_differs_is_not_used_and_results_stay_exact(
             assert set(pipe.embedder.mismatched_workers()) == {bad}
             assert not pipe.embedder.embeds_everywhere()
             assert _hits(pipe, questions) == healthy
+            # 8 embedding tasks at once: unrestricted, the scheduler would spread them over
+            # both workers (and the bad one would refuse); all run where the encoder matches
+            batches = [[f"{q} ({i})" for q in questions] for i in range(8)]
+
+            async def embed_all() -> list[np.ndarray]:
+                return list(await asyncio.gather(*(pipe.embedder.aembed_now(b)
+                                                   for b in batches)))
+
+            local = SentenceEncoder(EmbedConfig())
+            for got, batch in zip(asyncio.run(embed_all()), batches, strict=True):
+                np.testing.assert_array_equal(got, local.encode(batch))
             ready, detail = pipe.shards_ready()
             assert ready and "1 of 2 workers" in detail and bad in detail, detail
             with TestClient(create_app(pipe)) as http:
