@@ -9,6 +9,11 @@ The real code paths call :func:`fault_point` at the places where a crash matters
     embed.vectors         an encoder's output vectors (``perturb``: this encoder now embeds
                           differently, as another CPU kind or a damaged model copy would)
     search.shard          a shard's search task is about to search
+    apply.shard           a write's apply task is about to change its copy of a shard
+    shard.load            a shard (re)load read the manifest and the shard's files; it
+                          replays the write-ahead log next
+    shard.catch_up        a shard copy found itself behind the log and is about to replay it
+    rebalance.loaded      a rebalance loaded the moved replicas; it swaps them in next
 
 A test arms points through the environment (``DASK_RAG_FAULTS``), in the client process
 (``monkeypatch.setenv``) or on workers (:class:`ArmFaults`, a worker plugin; a nanny's new
@@ -44,7 +49,8 @@ FAULTS_ENV = "DASK_RAG_FAULTS"
 REPORT_ENV = "DASK_RAG_FAULTS_REPORT"
 RELEASE_ENV = "DASK_RAG_FAULTS_RELEASE"
 POINTS = frozenset({"wal.appended", "save.shards_written", "build.shards_written",
-                    "embed.batch", "embed.vectors", "search.shard"})
+                    "embed.batch", "embed.vectors", "search.shard", "apply.shard",
+                    "shard.load", "shard.catch_up", "rebalance.loaded"})
 
 _counts: dict[str, int] = {}
 _lock = threading.Lock()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import json
 import shutil
@@ -80,6 +81,7 @@ from dask_rag.index.tasks import (
     shard_count_task,
     sources_task,
 )
+from dask_rag.index.wal import wal_seqs
 from dask_rag.index.writes import IndexWrites, put_quantizer, write_index
 
 __all__ = ["MERGE_FAN_IN", "DistributedIndex"]
@@ -127,6 +129,10 @@ class DistributedIndex(IndexWrites):
         self._direct: dict[Any, str] | None = None
         self._searchers: dict[str, Any] = {}
         self._counts: list[int] = []
+        #: the last write-ahead-log entry acknowledged (every read carries it, see
+        #: Shard.catch_up) and apply tasks still running after their write returned
+        self._acked_seq = max([int(manifest.get("wal_seq", 0)), *wal_seqs(self.location)])
+        self._running: set[Future] = set()
         self._lock = threading.RLock()
         self._write_lock = threading.Lock()
         self._rebalance_lock = threading.Lock()
@@ -135,6 +141,7 @@ class DistributedIndex(IndexWrites):
         self._rebalance_timer: threading.Timer | None = None
         #: (time, moved) of each automatic rebalance, for tests and the dashboard's story
         self.rebalance_log: list[tuple[float, int]] = []
+        self._rebalance_failures = 0
         self._epoch = 0
         # unique per open index: two loads of one directory (or of copies of it, which share
         # an index uuid) must never share shard keys on the scheduler
@@ -164,15 +171,24 @@ class DistributedIndex(IndexWrites):
         return str(self.manifest["index_uuid"])
 
     @property
+    def acked_seq(self) -> int:
+        """The write-ahead-log entry of the last acknowledged write: a shard task that
+        catches up to it (``Shard.catch_up``) sees every write acknowledged so far — the
+        index's read-your-writes token, as Milvus's guarantee timestamp."""
+        return self._acked_seq
+
+    @property
     def replicas(self) -> int:
         """How many copies of each shard the cluster holds (``IndexSpec.replicas``)."""
         return self.spec.replicas
 
     @property
     def shard_futures(self) -> list[Future]:
-        """One future per shard (its first replica): for reads that any replica answers."""
+        """One future per shard, for reads that any replica answers: a loaded replica on a
+        live worker, the least busy (a replica being reloaded after a kill would make the
+        read wait for it)."""
         with self._lock:
-            return [reps[0] for reps in self._replicas]
+            return [self._pick(s) for s in range(len(self._replicas))]
 
     def replica_futures(self) -> list[list[Future]]:
         """Every replica of every shard (writes are applied to all of them)."""
@@ -300,10 +316,21 @@ class DistributedIndex(IndexWrites):
         index = cls(client, location, manifest, router)
         index._comms = comms
         index._start_shards(progress=progress)
-        if elastic:
-            index._elastic = True
-            on_membership_change(client, index._on_membership)
+        index.set_elastic(elastic)
         return index
+
+    def set_elastic(self, elastic: bool) -> None:
+        """Follow the cluster's membership (rebalance a moment after workers join or leave)
+        or stop following it — e.g. while an operator moves shards by hand with
+        :meth:`rebalance`."""
+        if elastic and not self._elastic:
+            self._elastic = True
+            on_membership_change(self.client, self._on_membership)
+        elif not elastic and self._elastic:
+            self._elastic = False
+            off_membership_change(self.client, self._on_membership)
+            if self._rebalance_timer is not None:
+                self._rebalance_timer.cancel()
 
     def _shard_key(self, shard_no: int, replica: int = 0) -> tuple[str, int]:
         tag = "" if replica == 0 else f"-r{replica}"
@@ -350,10 +377,14 @@ class DistributedIndex(IndexWrites):
                         loads[slot] = self._load_replica(*slot, None)
         if bar is not None:
             bar.close()
-        for f in loads.values():
-            if f.status != "finished":
-                raise f.exception() if f.status == "error" else ShardUnavailable(
-                    f"shard load {f.key} ended {f.status}")
+        for slot, f in list(loads.items()):
+            if f.status == "finished":
+                continue
+            if not replace and f.status != "error":
+                del loads[slot]  # its worker died after loading it: a rebalance keeps the old
+                continue
+            raise f.exception() if f.status == "error" else ShardUnavailable(
+                f"shard load {f.key} ended {f.status}")
         release_placement(self.client, list(loads.values()))
         return loads
 
@@ -381,7 +412,9 @@ class DistributedIndex(IndexWrites):
         self._replicas = replicas
         self._holder = {loads[slot].key: w for slot, w in where.items() if w is not None}
         self._counts = [int(c) for c in self.client.gather(
-            [self.client.submit(shard_count_task, reps[0], pure=False) for reps in replicas])]
+            [self.client.submit(shard_count_task, reps[0], self._acked_seq, pure=False,
+                                key=(f"dask-rag-fetch-{uuid.uuid4().hex}", s))
+             for s, reps in enumerate(replicas)])]
         if self.router.quantizer is not None:
             # routes of batches whose vectors are futures run where this lives (re-runnable
             # from disk, like a shard)
@@ -429,6 +462,13 @@ class DistributedIndex(IndexWrites):
                           texts=None if texts is None else tuple(texts),
                           sparse_k=sparse_k or k, dense=dense)
 
+    def _consistent(self, query: IndexQuery) -> IndexQuery:
+        """``query`` stamped with the last acknowledged write, which every shard copy that
+        answers it must reflect (read-your-writes, whatever copies the scheduler made)."""
+        if query.min_seq >= self._acked_seq:
+            return query
+        return dataclasses.replace(query, min_seq=self._acked_seq)
+
     def submit_search(self, query: IndexQuery, vectors: Any = None, nq: int | None = None
                       ) -> list[Future]:
         """Submit the whole search graph of one batch; returns the futures of at most
@@ -444,6 +484,7 @@ class DistributedIndex(IndexWrites):
         """
         self._check_open()
         self._reattach()
+        query = self._consistent(query)
         with self._lock:
             shards = [self._pick(s) for s in range(self.n_shards)]
             router_future = self._router_future
@@ -524,6 +565,7 @@ class DistributedIndex(IndexWrites):
                 plan.setdefault(where[f.key], []).append(f.key)
         index = ((self.location, self.index_uuid)
                  if self.router.quantizer is not None and query.dense else None)
+        query = self._consistent(query)
         calls = []
         for worker, keys in plan.items():
             actor = self._searchers.get(worker)
@@ -640,8 +682,8 @@ class DistributedIndex(IndexWrites):
         """The stored records of ``ids`` (None for unknown ids), fetched from their shards."""
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
         parts = self.client.gather([
-            self.client.submit(fetch_task, f, arr, key=(f"dask-rag-fetch-{uuid.uuid4().hex}", s),
-                               pure=False)
+            self.client.submit(fetch_task, f, arr, self._acked_seq, pure=False,
+                               key=(f"dask-rag-fetch-{uuid.uuid4().hex}", s))
             for s, f in enumerate(self.shard_futures)])
         out: list[dict[str, Any] | None] = [None] * len(arr)
         for part in parts:
@@ -658,15 +700,17 @@ class DistributedIndex(IndexWrites):
         if not wanted:
             return np.zeros(0, dtype=np.int64)
         parts = self.client.gather([
-            self.client.submit(sources_task, f, wanted, pure=False,
+            self.client.submit(sources_task, f, wanted, self._acked_seq, pure=False,
                                key=(f"dask-rag-fetch-{uuid.uuid4().hex}", s))
             for s, f in enumerate(self.shard_futures)])
         return np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
 
     def doc_index(self) -> list[tuple[int, str | None, str | None]]:
         """(id, source, doc_hash) of every live chunk, from all shards."""
-        parts = self.client.gather([self.client.submit(doc_index_task, f, pure=False)
-                                    for f in self.shard_futures])
+        parts = self.client.gather([
+            self.client.submit(doc_index_task, f, self._acked_seq, pure=False,
+                               key=(f"dask-rag-fetch-{uuid.uuid4().hex}", s))
+            for s, f in enumerate(self.shard_futures)])
         return [row for part in parts for row in part]
 
     # ---- metadata -------------------------------------------------------------------------------
@@ -714,11 +758,13 @@ class DistributedIndex(IndexWrites):
 
         After a worker dies its shards are reloaded on the survivors; when workers come back
         (or new ones join) this moves replicas onto them: load on the new worker first, then
-        release the old copy, so the shard is searchable throughout.  Writes wait while it
-        runs (a replica loaded from storage must not miss a write applied to the old one).
+        release the old copy, so the shard is searchable throughout.  Writes go on while it
+        runs: a write acknowledged after a new replica read the log is applied to the old
+        one, and the new one replays it from the log before it answers anything
+        (:meth:`Shard.catch_up <dask_rag.index.shard.Shard.catch_up>`).
         """
         self._check_open()
-        with self._rebalance_lock, self._write_lock:
+        with self._rebalance_lock:
             workers = [] if self._closed else self._shard_workers()
             if not workers:
                 return 0
@@ -733,7 +779,12 @@ class DistributedIndex(IndexWrites):
             self._epoch += 1
             new = self._settle_loads({slot: self._load_replica(*slot, w)
                                       for slot, w in moves.items()}, moves, replace=False)
+            fault_point("rebalance.loaded")
             with self._lock:
+                if self._closed:  # closed while this loaded: drop the new copies
+                    for f in new.values():
+                        f.release()
+                    return 0
                 for (s, r), f in new.items():
                     if f.status == "finished":
                         self._replicas[s][r] = f
@@ -765,9 +816,14 @@ class DistributedIndex(IndexWrites):
         try:
             moved = self.rebalance()
             self._refresh_holders()
-        except Exception as exc:  # the cluster is changing under us; the next event retries
-            logging.getLogger(__name__).warning("automatic rebalance failed: %s", exc)
+        except Exception as exc:  # the cluster changed under us: try again in a moment
+            self._rebalance_failures += 1
+            logging.getLogger(__name__).warning("automatic rebalance failed (%d): %s",
+                                                self._rebalance_failures, exc)
+            if self._rebalance_failures < 5 and self._elastic:
+                self._on_membership(None, None)
             return
+        self._rebalance_failures = 0
         self.rebalance_log.append((time.time(), moved))
 
     def _refresh_holders(self) -> None:

@@ -96,6 +96,9 @@ class IndexQuery:
     texts: tuple[str, ...] | None = None
     sparse_k: int = 0
     dense: bool = True
+    #: read-your-writes: the last write-ahead-log entry every shard must reflect before it
+    #: answers (stamped by ``submit_search``: the index's last acknowledged write)
+    min_seq: int = 0
 
     def __post_init__(self) -> None:
         check_k(self.k)

@@ -13,6 +13,15 @@ Two guards keep shards from travelling between workers:
   did move or spill one, the receiver reloads it from disk (with the write-ahead log), which is
   both consistent and cheap on the wire.
 
+They are guards, not guarantees: the scheduler does copy a shard when it places a dependent
+task on another worker (a busy holder, a dependency elsewhere), and from then on the key has
+two copies and each later write lands on *one* of them — reads on the other missed
+acknowledged writes.  So every copy is kept honest by sequence numbers instead: a read or
+write task carries the last write-ahead-log entry it must see (``min_seq``) and
+:meth:`Shard.catch_up` replays what that copy lacks from the log (or reloads it, when a save
+has folded the log) before answering.  Whatever the scheduler does with copies, a read is at
+least as new as every write acknowledged before it was submitted.
+
 Why one module of ~650 lines: a shard's faiss index, records table, tombstones, BM25 index and
 flat view change together under one read/write lock; split, that lock would span modules.
 """
@@ -31,7 +40,8 @@ import numpy.typing as npt
 from dask.sizeof import sizeof
 
 from dask_rag.config import IndexSpec
-from dask_rag.errors import CorruptIndex, InvalidInput
+from dask_rag.errors import CorruptIndex, InvalidInput, ShardUnavailable
+from dask_rag.faults import fault_point
 from dask_rag.index import store
 from dask_rag.index.backends import (
     GpuGuard,
@@ -44,7 +54,7 @@ from dask_rag.index.backends import (
 from dask_rag.index.exact import ExactRescorer, FlatVectors, exact_scores, topk_ties_by_id
 from dask_rag.index.filters import MetadataColumns, SearchFilter
 from dask_rag.index.merge import empty_result, merge_topk
-from dask_rag.index.wal import read_wal
+from dask_rag.index.wal import WalEntry, read_wal
 
 __all__ = ["HIT_COLUMNS", "Shard", "ShardRef", "load_shard", "make_records_table"]
 
@@ -150,6 +160,8 @@ class Shard:
         self._flat: FlatVectors | None = None  # flat shards' vectors by id, rebuilt likewise
         self._sparse: Any = None  # BM25 over the records' text, rebuilt lazily after mutation
         self._sparse_lock = threading.Lock()
+        #: serialises catching up and applying log entries (searches keep running meanwhile)
+        self._seq_lock = threading.RLock()
         self._prepare()
 
     @property
@@ -487,6 +499,62 @@ class Shard:
             return [(i, s, h) for i, s, h in zip(ids, src, dh, strict=True)
                     if i not in self.deleted]
 
+    # ---- the write-ahead log ------------------------------------------------------------
+
+    def catch_up(self, min_seq: int) -> None:
+        """Make this copy reflect every log entry up to ``min_seq`` (at least) before it
+        answers: replay the entries it lacks, or reload it from the saved files when a save
+        has folded them; a no-op (one comparison) when it is current.
+
+        Why: the scheduler may hold a shard under one key on several workers, and a write task
+        runs on only one of them (see the module docstring).  Raises
+        :class:`~dask_rag.errors.ShardUnavailable` when the log does not reach ``min_seq``.
+        """
+        if min_seq <= self.applied_seq:
+            return
+        with self._seq_lock:
+            for _ in range(5):
+                if min_seq <= self.applied_seq:
+                    return
+                fault_point("shard.catch_up")
+                manifest = store.read_manifest(self.ref.index_dir)
+                if manifest["index_uuid"] != self.ref.index_uuid:
+                    raise CorruptIndex(f"{self.ref.index_dir}/{store.MANIFEST}: the directory "
+                                       "now holds a different index")
+                if int(manifest["wal_seq"]) > self.applied_seq:
+                    self._adopt(load_shard(self.ref))  # a save folded entries this copy lacks
+                    continue
+                root = str(store.local_index_dir(self.ref.index_dir, manifest,
+                                                 shard_no=self.ref.shard_no, wal=True))
+                try:
+                    _replay_wal(self, root, self.applied_seq)
+                except WalGap:
+                    continue  # a save deleted entries meanwhile: read the manifest again
+            if min_seq > self.applied_seq:
+                raise ShardUnavailable(
+                    f"shard {self.ref.shard_no} of {self.ref.index_dir}: the write-ahead log "
+                    f"ends at entry {self.applied_seq}, a write acknowledged entry {min_seq}")
+
+    def apply_entry(self, seq: int, apply: Any) -> None:
+        """Run ``apply()`` (log entry ``seq``, already durable) unless this copy reflects
+        it; entries before it are caught up first, so a copy never skips one."""
+        with self._seq_lock:
+            self.catch_up(seq - 1)
+            if seq > self.applied_seq:
+                apply()
+                self.applied_seq = seq
+
+    def _adopt(self, fresh: Shard) -> None:
+        """Take over a freshly loaded copy's state (in place: the key's value is this
+        object)."""
+        with self._lock.write():
+            self.index, self.refine, self.records = fresh.index, fresh.refine, fresh.records
+            self.deleted = fresh.deleted
+            self._nbytes_disk = fresh._nbytes_disk
+            self._sparse = fresh._sparse
+            self._accelerated, self._flat = fresh._accelerated, fresh._flat
+            self.applied_seq = fresh.applied_seq
+
     # ---- mutation ---------------------------------------------------------------------------
 
     def add(self, xb: npt.NDArray[np.float32], ids: npt.NDArray[np.int64],
@@ -574,8 +642,19 @@ def load_shard(ref: ShardRef) -> Shard:
     """Load shard ``ref.shard_no`` of the index at ``ref.index_dir``, replaying its WAL.
 
     This is the task behind every shard future; it is pure with respect to the directory's
-    committed state, so the scheduler can re-run it anywhere after a worker dies.
+    committed state, so the scheduler can re-run it anywhere after a worker dies.  A save that
+    commits while this reads (its log entries deleted under us) makes it start again from the
+    new manifest.
     """
+    for _ in range(4):
+        try:
+            return _load_shard_once(ref)
+        except WalGap:
+            continue
+    return _load_shard_once(ref)
+
+
+def _load_shard_once(ref: ShardRef) -> Shard:
     configure_faiss()
     manifest = store.read_manifest(ref.index_dir)
     where = f"{ref.index_dir}/{store.MANIFEST}"
@@ -608,6 +687,7 @@ def load_shard(ref: ShardRef) -> Shard:
     shard = Shard(ref, spec, dim, index, records, refine=refine, nbytes_on_disk=nbytes)
     if entry.get("bm25"):
         shard.set_sparse_index(_load_sparse(root, entry["bm25"]))
+    fault_point("shard.load")
     _replay_wal(shard, root, int(manifest["wal_seq"]))
     return shard
 
@@ -626,26 +706,45 @@ def _load_sparse(index_dir: str, name: str) -> Any:
         return None
 
 
+class WalGap(CorruptIndex):
+    """The log entries after a shard's state are not contiguous: a save deleted them while
+    they were read (retried from the new manifest; persistent, it is corruption)."""
+
+
 def _replay_wal(shard: Shard, index_dir: str, after_seq: int) -> None:
+    """Apply the log entries after ``after_seq`` in order.  Entries are numbered without gaps
+    (one writer assigns them under its lock), so a gap means a concurrent save folded and
+    deleted some: :class:`WalGap`, with the shard consistent up to ``applied_seq``."""
     shard.applied_seq = after_seq
-    for entry in read_wal(index_dir, after_seq):
-        shard.applied_seq = entry.seq
-        if entry.op == "add":
-            assert entry.shards is not None and entry.vectors is not None
-            if entry.removed is not None:
-                shard.remove(entry.removed)
-            mine = entry.shards == shard.ref.shard_no
-            if not mine.any():
-                continue
-            recs = entry.records()
-            lists = entry.lists[mine] if entry.lists is not None else None
-            shard.add(entry.vectors[mine], entry.ids[mine],
-                      None if recs is None else [r for r, m in zip(recs, mine, strict=True) if m],
-                      lists)
-        elif entry.op == "remove":
-            shard.remove(entry.ids)
-        else:
-            raise CorruptIndex(f"{index_dir}/wal: unknown operation {entry.op!r}")
+    try:
+        entries = list(read_wal(index_dir, after_seq))
+    except FileNotFoundError as exc:
+        raise WalGap(f"{index_dir}/wal: an entry disappeared while read ({exc})") from None
+    for entry in entries:
+        if entry.seq != shard.applied_seq + 1:
+            raise WalGap(f"{index_dir}/wal: entry {shard.applied_seq + 1} is missing "
+                         f"(next is {entry.seq})")
+        _apply_logged(shard, entry, index_dir)
+        shard.applied_seq = entry.seq  # after the change: a concurrent reader checks this
+
+
+def _apply_logged(shard: Shard, entry: WalEntry, index_dir: str) -> None:
+    if entry.op == "add":
+        assert entry.shards is not None and entry.vectors is not None
+        if entry.removed is not None:
+            shard.remove(entry.removed)
+        mine = entry.shards == shard.ref.shard_no
+        if not mine.any():
+            return
+        recs = entry.records()
+        lists = entry.lists[mine] if entry.lists is not None else None
+        shard.add(entry.vectors[mine], entry.ids[mine],
+                  None if recs is None else [r for r, m in zip(recs, mine, strict=True) if m],
+                  lists)
+    elif entry.op == "remove":
+        shard.remove(entry.ids)
+    else:
+        raise CorruptIndex(f"{index_dir}/wal: unknown operation {entry.op!r}")
 
 
 @sizeof.register(Shard)

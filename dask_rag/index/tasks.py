@@ -81,6 +81,7 @@ def search_shard_task(shard: Shard, source: Any, query: IndexQuery, nq: int,
     None (BM25 only).  With a callable and a coarse quantizer, ``router`` routes the rows here.
     """
     fault_point("search.shard")
+    shard.catch_up(query.min_seq)
     no = shard.ref.shard_no
     all_rows = np.arange(nq, dtype=np.int64)
     if isinstance(source, RoutedBatch):
@@ -129,46 +130,62 @@ def apply_add_task(shard: Shard, seq: int, xb: npt.NDArray[np.float32],
                    ids: npt.NDArray[np.int64], records: list[dict[str, Any]] | None,
                    lists: npt.NDArray[np.int64] | None,
                    removed: npt.NDArray[np.int64] | None = None) -> int:
-    """Apply WAL entry ``seq`` to this shard (unless a reload already replayed it); returns
-    the shard's vector count after it."""
-    if seq > shard.applied_seq:
+    """Apply WAL entry ``seq`` to this copy of the shard (unless it already reflects it:
+    a reload or a catch-up replayed it); returns the shard's vector count after it."""
+    fault_point("apply.shard")
+
+    def apply() -> None:
         if removed is not None and removed.size:
             shard.remove(removed)
         if len(ids):
             shard.add(xb, ids, records, lists)
-        shard.applied_seq = seq
+
+    shard.apply_entry(seq, apply)
     return shard.ntotal
 
 
 def apply_remove_task(shard: Shard, seq: int, ids: npt.NDArray[np.int64]) -> tuple[int, int]:
     """Apply a ``remove`` WAL entry: (ids removed here, the shard's vector count after)."""
-    before = shard.ntotal
-    if seq > shard.applied_seq:
-        shard.remove(ids)
-        shard.applied_seq = seq
-    return before - shard.ntotal, shard.ntotal
+    fault_point("apply.shard")
+    gone = [0]
+
+    def apply() -> None:
+        gone[0] = shard.remove(ids)
+
+    shard.apply_entry(seq, apply)
+    return gone[0], shard.ntotal
 
 
-def shard_count_task(shard: Shard) -> int:
+def shard_count_task(shard: Shard, min_seq: int = 0) -> int:
+    shard.catch_up(min_seq)
     return shard.ntotal
 
 
-def contains_task(shard: Shard, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+def contains_task(shard: Shard, ids: npt.NDArray[np.int64], min_seq: int = 0
+                  ) -> npt.NDArray[np.int64]:
+    shard.catch_up(min_seq)
     return shard.contains(ids)
 
 
-def fetch_task(shard: Shard, ids: npt.NDArray[np.int64]) -> list[dict[str, Any] | None]:
+def fetch_task(shard: Shard, ids: npt.NDArray[np.int64], min_seq: int = 0
+               ) -> list[dict[str, Any] | None]:
+    shard.catch_up(min_seq)
     return shard.fetch(ids)
 
 
-def sources_task(shard: Shard, sources: list[str]) -> npt.NDArray[np.int64]:
+def sources_task(shard: Shard, sources: list[str], min_seq: int = 0) -> npt.NDArray[np.int64]:
+    shard.catch_up(min_seq)
     return shard.ids_of_sources(sources)
 
 
-def doc_index_task(shard: Shard) -> list[tuple[int, str | None, str | None]]:
+def doc_index_task(shard: Shard, min_seq: int = 0) -> list[tuple[int, str | None, str | None]]:
+    shard.catch_up(min_seq)
     return shard.doc_index()
 
 
-def write_shard_task(shard: Shard, index_dir: str, generation: int, index_uuid: str
-                     ) -> dict[str, Any]:
+def write_shard_task(shard: Shard, index_dir: str, generation: int, index_uuid: str,
+                     min_seq: int = 0) -> dict[str, Any]:
+    """Write this shard's files; ``min_seq``: the log entry the files fold up to (a save
+    deletes the log after them, so this copy must reflect every entry up to it)."""
+    shard.catch_up(min_seq)
     return shard.write(index_dir, generation, index_uuid)

@@ -102,5 +102,7 @@ def read_wal(index_dir: str | os.PathLike[str], after_seq: int) -> Iterator[WalE
                     records_json=bytes(z["records"]) if "records" in z else None,
                     removed=z["removed"].astype(np.int64) if "removed" in z else None,
                 )
+        except FileNotFoundError:
+            raise  # deleted by a save while listed: the caller starts again from the manifest
         except (OSError, ValueError, KeyError) as exc:
             raise CorruptIndex(f"{path}: unreadable write-ahead log entry ({exc})") from None

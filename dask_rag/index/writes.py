@@ -9,6 +9,7 @@ longer names.  A failure at any point leaves the previous state loadable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -37,7 +38,13 @@ from dask_rag.index.tasks import (
 )
 from dask_rag.index.wal import WalEntry, append_wal, wal_name, wal_seqs
 
-__all__ = ["IndexWrites", "put_quantizer", "write_index"]
+__all__ = ["APPLY_WAIT_S", "IndexWrites", "put_quantizer", "write_index"]
+
+#: how long a write waits for its replicas to apply it before acknowledging (it is durable in
+#: the log already; a replica that is behind catches up before its next read)
+APPLY_WAIT_S = 1.0
+#: writes' tasks go before queued searches: a write holds the write lock while they run
+WRITE_PRIORITY = 20
 
 
 class IndexWrites:
@@ -51,6 +58,10 @@ class IndexWrites:
     router: Router
     _counts: list[int]
     _write_lock: threading.Lock
+    #: the last log entry acknowledged to a caller: every read task carries it (min_seq)
+    _acked_seq: int
+    #: apply tasks still running after their write was acknowledged (see :meth:`_apply`)
+    _running: set[Future]
 
     @property
     def dim(self) -> int:
@@ -79,6 +90,46 @@ class IndexWrites:
         last = seqs[-1] if seqs else 0
         return max(last, int(self.manifest["wal_seq"])) + 1
 
+    def _present(self, ids: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
+        """Which of ``ids`` each shard holds now (one task per shard, at the last
+        acknowledged write)."""
+        return list(self.client.gather([
+            self.client.submit(contains_task, f, ids, self._acked_seq, pure=False,
+                               key=(f"dask-rag-fetch-{uuid.uuid4().hex}", s),
+                               priority=WRITE_PRIORITY)
+            for s, f in enumerate(self.shard_futures)]))
+
+    def _apply(self, seq: int, targets: Sequence[int], task: Callable[..., Any],
+               args: Callable[[int], tuple[Any, ...]]) -> dict[int, Any]:
+        """Submit log entry ``seq``'s apply task to every replica of the ``targets`` shards
+        (``args(shard)``: the task's arguments after the shard); wait for them up to
+        :data:`APPLY_WAIT_S`; returns shard -> the result of a replica that finished.
+
+        The wait is bounded because the entry is already durable and every read catches its
+        copy up to the last acknowledged entry (:meth:`Shard.catch_up`): a replica being
+        reloaded after a kill replays the entry itself, and a write need not wait for it.
+        Applies still running are kept referenced until they end (a released future's task
+        may be forgotten by the scheduler before it runs)."""
+        replicas = self.replica_futures()
+        futs: dict[tuple[int, int], Future] = {}
+        for s in targets:
+            for r, replica in enumerate(replicas[s]):
+                futs[(s, r)] = self.client.submit(
+                    task, replica, seq, *args(s), pure=False, priority=WRITE_PRIORITY,
+                    key=(f"dask-rag-apply-{uuid.uuid4().hex}", s))
+        with contextlib.suppress(TimeoutError):
+            wait(list(futs.values()), timeout=APPLY_WAIT_S)
+        results: dict[int, Any] = {}
+        for (s, _), f in futs.items():
+            if f.status == "error":
+                f.result()  # raises: the write is logged but not acknowledged
+            if f.status == "finished" and s not in results:
+                results[s] = f.result()
+            elif f.status != "finished":
+                self._running.add(f)
+                f.add_done_callback(self._running.discard)
+        return results
+
     def add(self, xb: Any, ids: Any, records: Sequence[dict[str, Any]] | None = None, *,
             replace: Any = None) -> int:
         """Add vectors with ids (and records) to their owning shards; durable when it returns.
@@ -86,7 +137,8 @@ class IndexWrites:
         ``replace``: ids removed in the same acknowledged write — an update (a changed
         document's old chunks go as its new ones come, an upsert by id): after a crash the
         index holds either all of it or none of it, never the removal without the addition.
-        Returns how many vectors were added.
+        Returns how many vectors were added.  Every search, fetch and save submitted after
+        it returns sees the write, on every replica (read-your-writes).
         """
         self._check_open()
         xb = check_vectors(xb, self.dim, "xb")
@@ -98,8 +150,8 @@ class IndexWrites:
             [jsonable_record(r) for r in records]).encode()
         with self._write_lock:
             self._check_open()  # again: close() may have run while this write waited
-            present = np.concatenate(self.client.gather([
-                self.client.submit(contains_task, f, ids, pure=False) for f in self.shard_futures]))
+            held = self._present(ids if removed is None else np.union1d(ids, removed))
+            present = np.concatenate([h[np.isin(h, ids)] for h in held])
             if removed is not None:
                 present = present[~np.isin(present, removed)]
             if present.size:
@@ -112,21 +164,19 @@ class IndexWrites:
             fault_point("wal.appended")
             targets = range(self.n_shards) if removed is not None else \
                 [int(s) for s in np.unique(shard_of)]
-            replicas = self.replica_futures()
-            futs: dict[tuple[int, int], Future] = {}
-            for s in targets:
+
+            def args(s: int) -> tuple[Any, ...]:
                 m = shard_of == s
                 recs = None if records is None else [dict(r) for r, keep in
                                                      zip(records, m, strict=True) if keep]
-                for r, replica in enumerate(replicas[s]):
-                    futs[(s, r)] = self.client.submit(
-                        apply_add_task, replica, seq, xb[m], ids[m], recs,
-                        None if lists is None else lists[m], removed,
-                        key=(f"dask-rag-apply-{uuid.uuid4().hex}", s), pure=False)
-            wait(list(futs.values()))
-            for (s, r), f in futs.items():
-                if r == 0:
-                    self._counts[s] = int(f.result())
+                return (xb[m], ids[m], recs, None if lists is None else lists[m], removed)
+
+            counts = self._apply(seq, targets, apply_add_task, args)
+            for s in targets:
+                gone = 0 if removed is None else int(np.isin(held[s], removed).sum())
+                self._counts[s] = int(counts[s]) if s in counts else \
+                    self._counts[s] + int((shard_of == s).sum()) - gone
+            self._acked_seq = seq
             return len(ids)
 
     def remove(self, ids: Any) -> int:
@@ -137,17 +187,17 @@ class IndexWrites:
             return 0
         with self._write_lock:
             self._check_open()
+            held = self._present(arr)
             seq = self._next_seq()
             append_wal(self.location, WalEntry(seq, "remove", arr))
             fault_point("wal.appended")
-            futs = [[self.client.submit(apply_remove_task, f, seq, arr,
-                                        key=(f"dask-rag-apply-{uuid.uuid4().hex}", s),
-                                        pure=False) for f in reps]
-                    for s, reps in enumerate(self.replica_futures())]
-            results = [reps[0] for reps in self.client.gather(futs)]
-            for s, (_, count) in enumerate(results):
-                self._counts[s] = int(count)
-            return int(sum(gone for gone, _ in results))
+            counts = self._apply(seq, range(self.n_shards), apply_remove_task,
+                                 lambda s: (arr,))
+            for s in range(self.n_shards):
+                self._counts[s] = int(counts[s][1]) if s in counts else \
+                    self._counts[s] - len(held[s])
+            self._acked_seq = seq
+            return int(sum(len(h) for h in held))
 
     def save(self, path: str | Path | None = None) -> Path | str:
         """Write the current state durably and atomically; returns where.
@@ -168,10 +218,13 @@ class IndexWrites:
                 self._export(target)
         return target if store.is_url(target) else Path(target)
 
-    def _write_all(self, directory: str | Path, generation: int, index_uuid: str
-                   ) -> list[dict[str, Any]]:
+    def _write_all(self, directory: str | Path, generation: int, index_uuid: str,
+                   wal_seq: int) -> list[dict[str, Any]]:
+        """Every shard's files, reflecting the log up to ``wal_seq`` (what the manifest about
+        to be committed says they fold)."""
         futs = [self.client.submit(write_shard_task, f, str(directory), generation, index_uuid,
-                                   key=(f"dask-rag-write-{uuid.uuid4().hex}", s), pure=False)
+                                   wal_seq, key=(f"dask-rag-write-{uuid.uuid4().hex}", s),
+                                   pure=False, priority=WRITE_PRIORITY)
                 for s, f in enumerate(self.shard_futures)]
         entries: list[dict[str, Any]] = self.client.gather(futs)
         return entries
@@ -180,7 +233,7 @@ class IndexWrites:
         old = store.read_manifest(self.location)
         generation = int(old["generation"]) + 1
         wal_seq = max([int(old["wal_seq"]), *wal_seqs(self.location)])
-        entries = self._write_all(self.location, generation, self.index_uuid)
+        entries = self._write_all(self.location, generation, self.index_uuid, wal_seq)
         fault_point("save.shards_written")
         manifest = dict(old)
         manifest.update(shards=entries, generation=generation, wal_seq=wal_seq,
@@ -189,6 +242,10 @@ class IndexWrites:
         self.manifest = manifest
         # the new manifest is committed: old shard files and folded WAL entries can go
         drop_unnamed(self.location, manifest)
+
+    def _log_end(self) -> int:
+        """The last entry in the log (under the write lock: no write is adding one)."""
+        return max([int(self.manifest["wal_seq"]), *wal_seqs(self.location)])
 
     def _quantizer_bytes(self) -> bytes:
         q = self.manifest["quantizer"]
@@ -204,7 +261,7 @@ class IndexWrites:
 
     def _write_export(self, directory: str | Path, index_uuid: str, generation: int,
                       wal_seq: int) -> dict[str, Any]:
-        entries = self._write_all(directory, generation, index_uuid)
+        entries = self._write_all(directory, generation, index_uuid, self._log_end())
         fault_point("save.shards_written")
         manifest = dict(self.manifest)
         manifest.update(index_uuid=index_uuid, shards=entries, generation=generation,
