@@ -40,14 +40,16 @@ from dask_rag.cluster import resource_request
 from dask_rag.cluster.futures import (
     aretry_once,
     await_future,
+    await_hedged,
     gather_direct,
+    gather_hedged,
     retry_once,
 )
 from dask_rag.config import BatchConfig, EmbedConfig, RagConfig
 from dask_rag.embed.encoder import recorded_config
 from dask_rag.embed.service import EmbeddingService
 from dask_rag.errors import InvalidInput
-from dask_rag.index.distributed import DistributedIndex
+from dask_rag.index.distributed import HEDGE_AFTER_S, DistributedIndex
 from dask_rag.index.query import IndexQuery
 from dask_rag.rag.fusion import Fusion, default_fusion
 from dask_rag.rag.generate.base import SamplingParams, parse_generator_spec
@@ -268,7 +270,8 @@ class RagPipeline:
             parts = self.index.search_direct(query, self._vectors(reqs, plan), plan.nq)
             if parts is not None:
                 return retrieve(plan, parts)
-        result: Retrieved = gather_direct(self.client, self.submit_search(reqs))
+        result: Retrieved = gather_hedged(self.client, lambda: self.submit_search(reqs),
+                                          self.index.hedge_trigger(), HEDGE_AFTER_S)
         return result
 
     def search(self, query: str, k: int | None = None, filter: Any = None,
@@ -294,7 +297,8 @@ class RagPipeline:
         reqs = self._requests(questions, lambda q: self.ask_request(q, k, filter, params, mode,
                                                                     fusion))
         t0 = time.perf_counter()
-        results = retry_once(lambda: gather_direct(self.client, self.submit_ask(reqs)))
+        results = retry_once(lambda: gather_hedged(
+            self.client, lambda: self.submit_ask(reqs), self.index.hedge_trigger(), None))
         return _answers(reqs, results, t0)
 
     def ask(self, question: str, k: int | None = None, filter: Any = None,
@@ -354,7 +358,8 @@ class RagPipeline:
             parts = await self.index.asearch_direct(query, self._vectors(reqs, plan), plan.nq)
             if parts is not None:
                 return retrieve(plan, parts)
-        result: Retrieved = await await_future(self.submit_search(reqs))
+        result: Retrieved = await await_hedged(lambda: self.submit_search(reqs),
+                                               self.index.hedge_trigger(), HEDGE_AFTER_S)
         return result
 
     async def _search_batch(self, reqs: list[SearchRequest]
@@ -369,7 +374,8 @@ class RagPipeline:
     async def _ask_batch(self, reqs: list[AskRequest]) -> list[Answer]:
         async def one_group(group: list[AskRequest]) -> list[Answer]:
             t0 = time.perf_counter()
-            results = await aretry_once(lambda: await_future(self.submit_ask(group)))
+            results = await aretry_once(lambda: await_hedged(
+                lambda: self.submit_ask(group), self.index.hedge_trigger(), None))
             return _answers(group, results, t0)
 
         return await _by_options(reqs, one_group)

@@ -4,7 +4,9 @@
 * :func:`await_future` — await a (synchronous client's) future from any asyncio loop;
 * :data:`TRANSIENT_ERRORS` — the one table of failures that a retry can fix (a worker or a
   connection lost mid-request), :func:`retry_once` / :func:`aretry_once` — the one retry
-  policy: run again once, then report :class:`~dask_rag.errors.ShardUnavailable` (HTTP 503).
+  policy: run again once, then report :class:`~dask_rag.errors.ShardUnavailable` (HTTP 503);
+* :func:`gather_hedged` / :func:`await_hedged` — a second copy of a request when a worker is
+  lost under it (or it is slow), the first copy to finish wins.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from distributed import Client, Future
 
 from dask_rag.errors import DaskRagError, ShardUnavailable
 
-__all__ = ["TRANSIENT_ERRORS", "aretry_once", "await_future", "await_futures", "gather_direct",
-           "is_transient", "release_placement", "retry_once"]
+__all__ = ["TRANSIENT_ERRORS", "aretry_once", "await_future", "await_futures", "await_hedged",
+           "gather_direct", "gather_hedged", "is_transient", "release_placement", "retry_once"]
 
 T = TypeVar("T")
 
@@ -166,3 +168,96 @@ async def aretry_once(fn: Callable[[], Awaitable[T]]) -> T:
         if not is_transient(exc):
             raise
         raise _gave_up(first, exc) from exc
+
+
+# ---- hedged requests: a second copy of a request when its first copy may be stuck -----------
+
+#: how often a request in flight looks for a lost worker (only requests slower than this look)
+HEDGE_POLL_S = 0.1
+
+
+def _flat(futures: Any) -> list[Future]:
+    return list(futures) if isinstance(futures, (list, tuple)) else [futures]
+
+
+def gather_hedged(client: Client, submit: Callable[[], Any], losses: Callable[[], int] | None,
+                  hedge_after_s: float | None) -> Any:
+    """Submit a request (``submit()``: a future or a list of futures) and gather it; if a
+    worker is lost while it runs (``losses()`` changes: the cluster's membership counter) or
+    it is still running after ``hedge_after_s``, submit it a second time and take whichever
+    copy finishes first.
+
+    Why: a search whose replica dies waits for the scheduler to reload that replica (seconds,
+    a download from an object store) although another replica is live; ``submit`` picks live,
+    least-loaded replicas, so the second copy runs on the survivors.  The results are the
+    same bits whichever copy answers.  ``losses=None``: no hedging (one replica: the second
+    copy would wait for the same reload).
+    """
+    first = submit()
+    if losses is None:
+        return gather_direct(client, first)
+    import time
+
+    from distributed import wait
+
+    seen = losses()
+    give_up = None if hedge_after_s is None else time.monotonic() + hedge_after_s
+    while True:
+        try:
+            wait(_flat(first), timeout=HEDGE_POLL_S)
+        except TimeoutError:
+            pass
+        if all(f.done() for f in _flat(first)):
+            return gather_direct(client, first)
+        if losses() != seen or (give_up is not None and time.monotonic() > give_up):
+            break
+    return _first_of(client, [first, submit()])
+
+
+def _first_of(client: Client, copies: list[Any]) -> Any:
+    """The result of whichever copy of a request finishes first without a transient error."""
+    from distributed import wait
+
+    pending = list(copies)
+    while True:
+        wait([f for c in pending for f in _flat(c)], return_when="FIRST_COMPLETED")
+        for copy in list(pending):
+            if not all(f.done() for f in _flat(copy)):
+                continue
+            try:
+                return gather_direct(client, copy)
+            except Exception as exc:
+                pending.remove(copy)
+                if not pending or not is_transient(exc):
+                    raise
+
+
+async def await_hedged(submit: Callable[[], Any], losses: Callable[[], int] | None,
+                       hedge_after_s: float | None) -> Any:
+    """:func:`gather_hedged` from an asyncio loop."""
+    import time
+
+    def start(copy: Any) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(await_futures(list(copy)) if isinstance(copy, (list, tuple))
+                                     else await_future(copy))
+
+    first = start(submit())
+    if losses is None:
+        return await first
+    seen = losses()
+    give_up = None if hedge_after_s is None else time.monotonic() + hedge_after_s
+    while True:
+        done, _ = await asyncio.wait({first}, timeout=HEDGE_POLL_S)
+        if done:
+            return first.result()
+        if losses() != seen or (give_up is not None and time.monotonic() > give_up):
+            break
+    pending = {first, start(submit())}
+    while True:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            exc = task.exception()
+            if exc is None:
+                return task.result()
+            if not pending or not is_transient(exc):
+                raise exc

@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,11 @@ import numpy.typing as npt
 from distributed import Client, Future, wait
 
 from dask_rag.cluster import current_workers, resource_request
-from dask_rag.cluster.futures import await_future, gather_direct, release_placement
+from dask_rag.cluster.futures import (
+    await_hedged,
+    gather_hedged,
+    release_placement,
+)
 from dask_rag.cluster.plugins import off_membership_change, on_membership_change, tune_comms
 from dask_rag.config import CommConfig, IndexSpec
 from dask_rag.errors import CorruptIndex, DaskRagError, InvalidInput, ShardUnavailable
@@ -84,12 +88,15 @@ from dask_rag.index.tasks import (
 from dask_rag.index.wal import wal_seqs
 from dask_rag.index.writes import IndexWrites, put_quantizer, write_index
 
-__all__ = ["MERGE_FAN_IN", "DistributedIndex"]
+__all__ = ["HEDGE_AFTER_S", "MERGE_FAN_IN", "DistributedIndex"]
 
 #: merge tasks take at most this many parts; submit_search returns at most this many
 MERGE_FAN_IN = 4
 #: a direct (actor) search that has not answered by then is given up for the graph path
 DIRECT_TIMEOUT_S = 30.0
+#: with replicas, a search still running after this long is submitted a second time (on the
+#: least-loaded live replicas; the first copy to finish wins) — at once when a worker is lost
+HEDGE_AFTER_S = 1.5
 
 
 class DistributedIndex(IndexWrites):
@@ -125,6 +132,8 @@ class DistributedIndex(IndexWrites):
         #: status does not change while the scheduler reloads it elsewhere
         self._holder: dict[Any, str] = {}
         self._down: set[str] = set()
+        #: workers lost so far (membership events): a search in flight re-issues when it moves
+        self._losses = 0
         #: replica key -> the worker holding it, and the searcher actors (direct path)
         self._direct: dict[Any, str] | None = None
         self._searchers: dict[str, Any] = {}
@@ -440,6 +449,14 @@ class DistributedIndex(IndexWrites):
         return min(live, key=lambda f: (self._inflight[f.key],
                                         (reps.index(f) + turn) % len(reps)))
 
+    def hedge_trigger(self) -> Callable[[], int] | None:
+        """For :func:`~dask_rag.cluster.futures.gather_hedged`: the counter of lost workers,
+        or None with one replica per shard (a second copy of a search would wait for the same
+        reload)."""
+        if self.replicas < 2:
+            return None
+        return lambda: self._losses
+
     def _track(self, replica: Future, part: Future) -> None:
         key = replica.key
         self._inflight[key] += 1
@@ -651,9 +668,9 @@ class DistributedIndex(IndexWrites):
         """
         query = self.query(k, nprobe, ef_search=ef_search, filter=filter)
         xq = check_vectors(xq, self.dim, "xq")
-        parts = self.submit_search(query, xq)
         try:
-            results = gather_direct(self.client, parts)
+            results = gather_hedged(self.client, lambda: self.submit_search(query, xq),
+                                    self.hedge_trigger(), HEDGE_AFTER_S)
         except Exception as exc:
             _raise_shard_error(exc)
             raise
@@ -665,13 +682,12 @@ class DistributedIndex(IndexWrites):
                       filter: SearchFilter | dict[str, Any] | None = None
                       ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """:meth:`search` for asyncio code (never blocks the event loop)."""
-        import asyncio
 
         query = self.query(k, nprobe, ef_search=ef_search, filter=filter)
         xq = check_vectors(xq, self.dim, "xq")
-        parts = self.submit_search(query, xq)
         try:
-            results = await asyncio.gather(*(await_future(p) for p in parts))
+            results = await await_hedged(lambda: self.submit_search(query, xq),
+                                         self.hedge_trigger(), HEDGE_AFTER_S)
         except Exception as exc:
             _raise_shard_error(exc)
             raise
@@ -801,6 +817,7 @@ class DistributedIndex(IndexWrites):
             return
         if action == "remove" and worker:
             self._down.add(worker)
+            self._losses += 1
         if self._rebalance_timer is not None:
             self._rebalance_timer.cancel()
         self._rebalance_timer = threading.Timer(self.REBALANCE_DELAY_S, self._auto_rebalance)
