@@ -149,6 +149,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     acked: list[int] = []
     ack_times: list[float] = []
     write_s: list[float] = []
+    slow_writes: list[dict[str, Any]] = []
     kill_time: list[float] = []
     t0 = time.monotonic()
     stop_at = t0 + args.seconds
@@ -170,6 +171,11 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
                 acked.extend(int(i) for i in ids)
                 ack_times.append(time.monotonic() - t0)
                 write_s.append(time.monotonic() - started)
+                if write_s[-1] > 1.0:  # where a slow write spent its time
+                    slow_writes.append({"at_s": round(started - t0, 2),
+                                        "took_s": round(write_s[-1], 3),
+                                        "phases_ms": {k: round(v, 1) for k, v in
+                                                      pipe.index.last_write_ms.items()}})
             except Exception as exc:  # an unacknowledged write may fail; it must not be lost
                 log.append({"t": time.monotonic() - t0, "kind": "write", "ok": False,
                             "error": type(exc).__name__})
@@ -283,6 +289,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
                    "longest_gap_s": round(float(gaps.max()), 3),
                    "slowest_s": round(max(write_s), 3) if write_s else None,
                    "p50_s": round(float(np.median(write_s)), 3) if write_s else None,
+                   "slow_writes": slow_writes,
                    "ack_times_s": [round(t, 3) for t in ack_times]},
         "recovery": {"kill_at_s": round(t_kill, 2),
                      "not_ready_probes_after_kill": len(not_ready),

@@ -80,6 +80,9 @@ def _kill_trial(client: Any, hosts: Hosts, index: Any, xq: np.ndarray, expected:
         "in_flight_at_kill": sum(1 for a, b, _ in timeline if a < t_kill < b),
         "complete_again_s": None if first_after is None else round(first_after[1] - t_kill, 3),
         "slowest_around_kill_ms": round(1000 * max(around), 1) if around else None,
+        "searches_over_5s": sum(1 for a, b, _ in timeline if b - a > 5.0),
+        "slowest_search_ms": round(1000 * max(b - a for a, b, _ in timeline), 1)
+        if timeline else None,
         "p50_before_kill_ms": round(1000 * float(np.median(normal)), 2) if normal else None,
     }
 
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--replicas", default="1,2",
+                   help="replication factors to compare, alternated per round (e.g. '2' for "
+                        "kill trials with replicas only)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
 
@@ -105,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     xb = rng.standard_normal((args.n, args.dim)).astype(np.float32)
     xq = rng.standard_normal((256, args.dim)).astype(np.float32)
     expected = exact_search(xb, xq, 10)[1]
-    qps: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
-    kills: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    factors = [int(r) for r in args.replicas.split(",")]
+    qps: dict[int, list[dict[str, Any]]] = {r: [] for r in factors}
+    kills: dict[int, list[dict[str, Any]]] = {r: [] for r in factors}
     url = "s3://dask-rag-bench/replication"
     with MotoS3() as s3, Hosts(args.workers, env=s3.env) as hosts, \
             Client(hosts.address, timeout=60) as client:
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         DistributedIndex.build(client, xb, spec=IndexSpec(n_shards=args.shards), path=url,
                                progress=True).close()
         for rnd in range(args.rounds):
-            for r in ((1, 2) if rnd % 2 == 0 else (2, 1)):
+            for r in (factors if rnd % 2 == 0 else factors[::-1]):
                 with DistributedIndex.load(client, url, replicas=r) as index:
                     index.search(xq[:8], 10)
                     qps[r].append(_qps(index, xq, args.clients, args.seconds))
@@ -135,10 +142,14 @@ def main(argv: list[str] | None = None) -> int:
                                 "workers": f"{args.workers} processes, own loopback "
                                            "address and private directory, no nanny"},
         "qps": {f"R{r}": median_round(rows) for r, rows in qps.items()},
-        "qps_ratio_R2_over_R1_rounds": round_ratios(qps[2], qps[1]),
+        "qps_ratio_R2_over_R1_rounds": round_ratios(qps[2], qps[1])
+        if 1 in qps and 2 in qps else None,
         "kill": {f"R{r}": {"trials": rows,
                            "complete_again_s_median": med(rows, "complete_again_s"),
                            "slowest_around_kill_ms_median": med(rows, "slowest_around_kill_ms"),
+                           "slowest_around_kill_ms_max": max(
+                               (row["slowest_around_kill_ms"] or 0 for row in rows), default=None),
+                           "searches_over_5s": sum(row["searches_over_5s"] for row in rows),
                            "failed": sum(row["failed"] for row in rows),
                            "wrong": sum(row["wrong"] for row in rows)}
                  for r, rows in kills.items()},
@@ -156,12 +167,17 @@ def _plot(payload: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    labels = ["R=1", "R=2"]
-    a.bar(labels, [payload["qps"][k]["qps"] for k in ("R1", "R2")], color=["#888", "#36c"])
+    keys = sorted(payload["kill"])
+    labels = [k.replace("R", "R=") for k in keys]
+    colors = ["#888", "#36c", "#6a3"][:len(keys)]
+    a.bar(labels, [payload["qps"][k]["qps"] for k in keys], color=colors)
     a.set_title("search q/s, 64 clients")
-    b.bar(labels, [payload["kill"][k]["complete_again_s_median"] or 0 for k in ("R1", "R2")],
-          color=["#888", "#36c"])
-    b.set_title("worker kill → complete results (s)")
+    for i, k in enumerate(keys):  # every trial's slowest search around its kill
+        slowest = [t["slowest_around_kill_ms"] or 0 for t in payload["kill"][k]["trials"]]
+        b.plot([i] * len(slowest), [v / 1000 for v in slowest], "o", color=colors[i])
+    b.set_xticks(range(len(keys)), labels)
+    b.set_ylabel("s")
+    b.set_title("slowest search around each worker kill")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -274,13 +274,42 @@ def _serve_config(args: argparse.Namespace) -> Any:
                        request_timeout_s=args.timeout, api_keys=keys)
 
 
+def _start_adaptive(args: argparse.Namespace, client: Any, app: Any, served: Any) -> Any:
+    """Scale the local cluster on the app's requests in flight (``--adaptive MIN:MAX``);
+    a leaving worker's shards (of every served collection) are handed over first."""
+    from dask_rag.cluster.adaptive import adapt_to_queue, parse_adaptive
+    from dask_rag.collections import Collections
+
+    lo, hi = parse_adaptive(args.adaptive)
+    cluster = getattr(client, "cluster", None)
+    if cluster is None:
+        raise InvalidInput("--adaptive needs a cluster this command starts (not --scheduler)")
+    guard = app.state.guard
+
+    def hand_over(workers: list[str]) -> None:
+        pipes = ([served.get(n) for n in served.names()] if isinstance(served, Collections)
+                 else [served])
+        for pipe in pipes:
+            pipe.index.rebalance(exclude=workers)
+
+    print(f"adaptive: {lo} to {hi} workers, {args.adaptive_per_worker:g} requests in flight "
+          "per worker", flush=True)
+    return adapt_to_queue(cluster, lambda: guard.inflight, lo, hi,
+                          per_worker=args.adaptive_per_worker, before_retire=hand_over)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dask_rag.pipeline import RagPipeline
-    from dask_rag.serve import run_server
+    from dask_rag.serve import create_app
+    from dask_rag.serve.server import run_app
     from dask_rag.telemetry import configure_tracing
 
     cfg = _rag_config(args)
     serve_cfg = _serve_config(args)
+    if args.adaptive:  # bad bounds fail before a cluster starts; it starts at MIN workers
+        from dask_rag.cluster.adaptive import parse_adaptive
+
+        args.workers = args.workers or parse_adaptive(args.adaptive)[0]
     configure_tracing()
     # a local cluster's scheduler gets a process of its own: on this process's event loop it
     # would compete with HTTP and the client for the GIL (see start_local_cluster)
@@ -299,7 +328,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               + (f", collections in {args.collections}" if args.collections else "")
               + f"); Dask dashboard: {client.dashboard_link}", flush=True)
         try:
-            run_server(served, serve_cfg, log_level="info" if args.verbose else "warning")
+            app = create_app(served, serve_cfg)
+            if args.adaptive:
+                _start_adaptive(args, client, app, served)
+            run_app(app, serve_cfg, log_level="info" if args.verbose else "warning")
         finally:
             if served is not pipe:  # the named collections' shards (the default's: below)
                 served.close()
@@ -475,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collections", default=None, metavar="DIR",
                    help="serve every index folder under DIR as a named collection too "
                         "(POST /v1/collections creates new ones there)")
+    p.add_argument("--adaptive", metavar="MIN:MAX", default=None,
+                   help="scale the local cluster between MIN and MAX workers on the requests "
+                        "in flight (not CPU); leaving workers hand their shards over first")
+    p.add_argument("--adaptive-per-worker", type=float, default=8.0, metavar="N",
+                   help="requests in flight per worker the adaptive target aims at (default 8)")
     _add_serve_args(p)
     _add_cluster_args(p)
     p.set_defaults(func=cmd_serve)

@@ -53,7 +53,7 @@ class Writer:
         self.next_id = start
         self.rng = np.random.default_rng(start)
         self.vectors: dict[int, np.ndarray] = {}
-        self.failed = 0
+        self.failed: list[str] = []
 
     def write(self, n: int = 4) -> bool:
         ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
@@ -61,8 +61,8 @@ class Writer:
         vecs = self.rng.standard_normal((n, DIM)).astype(np.float32)
         try:
             self.index.add(vecs, ids, [{"text": f"chunk {i}", "source": "stress"} for i in ids])
-        except Exception:  # unacknowledged: it may or may not be there, never checked
-            self.failed += 1
+        except Exception as exc:  # unacknowledged: it may or may not be there, never checked
+            self.failed.append(f"{type(exc).__name__}: {exc}")
             return False
         self.vectors.update(zip(ids.tolist(), vecs, strict=True))
         return True
@@ -275,7 +275,8 @@ def test_no_acknowledged_write_is_lost_across_kills(tmp_path, monkeypatch, repli
         assert writer.write()
         check_acknowledged(client, index, writer, "retired")
 
-        assert len(writer.vectors) >= 4 * 14
+        # only the write whose apply task was killed may fail (unacknowledged)
+        assert len(writer.failed) <= 1, writer.failed
         index.close()
         # a fresh load from storage holds every acknowledged write too
         fresh = DistributedIndex.load(client, tmp_path / "idx", elastic=False)

@@ -142,6 +142,7 @@ class DistributedIndex(IndexWrites):
         #: Shard.catch_up) and apply tasks still running after their write returned
         self._acked_seq = max([int(manifest.get("wal_seq", 0)), *wal_seqs(self.location)])
         self._running: set[Future] = set()
+        self.last_write_ms: dict[str, float] = {}
         self._lock = threading.RLock()
         self._write_lock = threading.Lock()
         self._rebalance_lock = threading.Lock()
@@ -768,9 +769,12 @@ class DistributedIndex(IndexWrites):
         who = self.client.who_has(every)
         return {f.key: sorted(who.get(f.key, ())) for f in every}
 
-    def rebalance(self) -> int:
+    def rebalance(self, exclude: Sequence[str] = ()) -> int:
         """Spread shard replicas evenly over the current workers (the replicas of a shard on
         different workers, and hosts when the scheduler knows them); returns how many moved.
+
+        ``exclude``: workers about to leave (a scale-down): their replicas are loaded on the
+        others first, so retiring them moves nothing and no search waits for a reload.
 
         After a worker dies its shards are reloaded on the survivors; when workers come back
         (or new ones join) this moves replicas onto them: load on the new worker first, then
@@ -781,7 +785,8 @@ class DistributedIndex(IndexWrites):
         """
         self._check_open()
         with self._rebalance_lock:
-            workers = [] if self._closed else self._shard_workers()
+            workers = [] if self._closed else [w for w in self._shard_workers()
+                                               if w not in set(exclude)]
             if not workers:
                 return 0
             reps = self.replica_futures()

@@ -219,9 +219,20 @@ def plan_placement(current: dict[tuple[int, int], str | None], workers: list[str
     if not workers:
         return {}
     slots = sorted(current)
-    cap = -(-len(slots) // len(workers))
+    floor, extra = divmod(len(slots), len(workers))
+    cap = floor + (1 if extra else 0)
     load = {w: 0 for w in workers}
     placed: dict[tuple[int, int], str] = {}
+    full = [0]  # workers holding floor + 1: at most ``extra`` of them (else one ends below floor)
+
+    def room(w: str) -> bool:
+        return load[w] < floor or (load[w] < cap and full[0] < extra)
+
+    def place(slot: tuple[int, int], w: str) -> None:
+        placed[slot] = w
+        load[w] += 1
+        if load[w] > floor:
+            full[0] += 1
 
     def siblings(slot: tuple[int, int]) -> list[str]:
         return [w for (s, r), w in placed.items() if s == slot[0] and r != slot[1]]
@@ -232,9 +243,8 @@ def plan_placement(current: dict[tuple[int, int], str | None], workers: list[str
         if w is None:
             continue
         same_host = spread_hosts and hosts.get(w, w) in {hosts.get(x, x) for x in siblings(slot)}
-        if w in load and load[w] < cap and w not in siblings(slot) and not same_host:
-            placed[slot] = w
-            load[w] += 1
+        if w in load and room(w) and w not in siblings(slot) and not same_host:
+            place(slot, w)
     order = {w: i for i, w in enumerate(workers)}
     for slot in slots:
         if slot in placed:
@@ -243,7 +253,6 @@ def plan_placement(current: dict[tuple[int, int], str | None], workers: list[str
         taken_hosts = {hosts.get(w, w) for w in taken}
         # a replica on another host first (a host's loss must not take every copy), then
         # the even spread
-        placed[slot] = min(workers, key=lambda w: (
-            w in taken, hosts.get(w, w) in taken_hosts, load[w] >= cap, load[w], order[w]))
-        load[placed[slot]] += 1
+        place(slot, min(workers, key=lambda w: (
+            w in taken, hosts.get(w, w) in taken_hosts, not room(w), load[w], order[w])))
     return {slot: w for slot, w in placed.items() if current[slot] != w}

@@ -13,6 +13,7 @@ import contextlib
 import json
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -62,6 +63,9 @@ class IndexWrites:
     _acked_seq: int
     #: apply tasks still running after their write was acknowledged (see :meth:`_apply`)
     _running: set[Future]
+    #: where the last ``add`` spent its time (ms): waiting for the write lock, checking ids,
+    #: appending to the log, applying to the replicas
+    last_write_ms: dict[str, float]
 
     @property
     def dim(self) -> int:
@@ -90,45 +94,54 @@ class IndexWrites:
         last = seqs[-1] if seqs else 0
         return max(last, int(self.manifest["wal_seq"])) + 1
 
+    def _where(self, futures: Sequence[Future]) -> dict[Any, list[str] | None]:
+        """Replica key -> the workers holding it now (None while it is being reloaded): a
+        write's tasks are placed there.  Left to itself the scheduler may run a task next
+        to an idle worker instead (a worker that just joined), which copies the shard there
+        — a reload from storage on a cold process, seconds — while the write waits."""
+        who = self.client.who_has(list(futures))
+        return {f.key: list(who.get(f.key, ())) or None for f in futures}
+
     def _present(self, ids: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
         """Which of ``ids`` each shard holds now (one task per shard, at the last
         acknowledged write)."""
+        futs = self.shard_futures
+        where = self._where(futs)
         return list(self.client.gather([
             self.client.submit(contains_task, f, ids, self._acked_seq, pure=False,
                                key=(f"dask-rag-fetch-{uuid.uuid4().hex}", s),
-                               priority=WRITE_PRIORITY)
-            for s, f in enumerate(self.shard_futures)]))
+                               priority=WRITE_PRIORITY, workers=where[f.key],
+                               allow_other_workers=where[f.key] is not None)
+            for s, f in enumerate(futs)]))
 
     def _apply(self, seq: int, targets: Sequence[int], task: Callable[..., Any],
-               args: Callable[[int], tuple[Any, ...]]) -> dict[int, Any]:
+               args: Callable[[int], tuple[Any, ...]]) -> None:
         """Submit log entry ``seq``'s apply task to every replica of the ``targets`` shards
-        (``args(shard)``: the task's arguments after the shard); wait for them up to
-        :data:`APPLY_WAIT_S`; returns shard -> the result of a replica that finished.
+        (``args(shard)``: the task's arguments after the shard) and wait for them up to
+        :data:`APPLY_WAIT_S`; an apply that failed fails the write.
 
         The wait is bounded because the entry is already durable and every read catches its
         copy up to the last acknowledged entry (:meth:`Shard.catch_up`): a replica being
         reloaded after a kill replays the entry itself, and a write need not wait for it.
-        Applies still running are kept referenced until they end (a released future's task
-        may be forgotten by the scheduler before it runs)."""
+        No result comes back (the shard counts follow from the write itself): gathering one
+        from a worker that dies meanwhile would wait for its recomputation.  Applies still
+        running are kept referenced until they end (a released future's task may be
+        forgotten by the scheduler before it runs)."""
         replicas = self.replica_futures()
-        futs: dict[tuple[int, int], Future] = {}
-        for s in targets:
-            for r, replica in enumerate(replicas[s]):
-                futs[(s, r)] = self.client.submit(
-                    task, replica, seq, *args(s), pure=False, priority=WRITE_PRIORITY,
-                    key=(f"dask-rag-apply-{uuid.uuid4().hex}", s))
+        where = self._where([f for s in targets for f in replicas[s]])
+        futs = [self.client.submit(task, replica, seq, *args(s), pure=False,
+                                   priority=WRITE_PRIORITY, workers=where[replica.key],
+                                   allow_other_workers=where[replica.key] is not None,
+                                   key=(f"dask-rag-apply-{uuid.uuid4().hex}", s))
+                for s in targets for replica in replicas[s]]
         with contextlib.suppress(TimeoutError):
-            wait(list(futs.values()), timeout=APPLY_WAIT_S)
-        results: dict[int, Any] = {}
-        for (s, _), f in futs.items():
+            wait(futs, timeout=APPLY_WAIT_S)
+        for f in futs:
             if f.status == "error":
                 f.result()  # raises: the write is logged but not acknowledged
-            if f.status == "finished" and s not in results:
-                results[s] = f.result()
             elif f.status != "finished":
                 self._running.add(f)
                 f.add_done_callback(self._running.discard)
-        return results
 
     def add(self, xb: Any, ids: Any, records: Sequence[dict[str, Any]] | None = None, *,
             replace: Any = None) -> int:
@@ -148,9 +161,12 @@ class IndexWrites:
             raise InvalidInput(f"records has {len(records)} entries for {len(ids)} vectors")
         recs_json = None if records is None else json.dumps(
             [jsonable_record(r) for r in records]).encode()
+        t0 = time.perf_counter()
         with self._write_lock:
             self._check_open()  # again: close() may have run while this write waited
+            t_lock = time.perf_counter()
             held = self._present(ids if removed is None else np.union1d(ids, removed))
+            t_check = time.perf_counter()
             present = np.concatenate([h[np.isin(h, ids)] for h in held])
             if removed is not None:
                 present = present[~np.isin(present, removed)]
@@ -162,6 +178,7 @@ class IndexWrites:
             append_wal(self.location, WalEntry(seq, "add", ids, shard_of, xb, lists, recs_json,
                                            removed))
             fault_point("wal.appended")
+            t_log = time.perf_counter()
             targets = range(self.n_shards) if removed is not None else \
                 [int(s) for s in np.unique(shard_of)]
 
@@ -171,12 +188,14 @@ class IndexWrites:
                                                      zip(records, m, strict=True) if keep]
                 return (xb[m], ids[m], recs, None if lists is None else lists[m], removed)
 
-            counts = self._apply(seq, targets, apply_add_task, args)
-            for s in targets:
+            self._apply(seq, targets, apply_add_task, args)
+            for s in targets:  # exact: the ids were checked above, under the write lock
                 gone = 0 if removed is None else int(np.isin(held[s], removed).sum())
-                self._counts[s] = int(counts[s]) if s in counts else \
-                    self._counts[s] + int((shard_of == s).sum()) - gone
+                self._counts[s] += int((shard_of == s).sum()) - gone
             self._acked_seq = seq
+            t_end = time.perf_counter()
+            self.last_write_ms = {"lock": (t_lock - t0) * 1e3, "check": (t_check - t_lock) * 1e3,
+                                  "log": (t_log - t_check) * 1e3, "apply": (t_end - t_log) * 1e3}
             return len(ids)
 
     def remove(self, ids: Any) -> int:
@@ -191,11 +210,9 @@ class IndexWrites:
             seq = self._next_seq()
             append_wal(self.location, WalEntry(seq, "remove", arr))
             fault_point("wal.appended")
-            counts = self._apply(seq, range(self.n_shards), apply_remove_task,
-                                 lambda s: (arr,))
+            self._apply(seq, range(self.n_shards), apply_remove_task, lambda s: (arr,))
             for s in range(self.n_shards):
-                self._counts[s] = int(counts[s][1]) if s in counts else \
-                    self._counts[s] - len(held[s])
+                self._counts[s] -= len(held[s])
             self._acked_seq = seq
             return int(sum(len(h) for h in held))
 

@@ -50,11 +50,17 @@ def _uvicorn_config(app: Any, config: ServeConfig, log_level: str) -> Any:
 
 def run_server(pipeline: Any, config: ServeConfig, log_level: str = "info") -> None:
     """Serve until interrupted; SIGINT/SIGTERM drain in-flight requests before exiting."""
-    import uvicorn
-
     from dask_rag.serve.app import create_app
 
-    uvicorn.Server(_uvicorn_config(create_app(pipeline, config), config, log_level)).run()
+    run_app(create_app(pipeline, config), config, log_level)
+
+
+def run_app(app: Any, config: ServeConfig, log_level: str = "info") -> None:
+    """:func:`run_server` for an app already made (its state read by the caller: e.g. the
+    in-flight requests an adaptive cluster scales on)."""
+    import uvicorn
+
+    uvicorn.Server(_uvicorn_config(app, config, log_level)).run()
 
 
 class ServerThread:
