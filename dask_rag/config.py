@@ -236,6 +236,11 @@ class CommConfig:
     scheduler_to_worker_ms: float = 0.5
     scheduler_to_client_ms: float = 0.5
     worker_to_scheduler_ms: float = 0.5
+    #: seconds the client keeps retrying a connection to a worker (direct gathers of search
+    #: results).  distributed's 30 s default made a search whose result sat on a worker that
+    #: had just been SIGKILLed wait 30 s for a refused port (benchmarks/replication.py); on a
+    #: LAN a live worker answers in milliseconds
+    worker_connect_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -243,8 +248,8 @@ class CommConfig:
 
     @classmethod
     def distributed_defaults(cls) -> CommConfig:
-        """The intervals distributed itself uses (10 / 5 / 2 / 2 ms)."""
-        return cls(10.0, 5.0, 2.0, 2.0)
+        """The intervals distributed itself uses (10 / 5 / 2 / 2 ms, 30 s connects)."""
+        return cls(10.0, 5.0, 2.0, 2.0, 30.0)
 
 
 # --------------------------------------------------------------------------------------------

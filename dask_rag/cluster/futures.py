@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -181,37 +182,52 @@ def _flat(futures: Any) -> list[Future]:
 
 
 def gather_hedged(client: Client, submit: Callable[[], Any], losses: Callable[[], int] | None,
-                  hedge_after_s: float | None) -> Any:
+                  hedge_after_s: float | None = None) -> Any:
     """Submit a request (``submit()``: a future or a list of futures) and gather it; if a
-    worker is lost while it runs (``losses()`` changes: the cluster's membership counter) or
-    it is still running after ``hedge_after_s``, submit it a second time and take whichever
-    copy finishes first.
+    worker is lost while it runs (``losses()`` changes: the cluster's membership counter) —
+    or, with ``hedge_after_s``, it is still running after that long — submit it a second
+    time and take whichever copy finishes first.
 
     Why: a search whose replica dies waits for the scheduler to reload that replica (seconds,
     a download from an object store) although another replica is live; ``submit`` picks live,
     least-loaded replicas, so the second copy runs on the survivors.  The results are the
     same bits whichever copy answers.  ``losses=None``: no hedging (one replica: the second
-    copy would wait for the same reload).
+    copy would wait for the same reload).  A delay-based hedge doubles the work of every
+    request slower than the delay — under overload, all of them — so callers here hedge on
+    loss only.  Waiting costs no event-loop round trips: done-callbacks set an event that
+    this thread polls for losses every :data:`HEDGE_POLL_S`.
     """
     first = submit()
     if losses is None:
         return gather_direct(client, first)
     import time
 
-    from distributed import wait
-
     seen = losses()
     give_up = None if hedge_after_s is None else time.monotonic() + hedge_after_s
-    while True:
-        try:
-            wait(_flat(first), timeout=HEDGE_POLL_S)
-        except TimeoutError:
-            pass
-        if all(f.done() for f in _flat(first)):
-            return gather_direct(client, first)
+    done = _all_done_event(_flat(first))
+    while not done.wait(HEDGE_POLL_S):
         if losses() != seen or (give_up is not None and time.monotonic() > give_up):
-            break
-    return _first_of(client, [first, submit()])
+            return _first_of(client, [first, submit()])
+    return gather_direct(client, first)
+
+
+def _all_done_event(futures: list[Future]) -> threading.Event:
+    """An event set once every one of ``futures`` is done (finished, failed or cancelled)."""
+    event = threading.Event()
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                event.set()
+
+    if not futures:
+        event.set()
+    for f in futures:
+        f.add_done_callback(one_done)
+    return event
 
 
 def _first_of(client: Client, copies: list[Any]) -> Any:
@@ -220,7 +236,9 @@ def _first_of(client: Client, copies: list[Any]) -> Any:
 
     pending = list(copies)
     while True:
-        wait([f for c in pending for f in _flat(c)], return_when="FIRST_COMPLETED")
+        running = [f for c in pending for f in _flat(c) if not f.done()]
+        if running:
+            wait(running, return_when="FIRST_COMPLETED")
         for copy in list(pending):
             if not all(f.done() for f in _flat(copy)):
                 continue
@@ -233,7 +251,7 @@ def _first_of(client: Client, copies: list[Any]) -> Any:
 
 
 async def await_hedged(submit: Callable[[], Any], losses: Callable[[], int] | None,
-                       hedge_after_s: float | None) -> Any:
+                       hedge_after_s: float | None = None) -> Any:
     """:func:`gather_hedged` from an asyncio loop."""
     import time
 

@@ -110,6 +110,8 @@ def tune_comms(client: Client, config: CommConfig | None = None) -> None:
     client._dask_rag_comms = applied  # type: ignore[attr-defined]
     if client.scheduler_comm is not None:
         client.scheduler_comm.interval = config.client_to_scheduler_ms / 1000.0
+    if config.worker_connect_timeout_s > 0:  # this client's connections (to workers, direct)
+        client.rpc.timeout = config.worker_connect_timeout_s
 
 
 #: the event topic on which :class:`MembershipPlugin` announces workers joining and leaving
