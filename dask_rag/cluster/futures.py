@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -184,80 +183,71 @@ def _flat(futures: Any) -> list[Future]:
 def gather_hedged(client: Client, submit: Callable[[], Any], losses: Callable[[], int] | None,
                   hedge_after_s: float | None = None) -> Any:
     """Submit a request (``submit()``: a future or a list of futures) and gather it; if a
-    worker is lost while it runs (``losses()`` changes: the cluster's membership counter) —
-    or, with ``hedge_after_s``, it is still running after that long — submit it a second
-    time and take whichever copy finishes first.
+    worker is lost before its result is here (``losses()`` changes: the cluster's membership
+    counter) — or, with ``hedge_after_s``, it is still not here after that long — submit it
+    a second time and return whichever copy's result arrives first.
 
     Why: a search whose replica dies waits for the scheduler to reload that replica (seconds,
-    a download from an object store) although another replica is live; ``submit`` picks live,
-    least-loaded replicas, so the second copy runs on the survivors.  The results are the
-    same bits whichever copy answers.  ``losses=None``: no hedging (one replica: the second
-    copy would wait for the same reload).  A delay-based hedge doubles the work of every
-    request slower than the delay — under overload, all of them — so callers here hedge on
-    loss only.  Waiting costs no event-loop round trips: done-callbacks set an event that
-    this thread polls for losses every :data:`HEDGE_POLL_S`.
+    a download from an object store) although another replica is live; and a search whose
+    finished result sat on the worker that died is *rescheduled* by the gather — the same
+    reload.  ``submit`` picks live, least-loaded replicas, so the second copy runs on the
+    survivors; the results are the same bits whichever copy answers.  ``losses=None``: no
+    hedging (one replica: the second copy would wait for the same reload).  A delay-based
+    hedge doubles the work of every request slower than the delay — under overload, all of
+    them — so callers here hedge on loss only.  The gather runs on the client's event loop
+    and this thread waits for it, looking at the loss counter every :data:`HEDGE_POLL_S`.
     """
-    first = submit()
     if losses is None:
-        return gather_direct(client, first)
+        return gather_direct(client, submit())
+    import concurrent.futures
     import time
 
     seen = losses()
+    first = _gather_on_loop(client, submit())
     give_up = None if hedge_after_s is None else time.monotonic() + hedge_after_s
-    done = _all_done_event(_flat(first))
-    while not done.wait(HEDGE_POLL_S):
-        if losses() != seen or (give_up is not None and time.monotonic() > give_up):
-            return _first_of(client, [first, submit()])
-    return gather_direct(client, first)
-
-
-def _all_done_event(futures: list[Future]) -> threading.Event:
-    """An event set once every one of ``futures`` is done (finished, failed or cancelled)."""
-    event = threading.Event()
-    remaining = [len(futures)]
-    lock = threading.Lock()
-
-    def one_done(_: Future) -> None:
-        with lock:
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                event.set()
-
-    if not futures:
-        event.set()
-    for f in futures:
-        f.add_done_callback(one_done)
-    return event
-
-
-def _first_of(client: Client, copies: list[Any]) -> Any:
-    """The result of whichever copy of a request finishes first without a transient error."""
-    from distributed import wait
-
-    pending = list(copies)
     while True:
-        running = [f for c in pending for f in _flat(c) if not f.done()]
-        if running:
-            wait(running, return_when="FIRST_COMPLETED")
-        for copy in list(pending):
-            if not all(f.done() for f in _flat(copy)):
-                continue
-            try:
-                return gather_direct(client, copy)
-            except Exception as exc:
-                pending.remove(copy)
-                if not pending or not is_transient(exc):
-                    raise
+        try:
+            return first.result(timeout=HEDGE_POLL_S)
+        except concurrent.futures.TimeoutError:
+            pass
+        if losses() != seen or (give_up is not None and time.monotonic() > give_up):
+            break
+    pending = {first, _gather_on_loop(client, submit())}
+    while True:
+        done, pending = concurrent.futures.wait(pending,
+                                                return_when=concurrent.futures.FIRST_COMPLETED)
+        for copy in done:
+            exc = copy.exception()
+            if exc is None:
+                for other in pending:
+                    other.cancel()
+                return copy.result()
+            if not pending or not is_transient(exc):
+                raise exc
+
+
+def _gather_on_loop(client: Client, futures: Any) -> Any:
+    """``gather_direct(client, futures)`` running on the client's event loop: a
+    ``concurrent.futures.Future`` of the result, which the caller may stop waiting for."""
+    coro = client.gather(futures, direct=client.direct_to_workers is not False,
+                         asynchronous=True)
+    loop = client.loop.asyncio_loop  # type: ignore[union-attr]
+    return asyncio.run_coroutine_threadsafe(_awaited(coro), loop)
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 async def await_hedged(submit: Callable[[], Any], losses: Callable[[], int] | None,
                        hedge_after_s: float | None = None) -> Any:
-    """:func:`gather_hedged` from an asyncio loop."""
+    """:func:`gather_hedged` from an asyncio loop (any loop: the gathers run on the client's
+    and only their outcomes come here)."""
     import time
 
     def start(copy: Any) -> asyncio.Future[Any]:
-        return asyncio.ensure_future(await_futures(list(copy)) if isinstance(copy, (list, tuple))
-                                     else await_future(copy))
+        flat = _flat(copy)
+        return asyncio.wrap_future(_gather_on_loop(flat[0].client, copy))
 
     first = start(submit())
     if losses is None:
@@ -276,6 +266,8 @@ async def await_hedged(submit: Callable[[], Any], losses: Callable[[], int] | No
         for task in done:
             exc = task.exception()
             if exc is None:
+                for other in pending:
+                    other.cancel()
                 return task.result()
             if not pending or not is_transient(exc):
                 raise exc

@@ -53,10 +53,13 @@ class CommTuningSchedulerPlugin(SchedulerPlugin):
     def __init__(self, config: CommConfig) -> None:
         self.to_worker_s = config.scheduler_to_worker_ms / 1000.0
         self.to_client_s = config.scheduler_to_client_ms / 1000.0
+        self.connect_s = config.worker_connect_timeout_s
         self._scheduler: Any = None
 
     async def start(self, scheduler: Any) -> None:
         self._scheduler = scheduler
+        if self.connect_s > 0:  # its connections to workers (see CommConfig)
+            scheduler.rpc.timeout = self.connect_s
         for bcomm in scheduler.stream_comms.values():
             bcomm.interval = self.to_worker_s
         for bcomm in scheduler.client_comms.values():
@@ -84,15 +87,20 @@ class CommTuningSchedulerPlugin(SchedulerPlugin):
 
 
 class CommTuningWorkerPlugin(WorkerPlugin):
-    """Lower a worker's batched-send interval to the scheduler."""
+    """Lower a worker's batched-send interval to the scheduler, and how long it retries a
+    connection to a peer: fetching a dependency from a worker that was just SIGKILLed
+    otherwise retries the refused port for distributed's 30 s (a search waited that long)."""
 
     name = "dask-rag-comms"
 
     def __init__(self, config: CommConfig) -> None:
         self.interval_s = config.worker_to_scheduler_ms / 1000.0
+        self.connect_s = config.worker_connect_timeout_s
 
     def setup(self, worker: Any) -> None:
         worker.batched_stream.interval = self.interval_s
+        if self.connect_s > 0:
+            worker.rpc.timeout = self.connect_s
 
 
 def tune_comms(client: Client, config: CommConfig | None = None) -> None:
