@@ -26,16 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS_DIR, write_result
+from benchmarks.common import RESULTS_DIR, SERVE_QUESTIONS, require_demo_index, write_result
 from dask_rag.cluster import start_local_cluster
 from dask_rag.cluster.workers import cpu_flags
 
 ROOT = Path(__file__).resolve().parent.parent
-QUESTIONS = ["How do I sort a list?", "How do I parse JSON?", "How do I read a CSV file?",
-             "How do I run a subprocess?", "How do I create a temporary file?",
-             "How do I compute a hash of a file?", "What is a named tuple?",
-             "How do I join paths?", "How do I copy a directory tree?",
-             "What does functools.lru_cache do?"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-s", type=float, default=15.0)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
-    if not (args.index / "manifest.json").exists():
-        sys.exit(f"{args.index}: no index; run `make demo` (or dask-rag demo --no-serve) first")
+    require_demo_index(args.index)
 
     import httpx
     from distributed import Client
@@ -65,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     client = Client(cluster)
     pipe = RagPipeline.from_index_dir(client, args.index, RagConfig(k=5))
     pipe.warmup()
-    reference = {q: [h.id for h in pipe.search(q, k=5)] for q in QUESTIONS}
+    reference = {q: [h.id for h in pipe.search(q, k=5)] for q in SERVE_QUESTIONS}
     app = create_app(pipe, ServeConfig(port=0, max_inflight=4096, request_timeout_s=120))
     guard = app.state.guard
     adaptive = adapt_to_queue(cluster, lambda: guard.inflight, args.min, args.max,
@@ -81,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             async def one(i: int, stop_at: float) -> None:
                 j = i
                 while time.monotonic() < stop_at:
-                    q = QUESTIONS[j % len(QUESTIONS)]
+                    q = SERVE_QUESTIONS[j % len(SERVE_QUESTIONS)]
                     j += 1
                     start = time.monotonic()
                     try:

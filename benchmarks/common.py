@@ -230,3 +230,19 @@ def measure_fanout_overhead(client: Any, n_parts: int = 4, iterations: int = 200
     for p in pins:
         p.release()
     return LatencyStats.from_samples(samples, items=len(samples))
+
+
+#: questions about the demo corpus (the standard library) the serving benchmarks send
+SERVE_QUESTIONS = ["How do I sort a list?", "How do I parse JSON?", "How do I read a CSV file?",
+                   "How do I run a subprocess?", "How do I create a temporary file?",
+                   "How do I compute a hash of a file?", "What is a named tuple?",
+                   "How do I join paths?", "How do I copy a directory tree?",
+                   "What does functools.lru_cache do?"]
+
+
+def require_demo_index(path: Path) -> None:
+    """Exit with the command that builds the demo index when ``path`` holds none."""
+    import sys
+
+    if not (Path(path) / "manifest.json").exists():
+        sys.exit(f"{path}: no index; run `make demo` (or dask-rag demo --no-serve) first")

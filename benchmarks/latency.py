@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS_DIR, LatencyStats, write_result
+from benchmarks.common import RESULTS_DIR, LatencyStats, require_demo_index, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from dask_rag.serve import ServerThread, create_app
     from dask_rag.serve.server import free_port
 
-    if not (args.index / "manifest.json").exists():
-        sys.exit(f"{args.index}: no index; run `make demo` (or dask-rag demo --no-serve) first")
+    require_demo_index(args.index)
     qs = questions(args.n)
     peer = Peer(args.index)
     with start_local_cluster(2, dashboard_address=None) as cluster, Client(cluster) as client, \

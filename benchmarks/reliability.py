@@ -33,16 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS_DIR, write_result
+from benchmarks.common import RESULTS_DIR, SERVE_QUESTIONS, require_demo_index, write_result
 from dask_rag.cluster import start_local_cluster
 from dask_rag.cluster.workers import cpu_flags
 
 ROOT = Path(__file__).resolve().parent.parent
-QUESTIONS = ["How do I sort a list?", "How do I parse JSON?", "How do I read a CSV file?",
-             "How do I run a subprocess?", "How do I create a temporary file?",
-             "How do I compute a hash of a file?", "What is a named tuple?",
-             "How do I join paths?", "How do I copy a directory tree?",
-             "What does functools.lru_cache do?"]
 
 
 def rss_mb(client: Any) -> dict[str, float]:
@@ -63,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
-    if not (args.index / "manifest.json").exists():
-        sys.exit(f"{args.index}: no index; run `make demo` (or dask-rag demo --no-serve) first")
+    require_demo_index(args.index)
     runs = []
     for n in range(args.runs):
         print(f"run {n + 1}/{args.runs}", flush=True)
@@ -139,8 +133,8 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     client = Client(cluster)
     pipe = RagPipeline.from_index_dir(client, index_dir, RagConfig(k=5))
     pipe.warmup()
-    reference = {q: [h.id for h in pipe.search(q, k=5)] for q in QUESTIONS}
-    ref_answers = {q: pipe.ask(q).text for q in QUESTIONS}
+    reference = {q: [h.id for h in pipe.search(q, k=5)] for q in SERVE_QUESTIONS}
+    ref_answers = {q: pipe.ask(q).text for q in SERVE_QUESTIONS}
     config = ServeConfig(port=free_port(), max_inflight=1024, request_timeout_s=60)
     server = ServerThread(create_app(pipe, config), config).start()
     mem_start = rss_mb(client)
@@ -211,7 +205,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
             async def one(i: int) -> None:
                 n = 0
                 while time.monotonic() < stop_at:
-                    q = QUESTIONS[(i + n) % len(QUESTIONS)]
+                    q = SERVE_QUESTIONS[(i + n) % len(SERVE_QUESTIONS)]
                     ask = n % 5 == 4
                     t = time.monotonic() - t0
                     try:

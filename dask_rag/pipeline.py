@@ -96,6 +96,9 @@ class RagPipeline:
         self.client = client
         self.index = index
         self.embedder = embedder
+        # a worker that receives shards loads (and checks) the encoder before they serve:
+        # a small batch embeds inside the shard's own task
+        index.warm_new_workers = lambda workers: embedder.warmup()
         self.config = config or RagConfig()
         self.generator_spec = parse_generator_spec(self.config.generator)
         # LLM generators run on workers declaring a 'generator' resource, when there are any

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import shutil
 import tempfile
 import threading
@@ -154,6 +155,9 @@ class DistributedIndex(IndexWrites):
         #: (time, moved) of each automatic rebalance, for tests and the dashboard's story
         self.rebalance_log: list[tuple[float, int]] = []
         self._rebalance_failures = 0
+        #: run with the workers a rebalance loaded replicas onto, before those replicas serve
+        #: (a pipeline loads its encoder there: the first searches must not wait for it)
+        self.warm_new_workers: Callable[[list[str]], Any] | None = None
         self._epoch = 0
         # unique per open index: two loads of one directory (or of copies of it, which share
         # an index uuid) must never share shard keys on the scheduler
@@ -802,6 +806,14 @@ class DistributedIndex(IndexWrites):
             self._epoch += 1
             new = self._settle_loads({slot: self._load_replica(*slot, w)
                                       for slot, w in moves.items()}, moves, replace=False)
+            receiving = sorted({moves[slot] for slot, f in new.items()
+                                if f.status == "finished"})
+            if receiving and self.warm_new_workers is not None:
+                try:
+                    self.warm_new_workers(receiving)
+                except Exception as exc:  # serve anyway: a cold worker is slow, not wrong
+                    logging.getLogger(__name__).warning("warming %s failed: %s", receiving,
+                                                        exc)
             fault_point("rebalance.loaded")
             with self._lock:
                 if self._closed:  # closed while this loaded: drop the new copies
@@ -832,7 +844,6 @@ class DistributedIndex(IndexWrites):
         self._rebalance_timer.start()
 
     def _auto_rebalance(self) -> None:
-        import logging
         import time
 
         if self._closed or self.client.status != "running":
