@@ -148,7 +148,7 @@ class DistributedIndex(IndexWrites):
         self.last_write_ms: dict[str, float] = {}
         self._lock = threading.RLock()
         self._write_lock = threading.Lock()
-        self._rebalance_lock = threading.Lock()
+        self._rebalance_lock = threading.RLock()  # re-entered by the automatic one
         self._elastic = False
         self._comms: CommConfig | None = None
         self._rebalance_timer: threading.Timer | None = None
@@ -338,7 +338,7 @@ class DistributedIndex(IndexWrites):
     def set_elastic(self, elastic: bool) -> None:
         """Follow the cluster's membership (rebalance a moment after workers join or leave)
         or stop following it — e.g. while an operator moves shards by hand with
-        :meth:`rebalance`."""
+        :meth:`rebalance`.  After ``set_elastic(False)`` returns no automatic rebalance runs."""
         if elastic and not self._elastic:
             self._elastic = True
             on_membership_change(self.client, self._on_membership)
@@ -347,6 +347,8 @@ class DistributedIndex(IndexWrites):
             off_membership_change(self.client, self._on_membership)
             if self._rebalance_timer is not None:
                 self._rebalance_timer.cancel()
+            with self._rebalance_lock:  # an automatic rebalance already running ends first
+                pass
 
     def _shard_key(self, shard_no: int, replica: int = 0) -> tuple[str, int]:
         tag = "" if replica == 0 else f"-r{replica}"
@@ -849,7 +851,10 @@ class DistributedIndex(IndexWrites):
         if self._closed or self.client.status != "running":
             return
         try:
-            moved = self.rebalance()
+            with self._rebalance_lock:  # set_elastic(False) waits for this, then none starts
+                if not self._elastic:
+                    return
+                moved = self.rebalance()
             self._refresh_holders()
         except Exception as exc:  # the cluster changed under us: try again in a moment
             self._rebalance_failures += 1
