@@ -7,20 +7,29 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dask-rag-installed
+# what the demo needs (the package and its runtime dependencies); the test and lint toolchain
+# (moto, flask, schemathesis, scann, langchain-openai, ...) comes with `make test`
+RUNTIME_STAMP := $(VENV)/.dask-rag-runtime-installed
 TORCH  := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install qemu test test-all test-fast demo lint typecheck bench bench-quick clean
+.PHONY: install install-runtime qemu test test-all test-fast demo lint typecheck bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml
+$(RUNTIME_STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+install-runtime: $(RUNTIME_STAMP)
 
 ## qemu-user: the cross-instruction-set test runs the encoder under an emulated CPU of another
 ## generation (tests/test_cross_isa.py); installed with apt where we are root, else skipped
@@ -43,7 +52,7 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not minutes" $(PYTEST_ARGS)
 
 ## ingest the built-in demo corpus (Python stdlib docs), answer sample questions, serve HTTP
-demo: install
+demo: install-runtime
 	$(BIN)/dask-rag demo $(DEMO_ARGS)
 
 lint: install

@@ -134,3 +134,20 @@ def test_layer_contract_holds():
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "2 kept, 0 broken" in result.stdout
+
+
+@pytest.mark.parametrize("target, dev", [("demo", False), ("test", True)])
+def test_make_demo_installs_the_runtime_only(tmp_path, target, dev):
+    """On a fresh machine ``make demo`` installs the package and its runtime dependencies, not
+    the test toolchain (moto, flask, schemathesis, ...); ``make test`` adds the dev extra.
+    Read from make's dry run into an empty venv path (nothing is installed)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    plan = subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=root,
+                          capture_output=True, text=True, check=True).stdout
+    installs = [line for line in plan.splitlines() if "pip install" in line]
+    assert any(line.rstrip().endswith("-e .") for line in installs), installs
+    assert any(".[dev]" in line for line in installs) == dev, installs
+    torch_first = next(i for i, line in enumerate(installs) if "torch==" in line)
+    assert torch_first == 0  # the local CPU wheel, before anything can pull CUDA wheels
