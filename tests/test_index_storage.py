@@ -77,6 +77,31 @@ def test_unsaved_mutations_survive_reload_from_wal(client, tmp_path, data):
     again.close()
 
 
+def test_a_stale_copy_of_a_shard_catches_up_after_a_save_folded_the_log(client, tmp_path, data):
+    """A copy of shard 0 loaded before two writes and a save (which folds the log into new
+    files and deletes it) — as Dask's copy on a second worker is when every task lands on the
+    first — answers with every acknowledged write once caught up: it reloads from the saved
+    files rather than replay a log that is gone, and applies nothing twice."""
+    from dask_rag.index.shard import ShardRef, load_shard
+
+    xb, xnew, _ = data
+    path = tmp_path / "idx"
+    index = DistributedIndex.build(client, xb, spec=IndexSpec(factory="Flat", n_shards=1),
+                                   path=path, elastic=False)
+    stale = load_shard(ShardRef(str(path), 0, index.index_uuid))  # a copy, loaded now
+    new_ids = np.arange(60_000, 60_020)
+    index.add(xnew[:10], new_ids[:10])
+    index.save()
+    index.add(xnew[10:20], new_ids[10:])
+    assert not (path / "wal" / f"{1:012d}.npz").exists()  # folded and deleted
+    assert stale.applied_seq == 0 and stale.ntotal == len(xb)
+    stale.catch_up(index.acked_seq)
+    assert stale.applied_seq == index.acked_seq == 2
+    assert stale.ntotal == len(xb) + 20
+    assert all(r is not None for r in stale.fetch(new_ids))
+    index.close()
+
+
 def test_failure_in_the_middle_of_save_leaves_previous_index(client, tmp_path, data,
                                                             monkeypatch):
     """A save that dies between writing its shard files and the manifest commit (the fault
