@@ -86,7 +86,6 @@ from dask_rag.index.tasks import (
     shard_count_task,
     sources_task,
 )
-from dask_rag.index.wal import wal_seqs
 from dask_rag.index.writes import IndexWrites, put_quantizer, write_index
 
 __all__ = ["HEDGE_AFTER_S", "MERGE_FAN_IN", "DistributedIndex"]
@@ -143,7 +142,7 @@ class DistributedIndex(IndexWrites):
         self._counts: list[int] = []
         #: the last write-ahead-log entry acknowledged (every read carries it, see
         #: Shard.catch_up) and apply tasks still running after their write returned
-        self._acked_seq = max([int(manifest.get("wal_seq", 0)), *wal_seqs(self.location)])
+        self._acked_seq = self._log_end()
         self._running: set[Future] = set()
         self.last_write_ms: dict[str, float] = {}
         self._lock = threading.RLock()
@@ -429,10 +428,7 @@ class DistributedIndex(IndexWrites):
         replicas = [[loads[(s, r)] for r in range(self.replicas)] for s in range(self.n_shards)]
         self._replicas = replicas
         self._holder = {loads[slot].key: w for slot, w in where.items() if w is not None}
-        self._counts = [int(c) for c in self.client.gather(
-            [self.client.submit(shard_count_task, reps[0], self._acked_seq, pure=False,
-                                key=(f"dask-rag-fetch-{uuid.uuid4().hex}", s))
-             for s, reps in enumerate(replicas)])]
+        self._counts = [int(c) for c in self._on_each_shard(shard_count_task)]
         if self.router.quantizer is not None:
             # routes of batches whose vectors are futures run where this lives (re-runnable
             # from disk, like a shard)
@@ -691,7 +687,6 @@ class DistributedIndex(IndexWrites):
                       filter: SearchFilter | dict[str, Any] | None = None
                       ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """:meth:`search` for asyncio code (never blocks the event loop)."""
-
         query = self.query(k, nprobe, ef_search=ef_search, filter=filter)
         xq = check_vectors(xq, self.dim, "xq")
         try:
@@ -706,10 +701,7 @@ class DistributedIndex(IndexWrites):
     def fetch(self, ids: Any) -> list[dict[str, Any] | None]:
         """The stored records of ``ids`` (None for unknown ids), fetched from their shards."""
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
-        parts = self.client.gather([
-            self.client.submit(fetch_task, f, arr, self._acked_seq, pure=False,
-                               key=(f"dask-rag-fetch-{uuid.uuid4().hex}", s))
-            for s, f in enumerate(self.shard_futures)])
+        parts = self._on_each_shard(fetch_task, arr)
         out: list[dict[str, Any] | None] = [None] * len(arr)
         for part in parts:
             for i, rec in enumerate(part):
@@ -724,18 +716,12 @@ class DistributedIndex(IndexWrites):
         wanted = sorted(set(sources))
         if not wanted:
             return np.zeros(0, dtype=np.int64)
-        parts = self.client.gather([
-            self.client.submit(sources_task, f, wanted, self._acked_seq, pure=False,
-                               key=(f"dask-rag-fetch-{uuid.uuid4().hex}", s))
-            for s, f in enumerate(self.shard_futures)])
+        parts = self._on_each_shard(sources_task, wanted)
         return np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
 
     def doc_index(self) -> list[tuple[int, str | None, str | None]]:
         """(id, source, doc_hash) of every live chunk, from all shards."""
-        parts = self.client.gather([
-            self.client.submit(doc_index_task, f, self._acked_seq, pure=False,
-                               key=(f"dask-rag-fetch-{uuid.uuid4().hex}", s))
-            for s, f in enumerate(self.shard_futures)])
+        parts = self._on_each_shard(doc_index_task)
         return [row for part in parts for row in part]
 
     # ---- metadata -------------------------------------------------------------------------------

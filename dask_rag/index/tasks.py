@@ -144,16 +144,12 @@ def apply_add_task(shard: Shard, seq: int, xb: npt.NDArray[np.float32],
     return shard.ntotal
 
 
-def apply_remove_task(shard: Shard, seq: int, ids: npt.NDArray[np.int64]) -> tuple[int, int]:
-    """Apply a ``remove`` WAL entry: (ids removed here, the shard's vector count after)."""
+def apply_remove_task(shard: Shard, seq: int, ids: npt.NDArray[np.int64]) -> int:
+    """Apply a ``remove`` WAL entry to this copy of the shard (unless it already reflects
+    it); returns the shard's vector count after it."""
     fault_point("apply.shard")
-    gone = [0]
-
-    def apply() -> None:
-        gone[0] = shard.remove(ids)
-
-    shard.apply_entry(seq, apply)
-    return gone[0], shard.ntotal
+    shard.apply_entry(seq, lambda: shard.remove(ids))
+    return shard.ntotal
 
 
 def shard_count_task(shard: Shard, min_seq: int = 0) -> int:

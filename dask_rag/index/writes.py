@@ -89,10 +89,13 @@ class IndexWrites:
     def _check_open(self) -> None:
         raise NotImplementedError
 
+    def _log_end(self) -> int:
+        """The last entry in the log: the manifest's folded position or a later entry (under
+        the write lock no write is adding one)."""
+        return max([int(self.manifest["wal_seq"]), *wal_seqs(self.location)])
+
     def _next_seq(self) -> int:
-        seqs = wal_seqs(self.location)
-        last = seqs[-1] if seqs else 0
-        return max(last, int(self.manifest["wal_seq"])) + 1
+        return self._log_end() + 1
 
     def _where(self, futures: Sequence[Future]) -> dict[Any, list[str] | None]:
         """Replica key -> the workers holding it now (None while it is being reloaded): a
@@ -102,17 +105,25 @@ class IndexWrites:
         who = self.client.who_has(list(futures))
         return {f.key: list(who.get(f.key, ())) or None for f in futures}
 
-    def _present(self, ids: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
-        """Which of ``ids`` each shard holds now (one task per shard, at the last
-        acknowledged write)."""
+    def _on_each_shard(self, task: Callable[..., Any], *args: Any, pin: bool = False
+                       ) -> list[Any]:
+        """``task(shard, *args, min_seq)`` on one replica of every shard (a live one, see
+        ``shard_futures``), at the last acknowledged write; the results in shard order.
+        ``pin``: run each where its replica is held, ahead of queued searches (a write waits
+        on these; see :meth:`_where`)."""
         futs = self.shard_futures
-        where = self._where(futs)
+        where = self._where(futs) if pin else {}
         return list(self.client.gather([
-            self.client.submit(contains_task, f, ids, self._acked_seq, pure=False,
+            self.client.submit(task, f, *args, self._acked_seq, pure=False,
                                key=(f"dask-rag-fetch-{uuid.uuid4().hex}", s),
-                               priority=WRITE_PRIORITY, workers=where[f.key],
-                               allow_other_workers=where[f.key] is not None)
+                               priority=WRITE_PRIORITY if pin else 0,
+                               workers=where.get(f.key),
+                               allow_other_workers=where.get(f.key) is not None)
             for s, f in enumerate(futs)]))
+
+    def _present(self, ids: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
+        """Which of ``ids`` each shard holds now."""
+        return self._on_each_shard(contains_task, ids, pin=True)
 
     def _apply(self, seq: int, targets: Sequence[int], task: Callable[..., Any],
                args: Callable[[int], tuple[Any, ...]]) -> None:
@@ -259,10 +270,6 @@ class IndexWrites:
         self.manifest = manifest
         # the new manifest is committed: old shard files and folded WAL entries can go
         drop_unnamed(self.location, manifest)
-
-    def _log_end(self) -> int:
-        """The last entry in the log (under the write lock: no write is adding one)."""
-        return max([int(self.manifest["wal_seq"]), *wal_seqs(self.location)])
 
     def _quantizer_bytes(self) -> bytes:
         q = self.manifest["quantizer"]
