@@ -97,9 +97,34 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         else:
             report = ingest(client, args.paths, args.index, spec=spec, embed=embed,
                             chunk=chunk, progress=not args.quiet)
-    print(report.summary())
+        print(report.summary())
+        if args.tune_fusion == "auto":
+            from dask_rag.pipeline import RagPipeline
+
+            with RagPipeline.from_index_dir(client, args.index) as pipe:
+                _autotune(pipe)
     # 3: partial success (some files were skipped; the summary names them and why)
     return 3 if report.skipped else 0
+
+
+def _autotune(pipe: Any) -> None:
+    """``--tune-fusion auto``: tune on the index's own pseudo-queries; record the evidence,
+    and the fusion when it is adopted."""
+    from dask_rag import evaluate as ev
+    from dask_rag.rag.fusion import default_fusion
+
+    best, evidence = ev.autotune_fusion(pipe, default_fusion(pipe.config))
+    pipe.index.set_metadata("fusion_auto", evidence)
+    if best is not None:
+        pipe.index.set_metadata("fusion", {**best.model_dump(), "tuned_on": "auto",
+                                           "rule": "pseudo-queries; adopted when it beats the "
+                                                   "default on their held-out half"})
+    check = evidence.get("check", {})
+    print(f"fusion auto-tuning on {evidence['pseudo_queries']} pseudo-queries: "
+          + ("adopted " + json.dumps(best.model_dump()) if best is not None
+             else f"kept the default ({evidence.get('reason')})")
+          + (f"; held-out half: default {check['default']}, chosen {check['chosen']}"
+             if check else ""), file=sys.stderr)
 
 
 def _is_table(path: str) -> bool:
@@ -223,7 +248,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     evalset = ev.known_item_set(stdlib_documents(), n=args.known_items,
                                                 sources=indexed)
             tuned_table = None
-            if args.tune_fusion:
+            if args.tune_fusion == "auto":
+                _autotune(pipe)
+            elif args.tune_fusion:
                 tuning = ev.load_beir(args.dataset, "tune", with_corpus=False) \
                     if args.dataset else evalset
                 best, tuned_table = ev.tune_fusion(pipe, tuning, default_fusion(cfg), k=args.k)
@@ -244,10 +271,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if args.rerank_model:
                 runs["hybrid + rerank"] = ("hybrid", None, True)
             results, _ = ev.evaluate(pipe, evalset, k=args.k, runs=runs)
+            answers = None
+            if args.answers:
+                # as many passages as an ask gets by default (not the retrieval cutoff -k)
+                passages = RagConfig().k
+                answers, per_question = ev.answer_quality(pipe, evalset, k=passages)
     judged = len(evalset.judged)
     print(f"{evalset.name} ({evalset.split}): {judged} queries with judgements"
           + (f", {len(evalset.unjudged)} without (not scored)" if evalset.unjudged else "")
           + f", k={args.k}, document level\n{ev.format_table(results)}")
+    if answers is not None:
+        print(f"answers ({cfg.generator}, {passages} passages each; "
+              f"supported = >= {ev.SUPPORT_OVERLAP:.0%} of a sentence's words in the passage "
+              f"it cites):\n{ev.format_table({'answers': answers})}")
     if args.out:
         manifest = json.loads((index / "manifest.json").read_text())
         ev.write_results(args.out, {
@@ -257,7 +293,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         if k != "canaries"},
             "index": manifest.get("spec"),
             "default_fusion": default.model_dump(), "tuned_fusion": manifest.get("fusion"),
-            "results": results, "tuning": tuned_table})
+            "results": results, "tuning": tuned_table,
+            **({"answers": {"generator": cfg.generator, "passages": passages,
+                            "support_overlap": ev.SUPPORT_OVERLAP, "summary": answers,
+                            "per_question": per_question}} if answers is not None else {})})
         print(f"wrote {args.out}")
     return 0
 
@@ -461,6 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-tokens", type=int, default=200)
     p.add_argument("--overlap-tokens", type=int, default=32)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tune-fusion", choices=["auto"],
+                   help="auto: tune the hybrid fusion on pseudo-queries made from the corpus "
+                        "(titles, first sentences; no labels) and adopt it only when it beats "
+                        "the default on a held-out half of them (the evidence goes into the "
+                        "manifest)")
     _add_cluster_args(p)
     p.set_defaults(func=cmd_ingest)
 
@@ -529,12 +573,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--known-items", type=int, default=200)
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--modes", default="dense,sparse,hybrid")
-    p.add_argument("--tune-fusion", action="store_true",
-                   help="choose the hybrid fusion on the 'tune' split and record it in the "
+    p.add_argument("--tune-fusion", nargs="?", const="split", choices=["split", "auto"],
+                   help="choose the hybrid fusion on the 'tune' split (or, 'auto', on "
+                        "pseudo-queries made from the corpus, no labels) and record it in the "
                         "index manifest (then used by default)")
     p.add_argument("--mode", default="hybrid", help=argparse.SUPPRESS)
     p.add_argument("--generator", default="extractive", help=argparse.SUPPRESS)
     p.add_argument("--rerank-model", help="also evaluate hybrid + this cross-encoder")
+    p.add_argument("--answers", action="store_true",
+                   help="also ask every question and grade the answers: citations of a "
+                        "relevant document (precision / recall), the first sentence's, and "
+                        "the share of sentences supported by the passage they cite")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_cluster_args(p)

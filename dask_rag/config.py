@@ -39,7 +39,7 @@ MAX_TEXT_CHARS = 8192
 #: retrieval modes: faiss alone, BM25 alone, or both fused
 MODES = ("dense", "sparse", "hybrid")
 #: how hybrid mode fuses the dense and BM25 rankings (see dask_rag.rag.fusion)
-FUSIONS = ("rrf", "weighted", "dbsf")
+FUSIONS = ("adaptive", "rrf", "weighted", "dbsf")
 
 Metric = Literal["ip", "l2"]
 Sharding = Literal["auto", "ivf", "hash", "range"]
@@ -444,12 +444,14 @@ class RagConfig:
 
     k: int = 5
     mode: str = "hybrid"
-    # the default fusion, chosen on the tuning halves of benchmarks/datasets (see README,
-    # "Retrieval quality"): dense-led weighted RRF, BM25 breaking the dense ranking's near-ties
-    fusion: str = "rrf"
+    # the default fusion, chosen by leave-one-out over six real-question sets (README,
+    # "Retrieval quality"; benchmarks/fusion_study.py): by the query's form, dense-led RRF
+    # for questions, a convex combination of normalised scores for everything else
+    fusion: str = "adaptive"
     rrf_k: int = 10
-    dense_weight: float = 0.95
+    dense_weight: float = 0.5
     fusion_anchor: int = 0
+    question_weight: float = 0.95
     candidates: int = 20
     nprobe: int | None = None
     rerank_model: str | None = None
@@ -467,6 +469,7 @@ class RagConfig:
         _check_int(self, "rrf_k", 1)
         _check_float(self, "dense_weight", 0.0, 1.0)
         _check_int(self, "fusion_anchor", 0, 100)
+        _check_float(self, "question_weight", 0.0, 1.0)
         _check_int(self, "candidates", 1, MAX_K)
         if self.nprobe is not None:
             _check_int(self, "nprobe", 1)

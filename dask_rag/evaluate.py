@@ -20,10 +20,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from dask_rag.config import FUSIONS
 from dask_rag.corpus.chunking import split_sentences
@@ -273,14 +276,28 @@ def candidate_lists(pipe: Any, evalset: EvalSet, depth: int, batch: int = 64
             _search(pipe, evalset, depth, "sparse", None, False, batch))
 
 
+def idf_sums(pipe: Any, evalset: EvalSet) -> dict[str, float]:
+    """Each query's total BM25 term weight in the pipeline's index (what the adaptive fusion
+    reads; empty when the index reports no BM25 statistics)."""
+    stats = pipe.index.bm25_stats
+    if stats is None:
+        return {}
+    qids = list(evalset.queries)
+    return dict(zip(qids, stats.idf_sums([evalset.queries[q] for q in qids]), strict=True))
+
+
 def fused_run(dense: dict[str, list[Hit]], sparse: dict[str, list[Hit]], fusion: Fusion,
-              k: int) -> dict[str, list[str]]:
-    """Document rankings of ``fusion`` applied to the candidate lists (as the pipeline)."""
+              k: int, queries: dict[str, str] | None = None,
+              idf_sums: dict[str, float] | None = None) -> dict[str, list[str]]:
+    """Document rankings of ``fusion`` applied to the candidate lists (as the pipeline);
+    ``queries``, ``idf_sums``: their texts and total BM25 term weights (the adaptive fusion
+    reads them)."""
     run = {}
     for q in dense:
         by_id = {h.id: h for h in (*dense[q], *sparse.get(q, []))}
         ranked = fuse("hybrid", [(h.id, h.score) for h in dense[q]],
-                      [(h.id, h.score) for h in sparse.get(q, [])], fusion)
+                      [(h.id, h.score) for h in sparse.get(q, [])], fusion,
+                      (queries or {}).get(q), (idf_sums or {}).get(q))
         run[q] = doc_ranking(by_id[c] for c, _ in ranked)[:k]
     return run
 
@@ -299,11 +316,12 @@ def tune_fusion(pipe: Any, evalset: EvalSet, default: Fusion, k: int = 10,
     returned too."""
     depth = max(k * CHUNKS_PER_DOC, pipe.config.candidates)
     dense, sparse = candidate_lists(pipe, evalset, depth)
-    base = _score(fused_run(dense, sparse, default, k), evalset, k)
+    sums = idf_sums(pipe, evalset)
+    base = _score(fused_run(dense, sparse, default, k, evalset.queries, sums), evalset, k)
     table = [{"fusion": default.model_dump(), "default": True, **base}]
     best: tuple[float, float, Fusion] | None = None
     for f in grid or fusion_grid():
-        metrics = _score(fused_run(dense, sparse, f, k), evalset, k)
+        metrics = _score(fused_run(dense, sparse, f, k, evalset.queries, sums), evalset, k)
         table.append({"fusion": f.model_dump(), **metrics})
         gain = min(metrics[f"recall@{k}"] - base[f"recall@{k}"],
                    metrics[f"mrr@{k}"] - base[f"mrr@{k}"])
@@ -335,3 +353,198 @@ def write_results(path: str | Path, payload: dict[str, Any]) -> None:
     payload = {**payload, "machine": {"cpu_flags": cpu_flags(), "cores": os.cpu_count()}}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+# ---- self-tuning without labels -----------------------------------------------------------------
+
+#: pseudo-queries an automatic tuning makes (at most; half choose, half check)
+AUTO_QUERIES = 400
+
+
+def _first_sentence(text: str) -> str | None:
+    for sentence in split_sentences(" ".join(text.split())):
+        if 5 <= len(sentence.split()) <= 40:
+            return sentence
+    return None
+
+
+def _title_line(text: str) -> str | None:
+    """A chunk's opening line when it reads as a title or heading (short, no full stop)."""
+    head = text.strip().split("\n", 1)[0].strip().lstrip("#").strip()
+    if head and 2 <= len(head.split()) <= 12 and not head.endswith((".", ":", ";", ",")) \
+            and head != text.strip():
+        return head
+    return None
+
+
+def pseudo_queries(index: Any, n: int = AUTO_QUERIES
+                   ) -> tuple[EvalSet, dict[str, int]]:
+    """Queries made from the corpus's own structure, for tuning without labels: a document's
+    title or heading line, and its first sentence, each judged relevant to its document.  The
+    chunk the query was cut from is excluded from the candidates (returned: query id -> chunk
+    id), so a query must find its document through the document's *other* chunks — the text
+    around it, not the copy of itself; documents of one chunk are not used."""
+    import hashlib
+
+    chunks: dict[str, list[int]] = {}
+    for cid, source, _ in index.doc_index():
+        if source:
+            chunks.setdefault(source, []).append(int(cid))
+    docs = sorted((s for s, ids in chunks.items() if len(ids) >= 2),
+                  key=lambda s: hashlib.sha1(s.encode()).hexdigest())[:n]
+    firsts = [min(chunks[s]) for s in docs]
+    records = index.fetch(np.asarray(firsts, dtype=np.int64)) if firsts else []
+    queries: dict[str, str] = {}
+    qrels: dict[str, dict[str, int]] = {}
+    excluded: dict[str, int] = {}
+    for source, cid, rec in zip(docs, firsts, records, strict=True):
+        text = (rec or {}).get("text") or ""
+        for kind, query in (("title", _title_line(text)), ("first", _first_sentence(text))):
+            if query and len(queries) < n:
+                qid = f"{kind}:{source}"
+                queries[qid], qrels[qid], excluded[qid] = query, {source: 1}, cid
+    return EvalSet(name="auto", queries=queries, qrels=qrels), excluded
+
+
+def autotune_fusion(pipe: Any, default: Fusion, k: int = 10, n: int = AUTO_QUERIES,
+                    min_gain: float = MIN_GAIN) -> tuple[Fusion | None, dict[str, Any]]:
+    """Tune the fusion on :func:`pseudo_queries` of the index itself (no labels): choose on
+    half of them as :func:`tune_fusion` does, adopt the choice only when it also beats
+    ``default`` on the other half (both recall@k and MRR@k no worse, their sum better).
+    Returns the fusion to adopt (None: keep the default) and the evidence.
+
+    Pseudo-queries are statements (titles, sentences), so with the ``adaptive`` default
+    only its statement half is tuned (``dense_weight``); question-form queries keep the
+    dense-led ranking the real-question sets chose."""
+    import hashlib
+
+    evalset, excluded = pseudo_queries(pipe.index, n)
+    evidence: dict[str, Any] = {"pseudo_queries": len(evalset.queries), "adopted": False,
+                                "default": default.model_dump()}
+    if len(evalset.queries) < 20:
+        evidence["reason"] = "fewer than 20 pseudo-queries (documents of 2+ chunks)"
+        return None, evidence
+    depth = max(k * CHUNKS_PER_DOC, pipe.config.candidates) + 1
+    dense, sparse = candidate_lists(pipe, evalset, depth)
+    for q, cid in excluded.items():  # a query may not find the copy of itself
+        dense[q] = [h for h in dense.get(q, []) if h.id != cid]
+        sparse[q] = [h for h in sparse.get(q, []) if h.id != cid]
+    sums = idf_sums(pipe, evalset)
+    halves: dict[str, EvalSet] = {}
+    for half in ("choose", "check"):
+        ids = [q for q in evalset.queries
+               if (int(hashlib.sha1(q.encode()).hexdigest(), 16) % 2 == 0) == (half == "choose")]
+        halves[half] = EvalSet(name=f"auto/{half}", queries={q: evalset.queries[q] for q in ids},
+                               qrels={q: evalset.qrels[q] for q in ids}, split=half)
+
+    def run(f: Fusion, half: str) -> dict[str, float]:
+        e = halves[half]
+        sub_d = {q: dense[q] for q in e.queries}
+        return _score(fused_run(sub_d, sparse, f, k, e.queries, sums), e, k)
+
+    if default.method == "adaptive":
+        grid = [default.model_copy(update={"dense_weight": round(0.1 + 0.05 * i, 2)})
+                for i in range(17)]
+    else:
+        grid = fusion_grid()
+    base = run(default, "choose")
+    best: tuple[float, float, Fusion] | None = None
+    for f in grid:
+        m = run(f, "choose")
+        gain = min(m[f"recall@{k}"] - base[f"recall@{k}"], m[f"mrr@{k}"] - base[f"mrr@{k}"])
+        total = m[f"recall@{k}"] + m[f"mrr@{k}"]
+        if best is None or (gain, total) > (best[0] + 1e-12, best[1]):
+            best = (gain, total, f)
+    assert best is not None
+    evidence.update(chosen=best[2].model_dump(), choose={"default": base,
+                                                          "chosen": run(best[2], "choose")})
+    check = {"default": run(default, "check"), "chosen": run(best[2], "check")}
+    evidence["check"] = check
+    d_r = check["chosen"][f"recall@{k}"] - check["default"][f"recall@{k}"]
+    d_m = check["chosen"][f"mrr@{k}"] - check["default"][f"mrr@{k}"]
+    if best[0] < min_gain:
+        evidence["reason"] = f"no fusion gains >= {min_gain} on the choosing half"
+        return None, evidence
+    if min(d_r, d_m) < 0 or d_r + d_m <= 0:
+        evidence["reason"] = "the choice does not beat the default on the checking half"
+        return None, evidence
+    evidence["adopted"] = True
+    return best[2], evidence
+
+
+# ---- grounded answers ---------------------------------------------------------------------------
+
+_MARKER = re.compile(r"\s*\[(\d+)\]")
+_WORDS = re.compile(r"[a-z0-9]+")
+#: an answer sentence counts as supported when this share of its words are in a cited passage
+SUPPORT_OVERLAP = 0.8
+
+
+def _content_words(text: str) -> list[str]:
+    return [w for w in _WORDS.findall(text.lower()) if len(w) > 2]
+
+
+def answer_sentences(text: str) -> list[tuple[str, list[int]]]:
+    """An answer's sentences with the passage numbers each cites (``... [2] ... [1]``: a
+    citation marker closes the text before it)."""
+    out: list[tuple[str, list[int]]] = []
+    pos = 0
+    for m in _MARKER.finditer(text):
+        sentence = text[pos:m.start()].strip()
+        if sentence:
+            out.append((sentence, [int(m.group(1))]))
+        elif out:
+            out[-1][1].append(int(m.group(1)))
+        pos = m.end()
+    tail = text[pos:].strip()
+    if tail:
+        out.append((tail, []))
+    return out
+
+
+def grade_answer(text: str, citations: Sequence[Hit], relevant: dict[str, int]
+                 ) -> dict[str, float]:
+    """One answer's grounding: which cited passages come from a relevant document, whether the
+    first sentence does, and how many sentences are supported by the passage they cite (at
+    least :data:`SUPPORT_OVERLAP` of the sentence's words appear in it)."""
+    rel = {d for d, g in relevant.items() if g > 0}
+    sentences = answer_sentences(text)
+    cited = [n for _, ns in sentences for n in ns if 1 <= n <= len(citations)]
+    docs = [citations[n - 1].source for n in dict.fromkeys(cited)]
+    supported = 0
+    for sentence, ns in sentences:
+        words = _content_words(sentence)
+        passage = set()
+        for n in ns:
+            if 1 <= n <= len(citations):
+                passage |= set(_content_words(citations[n - 1].text or ""))
+        if words and sum(w in passage for w in words) >= SUPPORT_OVERLAP * len(words):
+            supported += 1
+    first = sentences[0][1] if sentences else []
+    return {
+        "citation_precision": (sum(d in rel for d in docs) / len(docs)) if docs else 0.0,
+        "citation_recall": (len(rel & set(docs)) / len(rel)) if rel else 0.0,
+        "first_sentence_relevant": float(any(1 <= n <= len(citations)
+                                             and citations[n - 1].source in rel
+                                             for n in first)),
+        "supported": supported / len(sentences) if sentences else 0.0,
+        "context_recall": float(bool(rel & {h.source for h in citations})),
+    }
+
+
+def answer_quality(pipe: Any, evalset: EvalSet, k: int = 5, batch: int = 32
+                   ) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """Mean :func:`grade_answer` over the judged questions (each asked through the
+    pipeline's generator with ``k`` passages), and every question's answer and grades."""
+    qids = evalset.judged
+    per: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(qids), batch):
+        part = qids[i:i + batch]
+        answers = pipe.ask_many([evalset.queries[q] for q in part], k=k)
+        for q, answer in zip(part, answers, strict=True):
+            per[q] = {"answer": answer.text,
+                      **grade_answer(answer.text, answer.citations, evalset.qrels[q])}
+    keys = ("citation_precision", "citation_recall", "first_sentence_relevant", "supported",
+            "context_recall")
+    n = max(1, len(per))
+    return {key: round(sum(p[key] for p in per.values()) / n, 6) for key in keys}, per

@@ -192,8 +192,13 @@ class RagPipeline:
                                  filter=first.filter, with_records=True,
                                  texts=texts if mode != "dense" else None, sparse_k=depth,
                                  dense=mode != "sparse")
+        fusion = self._fusion(first)
+        stats = self.index.bm25_stats
+        sums = tuple(stats.idf_sums(texts)) if (
+            mode == "hybrid" and fusion.method == "adaptive" and stats is not None) else ()
         plan = RetrievalPlan(nq=len(texts), depth=depth, metric=self.index.metric, mode=mode,
-                             fusion=self._fusion(first), keep=keep, submitted_at=time.time())
+                             fusion=fusion, keep=keep, submitted_at=time.time(),
+                             texts=tuple(texts), idf_sums=sums)
         return query, plan
 
     def _vectors(self, reqs: Sequence[SearchRequest | AskRequest], plan: RetrievalPlan

@@ -145,6 +145,10 @@ def test_eval_command_on_a_beir_set(tmp_path, capsys):
                                        "q3\td\t1\n")
     out = tmp_path / "results.json"
     code = main(["eval", "--dataset", str(d), "--tune-fusion", "--out", str(out), "-q",
+                 "--answers", "--workers", "1", "--dashboard", ":0"])
+    assert code == 0
+    # no labels: the documents are too few (one chunk each) to make pseudo-queries from
+    code = main(["eval", "--dataset", str(d), "--tune-fusion", "auto", "-q",
                  "--workers", "1", "--dashboard", ":0"])
     assert code == 0
     text = capsys.readouterr().out
@@ -154,34 +158,98 @@ def test_eval_command_on_a_beir_set(tmp_path, capsys):
     assert result["encoder"]["precision"] == "fp32" and result["index"]["factory"] == "Flat"
     assert set(result["results"]) == {"dense", "sparse", "hybrid", "hybrid (tuned)"}
     assert result["results"]["dense"]["recall@10"] == 1.0
+    answers = result["answers"]
+    assert answers["generator"] == "extractive" and len(answers["per_question"]) == 3
+    assert answers["summary"]["context_recall"] == 1.0  # 3 documents, 5 passages each
+    assert all(0.0 <= v <= 1.0 for v in answers["summary"].values())
+    assert all(p["answer"] for p in answers["per_question"].values())
     manifest = json.loads((d / ".dask-rag-index" / "manifest.json").read_text())
     assert manifest["fusion"]["tuned_on"] == "tiny/tune"
+    assert manifest["fusion_auto"]["adopted"] is False
+    assert "fewer than 20" in manifest["fusion_auto"]["reason"]
+
+
+def test_adaptive_fusion_reads_the_query_form():
+    """Questions get the dense-led RRF, other queries the convex score combination."""
+    from dask_rag.rag.fusion import fuse, is_question
+
+    assert is_question("How do I sort a list?") and is_question("why is pickle unsafe")
+    assert is_question("Is there a way to  freeze a dict") and is_question("sort a list?")
+    assert not is_question("copy files and directories") and not is_question("json.dumps")
+    assert not is_question("How-to guides") and not is_question("") and not is_question(None)
+    dense = [(1, 0.90), (2, 0.89), (3, 0.60), (4, 0.55)]
+    sparse = [(4, 25.0), (9, 24.0), (2, 3.0)]
+    f = Fusion(method="adaptive", dense_weight=0.5, question_weight=0.9, rrf_k=10)
+    as_rrf = fuse("hybrid", dense, sparse, Fusion(method="rrf", dense_weight=0.9, rrf_k=10))
+    as_convex = fuse("hybrid", dense, sparse, Fusion(method="weighted", dense_weight=0.5))
+    assert [c for c, _ in as_rrf] != [c for c, _ in as_convex]
+    assert fuse("hybrid", dense, sparse, f, "which list holds four?") == as_rrf
+    assert fuse("hybrid", dense, sparse, f, "list holding four") == as_convex
+    assert fuse("hybrid", dense, sparse, f) == as_convex  # no text: not a question
+
+
+def test_pseudo_queries_and_auto_tuning(pipe_light):
+    """Pseudo-queries come from a document's first chunk (its title line or a sentence) and
+    judge the document; that chunk is excluded from the candidates.  The tuning's evidence
+    says what it chose on one half and how it did on the other, and it is adopted only if it
+    beat the default there."""
+    from dask_rag.config import RagConfig
+    from dask_rag.rag.fusion import default_fusion
+
+    evalset, excluded = ev.pseudo_queries(pipe_light.index, n=60)
+    assert 20 <= len(evalset.queries) <= 60 and set(excluded) == set(evalset.queries)
+    records = pipe_light.index.fetch(np.asarray(list(excluded.values()), dtype=np.int64))
+    for (qid, query), rec in zip(evalset.queries.items(), records, strict=True):
+        assert query in " ".join(rec["text"].split()) or query in rec["text"]
+        assert evalset.qrels[qid] == {rec["source"]: 1}
+    default = default_fusion(RagConfig())
+    best, evidence = ev.autotune_fusion(pipe_light, default, n=60)
+    assert evidence["pseudo_queries"] == len(evalset.queries)
+    check = evidence["check"]
+    gained = [check["chosen"][m] - check["default"][m] for m in ("recall@10", "mrr@10")]
+    assert evidence["adopted"] == (best is not None)
+    if best is not None:
+        assert min(gained) >= 0 and sum(gained) > 0
+        assert best.method == "adaptive" and best.question_weight == default.question_weight
+
+
+#: leave-one-out: how far below the better part the default may fall, and what it must gain
+#: where BM25 is within 5 points of dense recall@10 (README "Retrieval quality")
+TOLERANCE = 0.01
+CLOSE = 0.05
+GAIN = 0.02
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [
     pytest.param("python-faq", marks=pytest.mark.minutes),  # ~2 min: 1,950 documents
+    pytest.param("man-pages", marks=pytest.mark.minutes),  # ~10 min: 13,500 chunks
+    pytest.param("debian-packages", marks=pytest.mark.minutes),  # ~3 min: 4,000 documents
     "perl-faq", "debian-faq"])
-def test_default_fusion_never_loses_to_its_parts(client, tmp_path, name):
+def test_default_fusion_holds_on_every_set(client, tmp_path, name):
     """On each real-question set's test half, the default hybrid's recall@10 and MRR@10 are
-    each >= the better of dense-only and sparse-only, and the fusion tuned on the tuning
-    half is >= the default."""
+    each >= the better of dense-only and sparse-only less 0.01, and where BM25's recall@10
+    is within 5 points of dense's the default gains >= 2 points over the better part — or
+    reaches the recall of the two top-10 lists together, when that is less (debian-packages:
+    dense finds 97 %, the union 97.5 %)."""
     from dask_rag.config import RagConfig
     from dask_rag.ingest import ingest
     from dask_rag.pipeline import RagPipeline
-    from dask_rag.rag.fusion import default_fusion
 
     test = ev.load_beir(DATASETS / name, "test")
     assert len(test.judged) + len(ev.load_beir(DATASETS / name, "tune").judged) >= 120
     ingest(client, test.corpus or [], tmp_path / "index", progress=False)
+    assert RagConfig().fusion == "adaptive"
     with RagPipeline.from_index_dir(client, tmp_path / "index") as pipe:
-        default = default_fusion(RagConfig())
-        tuned, _ = ev.tune_fusion(pipe, ev.load_beir(DATASETS / name, "tune",
-                                                     with_corpus=False), default)
-        results, _ = ev.evaluate(pipe, test, runs={
+        results, runs = ev.evaluate(pipe, test, runs={
             "dense": ("dense", None, False), "sparse": ("sparse", None, False),
-            "default": ("hybrid", None, False), "tuned": ("hybrid", tuned, False)})
+            "default": ("hybrid", None, False)})
+    union = sum(ev.recall_at_k([*runs["dense"][q], *runs["sparse"][q]], test.qrels[q], 20)
+                for q in test.judged) / len(test.judged)
     for metric in ("recall@10", "mrr@10"):
         best_part = max(results["dense"][metric], results["sparse"][metric])
-        assert results["default"][metric] >= best_part - 1e-9, (metric, results)
-        assert results["tuned"][metric] >= results["default"][metric] - 1e-9, (metric, results)
+        assert results["default"][metric] >= best_part - TOLERANCE, (metric, results)
+    if results["sparse"]["recall@10"] >= results["dense"]["recall@10"] - CLOSE:
+        best_part = max(results["dense"]["recall@10"], results["sparse"]["recall@10"])
+        assert results["default"]["recall@10"] >= min(best_part + GAIN, union) - 1e-9, \
+            (results, union)

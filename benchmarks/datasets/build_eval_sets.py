@@ -9,7 +9,17 @@ maintainers wrote it down, its relevant document the FAQ's own answer:
 * ``perl-faq`` — perlfaq1-9 (``perl-doc``: ``pod/perlfaq*.pod``); distractors: the
   entries of ``perlfunc`` and the sections of ``perlop``, ``perlsyn``, ``perlre``, ``perlvar``;
 * ``debian-faq`` — the Debian FAQ (``debian-faq``: ``FAQ/*.en.html``); distractors: none
-  but the other answers (120 questions: a small third domain, system administration).
+  but the other answers (120 questions: a small third domain, system administration);
+
+and two sets of short keyword queries, the words a user types into a search box:
+
+* ``man-pages`` — the Linux man-pages project (``manpages``, ``manpages-dev``): a query is a
+  page's NAME line ("open and possibly create a file"), its relevant document the rest of the
+  page (NAME excluded, rendered to text by ``groff``); every other page is a distractor;
+* ``debian-packages`` — Debian 12's package descriptions (``main/i18n/Translation-en.xz`` of
+  bookworm, pinned by its SHA-256): a query is a package's one-line synopsis ("elegant and
+  simple HTTP library for Python3"), its relevant document the package's name and long
+  description (synopsis excluded); a fixed-seed sample of other packages are distractors.
 
 Only headings that end in "?" are questions; a question's answer is the text of its section,
 heading excluded.  Each set is split in halves by a hash of the question id: ``qrels/tune.tsv``
@@ -37,18 +47,28 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent
-PACKAGES = {"python-faq": "python3.11-doc", "perl-faq": "perl-doc", "debian-faq": "debian-faq"}
+PACKAGES = {"python-faq": ("python3.11-doc",), "perl-faq": ("perl-doc",),
+            "debian-faq": ("debian-faq",), "man-pages": ("manpages", "manpages-dev"),
+            "debian-packages": ()}
+#: bookworm's English package descriptions, as its InRelease file pins them
+TRANSLATIONS_URL = "http://deb.debian.org/debian/dists/bookworm/main/i18n/Translation-en.xz"
+TRANSLATIONS_SHA256 = "a3d4a0bfd8e9242810b0885eda7c1a6e05dac15b333ddbaab03ba56f2dfa4bf0"
+#: keyword sets: how many of their pages / packages are queries (a hash-ordered sample; the
+#: rest, and for debian-packages PKG_DOCUMENTS in all, are the corpus)
+KEYWORD_QUERIES = 400
+PKG_DOCUMENTS = 4000
 #: distractor sections kept for python-faq (a deterministic sample of the library reference)
 PY_DISTRACTORS = 2500
 
 
-def unpack(package: str, into: Path) -> Path:
-    """``apt-get download`` + ``dpkg-deb -x``: the package's files under ``into``."""
-    subprocess.run(["apt-get", "download", "-qq", package], cwd=into, check=True,
-                   capture_output=True)
-    deb = next(into.glob(f"{package}_*.deb"))
-    root = into / package
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+def unpack(packages: tuple[str, ...], into: Path) -> Path:
+    """``apt-get download`` + ``dpkg-deb -x``: the packages' files under one root."""
+    root = into / "root"
+    for package in packages:
+        subprocess.run(["apt-get", "download", "-qq", package], cwd=into, check=True,
+                       capture_output=True)
+        deb = next(into.glob(f"{package}_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
     return root
 
 
@@ -200,7 +220,108 @@ def debian_faq(root: Path) -> tuple[list[dict], list[dict]]:
     return questions, corpus
 
 
-BUILDERS = {"python-faq": python_faq, "perl-faq": perl_faq, "debian-faq": debian_faq}
+def _hash_order(key: str) -> str:
+    return hashlib.sha1(key.encode()).hexdigest()
+
+
+def render_man(path: str) -> str:
+    """A man page as plain text (``groff -man -Tutf8``, overstrikes removed)."""
+    raw = subprocess.run(["zcat", "-f", path], check=True, capture_output=True).stdout
+    out = subprocess.run(["groff", "-t", "-man", "-Tutf8", "-rLL=100n", "-rHY=0"], input=raw,
+                         check=True, capture_output=True).stdout
+    return subprocess.run(["col", "-bx"], input=out, check=True,
+                          capture_output=True).stdout.decode("utf-8", "replace")
+
+
+def man_sections(text: str) -> list[tuple[str, str]]:
+    """(heading, body) of a rendered page: headings start at column 0; the page's header and
+    footer lines (``open(2) ... open(2)``) are dropped."""
+    lines = text.splitlines()
+    if lines:
+        lines = lines[1:-1]
+    out: list[tuple[str, str]] = []
+    for line in lines:
+        if line and not line[0].isspace():
+            out.append((line.strip(), ""))
+        elif out:
+            out[-1] = (out[-1][0], out[-1][1] + line.strip() + "\n")
+    return [(h, _clean(b)) for h, b in out]
+
+
+def man_pages(root: Path) -> tuple[list[dict], list[dict]]:
+    pages = sorted(glob.glob(str(root / "usr/share/man/man[1-8]/*")))
+    by_query: dict[str, list[dict]] = {}
+    corpus = []
+    for page in pages:
+        head = subprocess.run(["zcat", "-f", page], capture_output=True).stdout[:200]
+        if head.lstrip().startswith(b".so "):
+            continue  # a link to another page
+        sections = man_sections(render_man(page))
+        name = next((b for h, b in sections if h == "NAME"), "")
+        m = re.match(r"^(.+?)\s+[-\u2010-\u2014]+\s+(.+)$", " ".join(name.split()))
+        body = "\n\n".join(f"{h}\n\n{b}" for h, b in sections if h != "NAME" and b)
+        if not m or len(body) < 200:
+            continue
+        doc = {"_id": _doc_id("man", Path(page).name + body), "title": "",
+               "text": body[:4000]}
+        corpus.append(doc)
+        by_query.setdefault(m.group(2).strip().rstrip("."), []).append(doc)
+    questions = [{"_id": _doc_id("q", query + docs[0]["_id"]), "text": query,
+                  "doc": docs[0]["_id"]}
+                 for query, docs in by_query.items()
+                 if len(docs) == 1 and len(query.split()) >= 2]
+    questions.sort(key=lambda q: _hash_order(q["_id"]))
+    return questions[:KEYWORD_QUERIES], corpus
+
+
+def translations(into: Path) -> Path:
+    """Bookworm's ``Translation-en.xz``, checked against the SHA-256 its InRelease lists."""
+    path = into / "Translation-en.xz"
+    subprocess.run(["curl", "-sSf", "-o", str(path), TRANSLATIONS_URL], check=True)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != TRANSLATIONS_SHA256:
+        raise SystemExit(f"{TRANSLATIONS_URL}: SHA-256 {digest}, expected "
+                         f"{TRANSLATIONS_SHA256} (the release changed: update the pin)")
+    return path
+
+
+def package_descriptions(path: Path) -> list[tuple[str, str, str]]:
+    """(package, synopsis, long description) of every record of a Translation file."""
+    import lzma
+
+    out = []
+    for record in lzma.decompress(path.read_bytes()).decode("utf-8").split("\n\n"):
+        m = re.search(r"^Package: (\S+)$", record, re.M)
+        d = re.search(r"^Description-en: (.*)\n((?: .*\n?)*)", record, re.M)
+        if not m or not d:
+            continue
+        paras = [" ".join(p.split()) for p in
+                 re.split(r"^ \.$", d.group(2), flags=re.M)]
+        out.append((m.group(1), d.group(1).strip(), "\n\n".join(p for p in paras if p)))
+    return out
+
+
+def debian_packages(root: Path) -> tuple[list[dict], list[dict]]:
+    records = package_descriptions(translations(root.parent))
+    synopses: dict[str, int] = {}
+    longs: dict[str, int] = {}
+    for _, syn, long in records:
+        synopses[syn.lower()] = synopses.get(syn.lower(), 0) + 1
+        longs[long] = longs.get(long, 0) + 1
+    kept = [(pkg, syn, long) for pkg, syn, long in records
+            if synopses[syn.lower()] == 1 and longs[long] == 1 and len(long.split()) >= 25
+            and len(syn.split()) >= 2
+            and not re.search(r"transitional|dummy|debug symbols", syn, re.I)]
+    kept.sort(key=lambda r: _hash_order(r[0]))
+    kept = kept[:PKG_DOCUMENTS]
+    corpus = [{"_id": f"pkg-{pkg}", "title": pkg, "text": long} for pkg, _, long in kept]
+    questions = [{"_id": _doc_id("q", pkg), "text": syn, "doc": f"pkg-{pkg}"}
+                 for pkg, syn, _ in kept[:KEYWORD_QUERIES]]
+    return questions, corpus
+
+
+BUILDERS = {"python-faq": python_faq, "perl-faq": perl_faq, "debian-faq": debian_faq,
+            "man-pages": man_pages, "debian-packages": debian_packages}
 
 
 def split_of(qid: str) -> str:
@@ -240,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="dask-rag-eval-") as tmp:
         for name in args.sets.split(","):
-            root = unpack(PACKAGES[name], Path(tmp))
+            work = Path(tmp) / name
+            work.mkdir()
+            root = unpack(PACKAGES[name], work)
             questions, corpus = BUILDERS[name](root)
             stats = write_set(name, questions, corpus, args.out)
             print(f"{name}: {stats}")

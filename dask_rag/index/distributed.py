@@ -75,7 +75,9 @@ from dask_rag.index.query import (
 from dask_rag.index.routing import Router, plan_placement
 from dask_rag.index.searcher import ShardSearcher
 from dask_rag.index.shard import ShardRef
+from dask_rag.index.sparse import CorpusStats
 from dask_rag.index.tasks import (
+    bm25_stats_task,
     doc_index_task,
     fetch_task,
     load_router,
@@ -141,8 +143,9 @@ class DistributedIndex(IndexWrites):
         self._searchers: dict[str, Any] = {}
         self._counts: list[int] = []
         #: the last write-ahead-log entry acknowledged (every read carries it, see
-        #: Shard.catch_up) and apply tasks still running after their write returned
-        self._acked_seq = self._log_end()
+        #: Shard.catch_up) with the index's BM25 statistics at that entry (None until the
+        #: shards report them), and apply tasks still running after their write returned
+        self._read_state: tuple[int, CorpusStats | None] = (self._log_end(), None)
         self._running: set[Future] = set()
         self.last_write_ms: dict[str, float] = {}
         self._lock = threading.RLock()
@@ -190,7 +193,25 @@ class DistributedIndex(IndexWrites):
         """The write-ahead-log entry of the last acknowledged write: a shard task that
         catches up to it (``Shard.catch_up``) sees every write acknowledged so far — the
         index's read-your-writes token, as Milvus's guarantee timestamp."""
-        return self._acked_seq
+        return self._read_state[0]
+
+    @property
+    def bm25_stats(self) -> CorpusStats | None:
+        """The index's BM25 statistics (:class:`~dask_rag.index.sparse.CorpusStats`) at
+        :attr:`acked_seq`: the sum of the shards' at load, kept current by every write."""
+        return self._read_state[1]
+
+    def _acknowledge(self, seq: int, bm25_delta: CorpusStats | None = None,
+                     removed: CorpusStats | None = None) -> None:
+        """Make log entry ``seq`` the read token, with the BM25 statistics it changed
+        (one assignment: a search reads the position and the statistics together)."""
+        stats = self._read_state[1]
+        if stats is not None:
+            if bm25_delta is not None:
+                stats = stats + bm25_delta
+            if removed is not None:
+                stats = stats - removed
+        self._read_state = (seq, stats)
 
     @property
     def replicas(self) -> int:
@@ -429,6 +450,8 @@ class DistributedIndex(IndexWrites):
         self._replicas = replicas
         self._holder = {loads[slot].key: w for slot, w in where.items() if w is not None}
         self._counts = [int(c) for c in self._on_each_shard(shard_count_task)]
+        stats = sum(self._on_each_shard(bm25_stats_task), CorpusStats())
+        self._read_state = (self._read_state[0], stats)
         if self.router.quantizer is not None:
             # routes of batches whose vectors are futures run where this lives (re-runnable
             # from disk, like a shard)
@@ -486,10 +509,15 @@ class DistributedIndex(IndexWrites):
 
     def _consistent(self, query: IndexQuery) -> IndexQuery:
         """``query`` stamped with the last acknowledged write, which every shard copy that
-        answers it must reflect (read-your-writes, whatever copies the scheduler made)."""
-        if query.min_seq >= self._acked_seq:
-            return query
-        return dataclasses.replace(query, min_seq=self._acked_seq)
+        answers it must reflect (read-your-writes, whatever copies the scheduler made), and
+        with the BM25 weights of the index's statistics at that write."""
+        seq, stats = self._read_state
+        changes: dict[str, Any] = {}
+        if query.min_seq < seq:
+            changes["min_seq"] = seq
+        if query.texts is not None and query.bm25 is None and stats is not None:
+            changes["bm25"] = stats.weights(query.texts)
+        return dataclasses.replace(query, **changes) if changes else query
 
     def submit_search(self, query: IndexQuery, vectors: Any = None, nq: int | None = None
                       ) -> list[Future]:
@@ -728,7 +756,7 @@ class DistributedIndex(IndexWrites):
 
     #: manifest fields that callers may set (:meth:`set_metadata`); the index itself never
     #: reads them
-    METADATA_FIELDS = frozenset({"fusion"})
+    METADATA_FIELDS = frozenset({"fusion", "fusion_auto"})
 
     def set_metadata(self, name: str, value: Any) -> None:
         """Record ``value`` (JSON) under ``name`` in the manifest, atomically — e.g. the

@@ -18,6 +18,7 @@ from dask_rag.errors import InvalidInput
 from dask_rag.index.filters import SearchFilter, parse_filter
 
 __all__ = [
+    "Bm25Weights",
     "IndexQuery",
     "SearchFilter",
     "ShardResult",
@@ -80,6 +81,15 @@ def check_k(k: Any, name: str = "k") -> int:
 
 
 @dataclass(frozen=True)
+class Bm25Weights:
+    """The index-wide BM25 statistics a batch's scores need (see :mod:`dask_rag.index.sparse`):
+    the IDF of each query term the index holds and the average chunk length."""
+
+    avgdl: float
+    idf: dict[str, float]
+
+
+@dataclass(frozen=True)
 class IndexQuery:
     """What one search graph asks of every shard it visits (validated before submission).
 
@@ -99,6 +109,9 @@ class IndexQuery:
     #: read-your-writes: the last write-ahead-log entry every shard must reflect before it
     #: answers (stamped by ``submit_search``: the index's last acknowledged write)
     min_seq: int = 0
+    #: BM25 weights from the index's statistics (stamped with ``min_seq``); None: each shard
+    #: scores with its own
+    bm25: Bm25Weights | None = None
 
     def __post_init__(self) -> None:
         check_k(self.k)

@@ -1,54 +1,162 @@
-"""BM25 per shard (bm25s): built with the shard, persisted beside its faiss file, and searched
-*in the same task* as the dense search, so hybrid retrieval costs no extra fan-out.
+"""BM25 per shard, scored with the *index's* statistics: built with the shard, persisted
+beside its faiss file, and searched *in the same task* as the dense search, so hybrid
+retrieval costs no extra fan-out.
 
-BM25 statistics (IDF, average length) are per shard, as in Elasticsearch's default
-``query_then_fetch``: with hash sharding the shards are random samples of one corpus, so
-their statistics agree closely.  Per query, the scores over all of a shard's chunks are
-computed on their own and cut with ties broken by id: a query's hits never depend on the
-other queries of its batch.
+Each shard keeps its chunks' term frequencies and token counts (a sparse ``chunks x terms``
+matrix), not precomputed scores: a score needs the corpus's document frequencies and average
+length, and those belong to the whole index, not to a shard.  The index keeps them
+(:class:`CorpusStats`: document count, total length, each term's document frequency; built
+from the shards at load and kept current by every write, as Elasticsearch's
+``dfs_query_then_fetch`` asks the shards), and every search carries the batch's weights
+(:class:`Bm25Weights`: each query term's IDF and the average length).  So a chunk's score is
+the one a single unsharded index would give, bit for bit whatever the shard count; it equals
+``bm25s``'s Lucene variant (k1 1.5, b 0.75, the same tokenizer and English stop words) to
+float32 rounding.  Without weights (a shard used on its own) the shard's own statistics
+stand in.  Per query, the scores over all of a shard's chunks are computed on their own and
+cut with ties broken by id: a query's hits never depend on the other queries of its batch.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from dask_rag.index.query import ShardResult, SparseHits
+from dask_rag.index.query import Bm25Weights, ShardResult, SparseHits
 
 if TYPE_CHECKING:  # pragma: no cover
     from dask_rag.index.shard import Shard
 
-__all__ = ["SparseIndex", "merge_sparse", "search_sparse", "top_scores"]
+__all__ = ["BM25_B", "BM25_K1", "CorpusStats", "SparseIndex", "merge_sparse", "search_sparse",
+           "text_stats", "tokenize", "top_scores"]
+
+#: BM25's parameters (Lucene's and bm25s's defaults)
+BM25_K1 = 1.5
+BM25_B = 0.75
+#: the on-disk layout of a shard's BM25 folder (older folders are rebuilt from the records)
+FORMAT = "dask-rag-bm25-1"
 
 
-def _tokenize(texts: Sequence[str]) -> Any:
+def tokenize(texts: Sequence[str]) -> list[list[str]]:
+    """Each text's BM25 terms: lower-cased words of 2+ characters, English stop words
+    dropped (``bm25s.tokenize``: chunks and queries alike)."""
     import bm25s
 
-    return bm25s.tokenize(list(texts), stopwords="en", show_progress=False)
+    if not texts:
+        return []
+    return [list(t) for t in bm25s.tokenize(list(texts), stopwords="en", return_ids=False,
+                                             show_progress=False)]
+
+
+@dataclass
+class CorpusStats:
+    """What BM25's IDF and length normalisation need of a corpus: its chunk count, their
+    total length in terms, and each term's document frequency.  Additive: the index's are the
+    sum of its shards', and a write adds or subtracts its chunks'."""
+
+    n_docs: int = 0
+    total_len: int = 0
+    df: dict[str, int] = field(default_factory=dict)
+
+    def __add__(self, other: CorpusStats) -> CorpusStats:
+        df = dict(self.df)
+        for term, n in other.df.items():
+            df[term] = df.get(term, 0) + n
+        return CorpusStats(self.n_docs + other.n_docs, self.total_len + other.total_len, df)
+
+    def __sub__(self, other: CorpusStats) -> CorpusStats:
+        df = dict(self.df)
+        for term, n in other.df.items():
+            left = df.get(term, 0) - n
+            if left > 0:
+                df[term] = left
+            else:
+                df.pop(term, None)
+        return CorpusStats(self.n_docs - other.n_docs, self.total_len - other.total_len, df)
+
+    def weights(self, queries: Sequence[str]) -> Bm25Weights:
+        """The batch's BM25 weights: Lucene's IDF ``log(1 + (N - df + 0.5) / (df + 0.5))`` of
+        every query term the corpus holds, and the average chunk length."""
+        n = self.n_docs
+        idf = {}
+        for terms in tokenize(queries):
+            for t in terms:
+                df = self.df.get(t, 0)
+                if df and t not in idf:
+                    idf[t] = math.log(1 + (n - df + 0.5) / (df + 0.5))
+        return Bm25Weights(avgdl=self.total_len / n if n else 1.0, idf=idf)
+
+    def idf_sums(self, queries: Sequence[str]) -> list[float]:
+        """Each query's total term weight: the sum of its terms' IDF, a term the corpus lacks
+        counted at the IDF of a term in no chunk (the most it could weigh).  A chunk's BM25
+        score over this is the share of the query it matches (the adaptive fusion reads it)."""
+        n = self.n_docs
+        if not n:
+            return [0.0] * len(queries)
+        return [sum(math.log(1 + (n - self.df.get(t, 0) + 0.5) / (self.df.get(t, 0) + 0.5))
+                    for t in terms) for terms in tokenize(queries)]
+
+
+def text_stats(texts: Iterable[str | None]) -> CorpusStats:
+    """:class:`CorpusStats` of some chunks' texts (chunks without text are not in BM25)."""
+    kept = [t for t in texts if t]
+    df: Counter[str] = Counter()
+    total = 0
+    for terms in tokenize(kept):
+        total += len(terms)
+        df.update(set(terms))
+    return CorpusStats(len(kept), total, dict(df))
 
 
 class SparseIndex:
-    """BM25 over one shard's chunks (ids in index order)."""
+    """BM25 over one shard's chunks (ids in index order): term frequencies (CSC, chunks x
+    terms), each chunk's length in terms, the vocabulary."""
 
-    def __init__(self, retriever: Any, ids: npt.NDArray[np.int64]) -> None:
-        self.retriever = retriever
+    def __init__(self, ids: npt.NDArray[np.int64], lengths: npt.NDArray[np.float32],
+                 tf: Any, vocab: dict[str, int]) -> None:
         self.ids = ids
+        self.lengths = lengths
+        self.tf = tf
+        self.vocab = vocab
+        self._stats: CorpusStats | None = None
 
     @classmethod
     def build(cls, ids: npt.NDArray[np.int64], texts: Sequence[str | None]) -> SparseIndex:
-        import bm25s
+        import scipy.sparse as sp
 
         keep = [i for i, t in enumerate(texts) if t]
-        retriever = bm25s.BM25()
-        if keep:
-            retriever.index(_tokenize([texts[i] or "" for i in keep]), show_progress=False)
-        return cls(retriever if keep else None, np.asarray(ids, np.int64)[keep])
+        docs = tokenize([texts[i] or "" for i in keep])
+        vocab: dict[str, int] = {}
+        rows, cols, vals = [], [], []
+        for r, terms in enumerate(docs):
+            for term, n in Counter(terms).items():
+                rows.append(r)
+                cols.append(vocab.setdefault(term, len(vocab)))
+                vals.append(n)
+        tf = sp.csc_matrix((np.asarray(vals, np.float32), (np.asarray(rows, np.int64),
+                                                            np.asarray(cols, np.int64))),
+                           shape=(len(docs), len(vocab)), dtype=np.float32)
+        tf.sort_indices()
+        lengths = np.asarray([len(d) for d in docs], dtype=np.float32)
+        return cls(np.asarray(ids, np.int64)[keep], lengths, tf, vocab)
+
+    def stats(self) -> CorpusStats:
+        """This shard's :class:`CorpusStats` (its part of the index's; computed once, the
+        object does not change)."""
+        if self._stats is None:
+            df = np.diff(self.tf.indptr)
+            self._stats = CorpusStats(len(self.ids), int(self.lengths.sum()),
+                                      {t: int(df[j]) for t, j in self.vocab.items() if df[j]})
+        return self._stats
 
     def save(self, directory: Path) -> None:
         """Write atomically: into a temporary sibling directory, then rename."""
@@ -56,8 +164,11 @@ class SparseIndex:
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             np.save(tmp / "ids.npy", self.ids)
-            if self.retriever is not None:
-                self.retriever.save(str(tmp), show_progress=False)
+            np.save(tmp / "lengths.npy", self.lengths)
+            np.savez(tmp / "tf.npz", data=self.tf.data, indices=self.tf.indices,
+                     indptr=self.tf.indptr, shape=np.asarray(self.tf.shape, np.int64))
+            terms = sorted(self.vocab, key=self.vocab.__getitem__)
+            (tmp / "vocab.json").write_text(json.dumps({"format": FORMAT, "terms": terms}))
             if directory.exists():
                 shutil.rmtree(directory)
             tmp.rename(directory)
@@ -67,49 +178,78 @@ class SparseIndex:
 
     @classmethod
     def load(cls, directory: Path) -> SparseIndex:
-        import bm25s
+        """Read a saved folder; ValueError for another layout (an older index's: the caller
+        rebuilds from the records)."""
+        import scipy.sparse as sp
 
-        ids = np.load(directory / "ids.npy", allow_pickle=False)
-        retriever = None
-        if (directory / "params.index.json").exists():
-            retriever = bm25s.BM25.load(str(directory), show_progress=False)
-        return cls(retriever, ids.astype(np.int64))
+        meta = json.loads((directory / "vocab.json").read_text()) \
+            if (directory / "vocab.json").is_file() else {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{directory}: not a {FORMAT} folder")
+        with np.load(directory / "tf.npz", allow_pickle=False) as z:
+            tf = sp.csc_matrix((z["data"], z["indices"], z["indptr"]),
+                               shape=tuple(int(x) for x in z["shape"]))
+        ids = np.load(directory / "ids.npy", allow_pickle=False).astype(np.int64)
+        lengths = np.load(directory / "lengths.npy", allow_pickle=False)
+        terms = meta["terms"]
+        if tf.shape != (len(ids), len(terms)) or lengths.shape != (len(ids),):
+            raise ValueError(f"{directory}: shapes disagree")
+        return cls(ids, lengths, tf, {t: j for j, t in enumerate(terms)})
+
+    def _term_scores(self, terms: Iterable[str], weights: Bm25Weights
+                     ) -> dict[str, tuple[npt.NDArray[np.int32], npt.NDArray[np.float64]]]:
+        """Each term's (rows, BM25 contribution) over the chunks that hold it."""
+        norm = BM25_K1 * (1 - BM25_B + BM25_B * self.lengths.astype(np.float64)
+                          / weights.avgdl)
+        out = {}
+        for t in terms:
+            j = self.vocab.get(t)
+            idf = weights.idf.get(t)
+            if j is None or not idf:
+                continue
+            lo, hi = self.tf.indptr[j], self.tf.indptr[j + 1]
+            rows = self.tf.indices[lo:hi]
+            tf = self.tf.data[lo:hi].astype(np.float64)
+            out[t] = (rows, idf * tf / (tf + norm[rows]))
+        return out
 
     def search(self, queries: Sequence[str], k: int,
-               allowed: npt.NDArray[np.int64] | None = None
+               allowed: npt.NDArray[np.int64] | None = None,
+               weights: Bm25Weights | None = None
                ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         """Top-``k`` ids and BM25 scores per query (-1 / 0 where fewer match), by score, then
-        by id: a query's scores over all chunks are computed on their own (``get_scores``)
-        and cut with ties broken by id, so its hits never depend on the other queries of its
-        batch, nor on which equal-scoring chunk a partial sort met first."""
+        by id.  ``weights``: the index's (see the module docstring); None: this shard's own
+        statistics.  A query's scores over all chunks are computed on their own and cut with
+        ties broken by id, so its hits never depend on the other queries of its batch, nor on
+        which equal-scoring chunk a partial sort met first."""
         nq = len(queries)
         I = np.full((nq, k), -1, dtype=np.int64)
         S = np.zeros((nq, k), dtype=np.float32)
-        if self.retriever is None or nq == 0 or len(self.ids) == 0:
+        n = len(self.ids)
+        if nq == 0 or n == 0:
             return I, S
         mask = None
         if allowed is not None:
             mask = np.isin(self.ids, allowed)
             if not mask.any():
                 return I, S
-        for r, tokens in enumerate(_query_tokens(queries)):
-            if not tokens:
+        tokens = tokenize(queries)
+        if weights is None:
+            weights = self.stats().weights(queries)
+        contrib = self._term_scores({t for ts in tokens for t in ts}, weights)
+        for r, terms in enumerate(tokens):
+            parts = [contrib[t] for t in terms if t in contrib]
+            if not parts:
                 continue
-            scores = np.asarray(self.retriever.get_scores(tokens), dtype=np.float32)
+            rows = np.concatenate([p[0] for p in parts])
+            vals = np.concatenate([p[1] for p in parts])
+            scores = np.bincount(rows, weights=vals, minlength=n).astype(np.float32)
             if mask is not None:
                 scores = np.where(mask, scores, np.float32(0))
             top = top_scores(scores, self.ids, k)
             I[r, :len(top)] = self.ids[top]
             S[r, :len(top)] = scores[top]
         return I, S
-
-
-def _query_tokens(queries: Sequence[str]) -> list[list[str]]:
-    """Each query's BM25 terms (stop words dropped), tokenized like the chunks."""
-    import bm25s
-
-    return [list(t) for t in bm25s.tokenize(list(queries), stopwords="en", return_ids=False,
-                                             show_progress=False)]
 
 
 def top_scores(scores: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], k: int
@@ -124,13 +264,13 @@ def top_scores(scores: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], k: i
 
 
 def search_sparse(shard: Shard, rows: npt.NDArray[np.int64], queries: list[str], k: int,
-                  allowed: npt.NDArray[np.int64] | None, with_records: bool = True
-                  ) -> SparseHits:
+                  allowed: npt.NDArray[np.int64] | None, with_records: bool = True,
+                  weights: Bm25Weights | None = None) -> SparseHits:
     """BM25 search of one shard for batch rows ``rows`` (runs inside the shard's search task);
     ``allowed``: the ids a filter lets through, or None.  ``with_records=False`` leaves
     ``payload`` empty for the caller to fill (it fetches dense and BM25 hits together)."""
     sparse = shard.sparse_index()
-    I, S = sparse.search(queries, k, allowed)
+    I, S = sparse.search(queries, k, allowed, weights)
     payload = shard.fetch_rows(I)[0] if with_records else []
     return SparseHits(rows=np.asarray(rows, np.int64), I=I, S=S, payload=payload)
 

@@ -20,16 +20,17 @@ from dask_rag.index.merge import empty_result, merge_results
 from dask_rag.index.query import IndexQuery, ShardResult
 from dask_rag.index.routing import RoutedBatch, RoutedRows, Router
 from dask_rag.index.shard import Shard, load_shard
-from dask_rag.index.sparse import search_sparse
+from dask_rag.index.sparse import CorpusStats, search_sparse, text_stats
 
 __all__ = [
     "QueryVectors",
     "apply_add_task",
     "apply_remove_task",
-    "contains_task",
+    "bm25_stats_task",
     "doc_index_task",
     "embed_and_route",
     "fetch_task",
+    "held_task",
     "load_router",
     "load_shard",
     "merge_group_task",
@@ -107,7 +108,7 @@ def search_shard_task(shard: Shard, source: Any, query: IndexQuery, nq: int,
     sparse = None
     if query.texts is not None:  # BM25 has no quantizer to route by: every row, every shard
         sparse = search_sparse(shard, all_rows, list(query.texts), query.sparse_k, allowed,
-                               with_records=not query.with_records)
+                               with_records=not query.with_records, weights=query.bm25)
     payload = None
     if query.with_records:  # dense and BM25 hits' records in one lookup
         if sparse is None:
@@ -157,10 +158,21 @@ def shard_count_task(shard: Shard, min_seq: int = 0) -> int:
     return shard.ntotal
 
 
-def contains_task(shard: Shard, ids: npt.NDArray[np.int64], min_seq: int = 0
-                  ) -> npt.NDArray[np.int64]:
+def held_task(shard: Shard, ids: npt.NDArray[np.int64], removed: npt.NDArray[np.int64],
+              min_seq: int = 0) -> tuple[npt.NDArray[np.int64], CorpusStats]:
+    """Which of ``ids`` this shard holds, and the BM25 statistics of the held ones among
+    ``removed`` (what a write that removes them takes from the index's)."""
     shard.catch_up(min_seq)
-    return shard.contains(ids)
+    held = shard.contains(ids)
+    gone = held[np.isin(held, removed)]
+    texts = [r.get("text") if r else None for r in shard.fetch(gone)] if gone.size else []
+    return held, text_stats(texts)
+
+
+def bm25_stats_task(shard: Shard, min_seq: int = 0) -> CorpusStats:
+    """This shard's part of the index's BM25 statistics."""
+    shard.catch_up(min_seq)
+    return shard.sparse_index().stats()
 
 
 def fetch_task(shard: Shard, ids: npt.NDArray[np.int64], min_seq: int = 0

@@ -31,10 +31,11 @@ from dask_rag.index.build import jsonable_record
 from dask_rag.index.objstore import ObjectStoreDir
 from dask_rag.index.query import check_ids, check_vectors
 from dask_rag.index.routing import Router
+from dask_rag.index.sparse import CorpusStats, text_stats
 from dask_rag.index.tasks import (
     apply_add_task,
     apply_remove_task,
-    contains_task,
+    held_task,
     write_shard_task,
 )
 from dask_rag.index.wal import WalEntry, append_wal, wal_name, wal_seqs
@@ -59,8 +60,6 @@ class IndexWrites:
     router: Router
     _counts: list[int]
     _write_lock: threading.Lock
-    #: the last log entry acknowledged to a caller: every read task carries it (min_seq)
-    _acked_seq: int
     #: apply tasks still running after their write was acknowledged (see :meth:`_apply`)
     _running: set[Future]
     #: where the last ``add`` spent its time (ms): waiting for the write lock, checking ids,
@@ -69,6 +68,14 @@ class IndexWrites:
 
     @property
     def dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def acked_seq(self) -> int:
+        raise NotImplementedError
+
+    def _acknowledge(self, seq: int, bm25_delta: CorpusStats | None = None,
+                     removed: CorpusStats | None = None) -> None:
         raise NotImplementedError
 
     @property
@@ -114,16 +121,20 @@ class IndexWrites:
         futs = self.shard_futures
         where = self._where(futs) if pin else {}
         return list(self.client.gather([
-            self.client.submit(task, f, *args, self._acked_seq, pure=False,
+            self.client.submit(task, f, *args, self.acked_seq, pure=False,
                                key=(f"dask-rag-fetch-{uuid.uuid4().hex}", s),
                                priority=WRITE_PRIORITY if pin else 0,
                                workers=where.get(f.key),
                                allow_other_workers=where.get(f.key) is not None)
             for s, f in enumerate(futs)]))
 
-    def _present(self, ids: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
-        """Which of ``ids`` each shard holds now."""
-        return self._on_each_shard(contains_task, ids, pin=True)
+    def _present(self, ids: npt.NDArray[np.int64], removed: npt.NDArray[np.int64] | None
+                 ) -> tuple[list[npt.NDArray[np.int64]], CorpusStats]:
+        """Which of ``ids`` each shard holds now, and the BM25 statistics of those of them
+        in ``removed`` (the write takes them from the index's)."""
+        gone = np.zeros(0, np.int64) if removed is None else removed
+        parts = self._on_each_shard(held_task, ids, gone, pin=True)
+        return [held for held, _ in parts], sum((st for _, st in parts), CorpusStats())
 
     def _apply(self, seq: int, targets: Sequence[int], task: Callable[..., Any],
                args: Callable[[int], tuple[Any, ...]]) -> None:
@@ -176,7 +187,8 @@ class IndexWrites:
         with self._write_lock:
             self._check_open()  # again: close() may have run while this write waited
             t_lock = time.perf_counter()
-            held = self._present(ids if removed is None else np.union1d(ids, removed))
+            held, removed_stats = self._present(
+                ids if removed is None else np.union1d(ids, removed), removed)
             t_check = time.perf_counter()
             present = np.concatenate([h[np.isin(h, ids)] for h in held])
             if removed is not None:
@@ -203,7 +215,8 @@ class IndexWrites:
             for s in targets:  # exact: the ids were checked above, under the write lock
                 gone = 0 if removed is None else int(np.isin(held[s], removed).sum())
                 self._counts[s] += int((shard_of == s).sum()) - gone
-            self._acked_seq = seq
+            added = text_stats([] if records is None else [r.get("text") for r in records])
+            self._acknowledge(seq, added, removed_stats)
             t_end = time.perf_counter()
             self.last_write_ms = {"lock": (t_lock - t0) * 1e3, "check": (t_check - t_lock) * 1e3,
                                   "log": (t_log - t_check) * 1e3, "apply": (t_end - t_log) * 1e3}
@@ -217,14 +230,14 @@ class IndexWrites:
             return 0
         with self._write_lock:
             self._check_open()
-            held = self._present(arr)
+            held, removed_stats = self._present(arr, arr)
             seq = self._next_seq()
             append_wal(self.location, WalEntry(seq, "remove", arr))
             fault_point("wal.appended")
             self._apply(seq, range(self.n_shards), apply_remove_task, lambda s: (arr,))
             for s in range(self.n_shards):
                 self._counts[s] -= len(held[s])
-            self._acked_seq = seq
+            self._acknowledge(seq, removed=removed_stats)
             return int(sum(len(h) for h in held))
 
     def save(self, path: str | Path | None = None) -> Path | str:

@@ -12,6 +12,18 @@ BM25):
     distribution-based score fusion: each list's scores are normalised with its mean and
     standard deviation (``mean - 3 sd`` to ``mean + 3 sd`` maps to 0..1, clipped), then combined
     convexly; less sensitive than min-max to one outlying top score.
+``adaptive``
+    chooses by the query's form.  A natural-language *question* ("How do I ...?", "Why is
+    ...") is worded unlike its answer — the vocabulary gap that dense retrieval exists to
+    bridge — and BM25 ranks on the question's incidental words: dense-led weighted RRF
+    (``question_weight``, ``rrf_k``), where BM25 only breaks the dense ranking's near-ties.
+    Any other query — keywords, a name, a title, a phrase or sentence from the text — shares
+    its words with what it looks for, and BM25 carries as much signal as dense: the convex
+    combination of min-max normalised scores with ``dense_weight``.  Unless BM25's best chunk
+    matches little of the query (its score under :data:`FULL_MATCH` of the query's total IDF:
+    the query's words are mostly not in the corpus, or only its incidental ones are): then
+    BM25's weight shrinks in proportion, and dense leads.  Measured on six sets with
+    each one held out in turn (``benchmarks/fusion_study.py``, README "Retrieval quality").
 
 A chunk missing from one list contributes 0 from it.  Every method breaks ties by the best
 rank in either list, then by id, so the fused order is a function of the two lists alone.
@@ -33,8 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from dask_rag.config import FUSIONS, RagConfig
 from dask_rag.errors import InvalidInput
 
-__all__ = ["Fusion", "default_fusion", "distribution_fusion", "fuse", "reciprocal_rank_fusion",
-           "weighted_fusion"]
+__all__ = ["FULL_MATCH", "Fusion", "default_fusion", "distribution_fusion", "fuse", "is_question",
+           "reciprocal_rank_fusion", "weighted_fusion"]
 
 Ranked = Sequence[tuple[int, float]]
 
@@ -48,6 +60,8 @@ class Fusion(BaseModel):
     dense_weight: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
     rrf_k: int = Field(60, ge=1, le=100_000, strict=True)
     anchor: int = Field(0, ge=0, le=100, strict=True)
+    #: ``adaptive``: the dense weight of the RRF that ranks question-form queries
+    question_weight: float = Field(0.95, ge=0.0, le=1.0, allow_inf_nan=False)
 
     @field_validator("method")
     @classmethod
@@ -61,7 +75,32 @@ def default_fusion(config: RagConfig) -> Fusion:
     """The fusion a :class:`~dask_rag.config.RagConfig` names (used when neither the request
     nor the index's manifest gives one)."""
     return Fusion(method=config.fusion, dense_weight=config.dense_weight, rrf_k=config.rrf_k,
-                  anchor=config.fusion_anchor)
+                  anchor=config.fusion_anchor, question_weight=config.question_weight)
+
+
+#: ``adaptive``: the share of a query's total IDF its best BM25 chunk must score for BM25 to
+#: get its full weight (a chunk holding each query term once, at average length, scores
+#: ``1 / (1 + k1) = 0.4`` of it); below, the weight shrinks in proportion
+FULL_MATCH = 0.3
+
+#: words that open an English question (after which a query is read as one)
+_QUESTION_OPENERS = frozenset((
+    "how", "what", "why", "when", "where", "which", "who", "whom", "whose", "can", "could",
+    "is", "are", "was", "were", "do", "does", "did", "should", "would", "will", "shall",
+    "may", "might", "must", "has", "have", "am", "isn't", "aren't", "doesn't", "don't",
+    "can't", "won't"))
+
+
+def is_question(text: str | None) -> bool:
+    """A natural-language question: ends with "?", or opens with a question word and has at
+    least three words ("how to sort a list", "is there a way to ...")."""
+    if not text:
+        return False
+    stripped = text.strip()
+    if stripped.endswith("?"):
+        return True
+    words = stripped.split()
+    return len(words) >= 3 and words[0].lower().strip("\"'(") in _QUESTION_OPENERS
 
 
 def _ranks(ranked: Ranked) -> dict[int, int]:
@@ -137,9 +176,12 @@ def distribution_fusion(dense: Ranked, sparse: Ranked, dense_weight: float = 0.5
     return _convex(dense, sparse, dense_weight, "distribution")
 
 
-def fuse(mode: str, dense: Ranked, sparse: Ranked, fusion: Fusion | None = None
-         ) -> list[tuple[int, float]]:
-    """Rank candidates for ``mode`` in {dense, sparse, hybrid}: (id, score), best first."""
+def fuse(mode: str, dense: Ranked, sparse: Ranked, fusion: Fusion | None = None,
+         query: str | None = None, idf_sum: float | None = None) -> list[tuple[int, float]]:
+    """Rank candidates for ``mode`` in {dense, sparse, hybrid}: (id, score), best first.
+    ``query``: the query's text, ``idf_sum``: its total BM25 term weight (see
+    :meth:`~dask_rag.index.sparse.CorpusStats.idf_sums`) — the ``adaptive`` method reads
+    them."""
     if mode == "dense":
         return [(c, s) for c, s in dense if c >= 0]
     if mode == "sparse":
@@ -148,10 +190,18 @@ def fuse(mode: str, dense: Ranked, sparse: Ranked, fusion: Fusion | None = None
         raise InvalidInput(f"mode={mode!r} is invalid: must be 'dense', 'sparse' or 'hybrid'")
     fusion = fusion or Fusion()
     w = fusion.dense_weight
-    if fusion.method == "rrf":
+    method = fusion.method
+    if method == "adaptive":
+        method = "rrf" if is_question(query) else "weighted"
+        if method == "rrf":
+            w = fusion.question_weight
+        elif idf_sum:
+            best = max((x for c, x in sparse if c >= 0), default=0.0)
+            w = 1 - (1 - w) * min(1.0, best / idf_sum / FULL_MATCH)
+    if method == "rrf":
         fused = reciprocal_rank_fusion([[c for c, _ in dense], [c for c, _ in sparse]],
                                        fusion.rrf_k, [w, 1 - w])
-    elif fusion.method == "weighted":
+    elif method == "weighted":
         fused = weighted_fusion(dense, sparse, w)
     else:
         fused = distribution_fusion(dense, sparse, w)

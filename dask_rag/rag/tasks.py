@@ -56,6 +56,9 @@ class RetrievalPlan:
     mode: str
     fusion: Fusion
     keep: int  # fused hits kept per query
+    #: the queries' texts and total BM25 term weights (the adaptive fusion reads them)
+    texts: tuple[str, ...] = ()
+    idf_sums: tuple[float, ...] = ()
     #: wall-clock time the client submitted the graph: the search tasks' start, less this,
     #: is the embedding stage (plus scheduling), measured without a round trip
     submitted_at: float = 0.0
@@ -99,8 +102,10 @@ def fused_candidates(res: ShardResult, plan: RetrievalPlan) -> list[list[Hit]]:
         for local, row in enumerate(sp.rows.tolist()):
             sparse[row] = _ranked(sp.I[local], sp.S[local], sp.payload[local])
     out = []
-    for d, s_ in zip(dense, sparse, strict=True):
-        ranked = fuse(plan.mode, d[0], s_[0], plan.fusion)
+    texts = plan.texts or ("",) * nq
+    sums: Sequence[float | None] = plan.idf_sums or (None,) * nq
+    for d, s_, text, idf_sum in zip(dense, sparse, texts, sums, strict=True):
+        ranked = fuse(plan.mode, d[0], s_[0], plan.fusion, text, idf_sum)
         out.append([Hit.from_record(_record(c, d, s_), c, score)
                     for c, score in ranked[:plan.keep]])
     return out
