@@ -128,6 +128,10 @@ class SparseIndex:
         self.tf = tf
         self.vocab = vocab
         self._stats: CorpusStats | None = None
+        # per-batch work done once: term frequencies as float64, and the length
+        # normalisation for the last average length seen (it changes only with writes)
+        self._tf64: npt.NDArray[np.float64] | None = None
+        self._norm: tuple[float, npt.NDArray[np.float64]] | None = None
 
     @classmethod
     def build(cls, ids: npt.NDArray[np.int64], texts: Sequence[str | None]) -> SparseIndex:
@@ -199,8 +203,14 @@ class SparseIndex:
     def _term_scores(self, terms: Iterable[str], weights: Bm25Weights
                      ) -> dict[str, tuple[npt.NDArray[np.int32], npt.NDArray[np.float64]]]:
         """Each term's (rows, BM25 contribution) over the chunks that hold it."""
-        norm = BM25_K1 * (1 - BM25_B + BM25_B * self.lengths.astype(np.float64)
-                          / weights.avgdl)
+        cached = self._norm
+        if cached is None or cached[0] != weights.avgdl:
+            cached = (weights.avgdl, BM25_K1 * (1 - BM25_B + BM25_B * self.lengths.astype(
+                np.float64) / weights.avgdl))
+            self._norm = cached
+        norm = cached[1]
+        if self._tf64 is None:
+            self._tf64 = self.tf.data.astype(np.float64)
         out = {}
         for t in terms:
             j = self.vocab.get(t)
@@ -209,7 +219,7 @@ class SparseIndex:
                 continue
             lo, hi = self.tf.indptr[j], self.tf.indptr[j + 1]
             rows = self.tf.indices[lo:hi]
-            tf = self.tf.data[lo:hi].astype(np.float64)
+            tf = self._tf64[lo:hi]
             out[t] = (rows, idf * tf / (tf + norm[rows]))
         return out
 
@@ -243,6 +253,8 @@ class SparseIndex:
                 continue
             rows = np.concatenate([p[0] for p in parts])
             vals = np.concatenate([p[1] for p in parts])
+            # sums in the query's term order: a chunk's score is the same bits whatever else
+            # its shard holds
             scores = np.bincount(rows, weights=vals, minlength=n).astype(np.float32)
             if mask is not None:
                 scores = np.where(mask, scores, np.float32(0))
