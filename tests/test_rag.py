@@ -354,3 +354,37 @@ def test_extractive_quotes_cannot_fake_citations():
     text = gen.generate([prompt.text], SamplingParams())[0]
     numbers = {int(n) for n in re.findall(r"\[(\d+)\]", text)}
     assert numbers and numbers <= {1, 2} and "x(3)" in text
+
+
+def test_extractive_answer_opens_with_the_best_ranked_passage():
+    """Retrieval ranked the passages; word overlap alone prefers the distractor here (it
+    repeats the question's words), yet the answer's first sentence comes from passage [1]."""
+    gen = ExtractiveGenerator()
+    hits = [Hit(1, 0.9, "Install the package with apt, then run the setup wizard once.", "a"),
+            Hit(2, 0.8, "How to configure a network interface on Debian is a question that "
+                        "many users of Debian ask about the network interface.", "b")]
+    prompt = build_prompt("How do I configure a network interface on Debian?", hits,
+                          gen.count_tokens, 500)
+    text = gen.generate([prompt.text], SamplingParams())[0]
+    from dask_rag.evaluate import answer_sentences
+
+    sentences = [s for s, _ in answer_sentences(text)]
+    assert text.split("[")[1].startswith("1]"), text
+    assert sentences[0].startswith("Install the package")
+    assert "[2]" in text  # the overlapping sentence still follows
+
+
+def test_grading_answers_by_citation_and_support():
+    from dask_rag.evaluate import answer_sentences, grade_answer
+
+    cites = [Hit(1, 1.0, "Lists sort in place with list.sort().", "doc-a"),
+             Hit(2, 0.5, "Tuples are immutable sequences.", "doc-b")]
+    text = "Lists sort in place with list.sort(). [1] Tuples are immutable. [2] Made up words."
+    assert answer_sentences(text) == [("Lists sort in place with list.sort().", [1]),
+                                      ("Tuples are immutable.", [2]), ("Made up words.", [])]
+    g = grade_answer(text, cites, {"doc-a": 1})
+    assert g["citation_precision"] == 0.5 and g["citation_recall"] == 1.0
+    assert g["first_sentence_relevant"] == 1.0 and g["context_recall"] == 1.0
+    assert g["supported"] == 2 / 3  # the uncited sentence is not supported
+    g = grade_answer("Tuples are immutable. [2]", cites, {"doc-a": 1})
+    assert g["citation_precision"] == 0.0 and g["first_sentence_relevant"] == 0.0
