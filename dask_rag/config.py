@@ -476,7 +476,7 @@ class RagConfig:
         _check_int(self, "rerank_top_n", 1, MAX_K)
         if not isinstance(self.generator, str) or not self.generator:
             raise _fail(self, "generator", self.generator,
-                        "must be 'extractive', 'hf:PATH' or 'vllm:PATH'")
+                        "must be 'extractive', 'hf:PATH', 'vllm:PATH' or 'openai:URL[#MODEL]'")
         _check_int(self, "token_budget", 16)
         _check_int(self, "max_answer_sentences", 1, 64)
         _check_int(self, "stream_chunk_tokens", 1)

@@ -19,6 +19,10 @@ Every error a caller can act on has its own class; everything derives from
     ├── ShardUnavailable          a shard could not be searched (worker lost, cluster gone)
     ├── StorageUnavailable        an index URL cannot be reached (endpoint down, credentials
     │                             missing or refused, bucket missing); the message names it
+    ├── UpstreamUnavailable       the OpenAI-compatible generator server is down, overloaded
+    │                             (429) or failing (5xx); retry after ``retry_after`` seconds
+    ├── UpstreamRejected          that server refused the request (401/403/4xx) or answered
+    │                             something that is not the protocol; the message names it
     └── ModelLoadError            a model path is not a loadable model
         └── EncoderMismatch       no worker's encoder reproduces the index's canary vectors
 
@@ -43,6 +47,8 @@ __all__ = [
     "StorageUnavailable",
     "Unauthorized",
     "UnknownModel",
+    "UpstreamRejected",
+    "UpstreamUnavailable",
     "http_status",
 ]
 
@@ -117,6 +123,20 @@ class Overloaded(DaskRagError):
         return (type(self), (str(self), self.retry_after))
 
 
+class UpstreamUnavailable(Overloaded):
+    """The generator's upstream server cannot answer now (down, 429, 5xx): HTTP 503 with
+    Retry-After (an :class:`Overloaded` for every caller that already backs off on those)."""
+
+    type_name = "upstream_unavailable"
+
+
+class UpstreamRejected(DaskRagError):
+    """The generator's upstream server refused the request (a bad API key: 401) or broke the
+    protocol (malformed JSON or server-sent events): HTTP 502, the message names it."""
+
+    type_name = "upstream_rejected"
+
+
 class RequestTimeout(DaskRagError, TimeoutError):
     """A request did not complete within its deadline."""
 
@@ -161,6 +181,8 @@ _HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (InvalidInput, 422),
     (CorruptIndex, 503),
     (IndexNotFound, 404),
+    (UpstreamUnavailable, 503),
+    (UpstreamRejected, 502),
     (Overloaded, 429),
     (RequestTimeout, 504),
     (ShardUnavailable, 503),

@@ -24,6 +24,7 @@ lives in ``rag/`` and ``index/``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 import uuid
@@ -53,6 +54,7 @@ from dask_rag.index.distributed import HEDGE_AFTER_S, DistributedIndex
 from dask_rag.index.query import IndexQuery
 from dask_rag.rag.fusion import Fusion, default_fusion
 from dask_rag.rag.generate.base import SamplingParams, parse_generator_spec
+from dask_rag.rag.generate.openai_upstream import OpenAIUpstream
 from dask_rag.rag.hits import Answer, Hit
 from dask_rag.rag.requests import (
     AskRequest,
@@ -67,6 +69,7 @@ from dask_rag.rag.tasks import (
     RetrievalPlan,
     Retrieved,
     answer_task,
+    prompt_task,
     retrieve,
     retrieve_task,
     stream_task,
@@ -101,9 +104,16 @@ class RagPipeline:
         index.warm_new_workers = lambda workers: embedder.warmup()
         self.config = config or RagConfig()
         self.generator_spec = parse_generator_spec(self.config.generator)
-        # LLM generators run on workers declaring a 'generator' resource, when there are any
+        # an upstream server (openai:URL) is called from this process; other LLM generators
+        # run on workers declaring a 'generator' resource, when there are any
+        self._upstream: OpenAIUpstream | None = None
+        if self.generator_spec.kind == "openai":
+            model = dict(self.generator_spec.options).get("model")
+            self._upstream = OpenAIUpstream(self.generator_spec.path or "",
+                                            str(model) if model else None)
         self._generator_resources = (resource_request(client, "generator")
-                                     if self.generator_spec.kind != "extractive" else None)
+                                     if self.generator_spec.kind not in ("extractive", "openai")
+                                     else None)
         if self.config.rerank_model:
             from dask_rag.rag.rerank import resolve_reranker_path
 
@@ -243,18 +253,48 @@ class RagPipeline:
         return self.client.submit(retrieve_task, plan, rerank_plan, *parts, pure=False,
                                   priority=10, key=f"dask-rag-retrieve-{token}")
 
-    def submit_ask(self, reqs: Sequence[AskRequest]) -> Future:
+    def submit_ask(self, reqs: Sequence[AskRequest], config: RagConfig | None = None
+                   ) -> Future:
         """The whole graph of a batch of ask requests with equal options: one future of the
-        answers' fields (text, citations, hits, prompt tokens, timings)."""
+        answers' fields (text, citations, hits, prompt tokens, timings).  With an upstream
+        generator (``openai:``) the graph ends with the prompts (``prompt`` instead of
+        ``text``): :meth:`_complete` sends them."""
         k = self._k(reqs[0])
         parts, plan, token = self._search_parts(reqs, self._rerank_depth(k))
         questions = [r.question for r in reqs]
-        gen = GenerationPlan(self.generator_spec, self.config,
+        gen = GenerationPlan(self.generator_spec, config or self.config,
                              reqs[0].sampling(self.config.stream_chunk_tokens),
                              tuple(questions), k, _history(reqs[0]))
-        return self.client.submit(answer_task, plan, self._rerank_plan(questions, k), gen,
+        last = prompt_task if self._upstream is not None else answer_task
+        return self.client.submit(last, plan, self._rerank_plan(questions, k), gen,
                                   *parts, key=f"dask-rag-generate-{token}", pure=False,
                                   priority=10, resources=self._generator_resources)
+
+    async def _upstream_config(self, params: SamplingParams) -> RagConfig:
+        """The prompt budget for an upstream generator: from the model's context length when
+        the upstream reports it (less the answer's tokens, and a quarter for the difference
+        between words and the model's tokens), else ``token_budget``."""
+        assert self._upstream is not None
+        context = await self._upstream.context_length()
+        if context is None:
+            return self.config
+        room = int((context - params.max_tokens) * 0.75)
+        return dataclasses.replace(self.config, token_budget=max(16, room))
+
+    async def _complete(self, reqs: Sequence[AskRequest], results: list[dict[str, Any]]
+                        ) -> list[dict[str, Any]]:
+        """Send a batch's prompts to the upstream generator, all at once."""
+        assert self._upstream is not None
+        t0 = time.perf_counter()
+        done = await self._upstream.complete_many(
+            [r["prompt"] for r in results], reqs[0].sampling(self.config.stream_chunk_tokens))
+        ms = (time.perf_counter() - t0) * 1e3
+        for r, c in zip(results, done, strict=True):
+            r.update(text=c.text, completion_tokens=c.completion_tokens,
+                     timings={**r["timings"], "generate": ms})
+            if c.prompt_tokens:
+                r["prompt_tokens"] = c.prompt_tokens
+        return results
 
     # ---- synchronous API ----------------------------------------------------------------------
 
@@ -305,9 +345,18 @@ class RagPipeline:
         reqs = self._requests(questions, lambda q: self.ask_request(q, k, filter, params, mode,
                                                                     fusion))
         t0 = time.perf_counter()
+        if self._upstream is not None:  # prompts from the graph, answers from the server
+            return _run_coroutine(self._ask_upstream(reqs, t0))
         results = retry_once(lambda: gather_hedged(
             self.client, lambda: self.submit_ask(reqs), self.index.hedge_trigger(), None))
         return _answers(reqs, results, t0)
+
+    async def _ask_upstream(self, reqs: Sequence[AskRequest], t0: float) -> list[Answer]:
+        config = await self._upstream_config(reqs[0].sampling(self.config.stream_chunk_tokens))
+        results = await asyncio.to_thread(lambda: retry_once(lambda: gather_hedged(
+            self.client, lambda: self.submit_ask(reqs, config), self.index.hedge_trigger(),
+            None)))
+        return _answers(reqs, await self._complete(reqs, results), t0)
 
     def ask(self, question: str, k: int | None = None, filter: Any = None,
             params: SamplingParams | None = None, mode: str | None = None,
@@ -357,7 +406,11 @@ class RagPipeline:
     async def aask_now(self, req: AskRequest) -> Answer:
         """One graph for this question alone, no micro-batching (the naive baseline)."""
         t0 = time.perf_counter()
-        results = await aretry_once(lambda: await_future(self.submit_ask([req])))
+        config = None if self._upstream is None else await self._upstream_config(
+            req.sampling(self.config.stream_chunk_tokens))
+        results = await aretry_once(lambda: await_future(self.submit_ask([req], config)))
+        if self._upstream is not None:
+            results = await self._complete([req], results)
         return _answers([req], results, t0)[0]
 
     async def _asearch_graph(self, reqs: list[SearchRequest]) -> Retrieved:
@@ -382,8 +435,12 @@ class RagPipeline:
     async def _ask_batch(self, reqs: list[AskRequest]) -> list[Answer]:
         async def one_group(group: list[AskRequest]) -> list[Answer]:
             t0 = time.perf_counter()
+            config = None if self._upstream is None else await self._upstream_config(
+                group[0].sampling(self.config.stream_chunk_tokens))
             results = await aretry_once(lambda: await_hedged(
-                lambda: self.submit_ask(group), self.index.hedge_trigger(), None))
+                lambda: self.submit_ask(group, config), self.index.hedge_trigger(), None))
+            if self._upstream is not None:
+                results = await self._complete(group, results)
             return _answers(group, results, t0)
 
         return await _by_options(reqs, one_group)
@@ -399,6 +456,10 @@ class RagPipeline:
 
         req = question if isinstance(question, AskRequest) else self.ask_request(
             question, k, filter, params, mode)
+        if self._upstream is not None:
+            async for event in self._astream_upstream(req):
+                yield event
+            return
         t0 = time.perf_counter()
         name = f"dask-rag-stream-{uuid.uuid4().hex}"
         queue = Queue(name, client=self.client)
@@ -433,6 +494,30 @@ class RagPipeline:
             await await_future(task)
         finally:
             task.release()
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+        yield {"event": "done", "completion_tokens": completion,
+               "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
+
+    async def _astream_upstream(self, req: AskRequest) -> AsyncIterator[dict[str, Any]]:
+        """:meth:`astream` with an upstream generator: the prompt from the graph, then the
+        upstream's stream passed through (closing this closes the upstream request)."""
+        assert self._upstream is not None
+        t0 = time.perf_counter()
+        params = req.sampling(self.config.stream_chunk_tokens)
+        config = await self._upstream_config(params)
+        (result,) = await aretry_once(lambda: await_future(self.submit_ask([req], config)))
+        timings = {**result["timings"], "retrieve": (time.perf_counter() - t0) * 1e3}
+        yield {"event": "citations", "prompt_tokens": result["prompt_tokens"],
+               "citations": [dict(h.to_dict(), n=n + 1)
+                             for n, h in enumerate(result["citations"])]}
+        completion = 0
+        async for piece, usage in self._upstream.stream(result["prompt"], params):
+            if usage is not None:
+                completion = usage.completion_tokens
+                continue
+            if "first_text" not in timings:
+                timings["first_text"] = (time.perf_counter() - t0) * 1e3
+            yield {"event": "text", "text": piece}
         timings["total"] = (time.perf_counter() - t0) * 1e3
         yield {"event": "done", "completion_tokens": completion,
                "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
@@ -570,6 +655,19 @@ async def _by_options(reqs: list[Req], run: Callable[[list[Req]], Any]) -> list[
 
     await asyncio.gather(*(one(idx) for idx in groups.values()))
     return out
+
+
+def _run_coroutine(coro: Any) -> Any:
+    """Run ``coro`` to its end from synchronous code — in a thread of its own when this one
+    already runs an event loop (a notebook), where ``asyncio.run`` may not be called."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def _history(req: AskRequest) -> tuple[tuple[str, str], ...]:

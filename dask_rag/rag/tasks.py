@@ -35,6 +35,7 @@ __all__ = [
     "Retrieved",
     "answer_task",
     "fused_candidates",
+    "prompt_task",
     "rerank",
     "retrieve",
     "retrieve_task",
@@ -151,7 +152,14 @@ def retrieve_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, *parts: S
 
 
 def worker_generator(spec: GeneratorSpec, max_sentences: int) -> Any:
-    """The generator ``spec`` names, loaded once per worker."""
+    """The generator ``spec`` names, loaded once per worker (an ``openai:`` upstream is
+    called from the client: here only its prompts are built, counted in words and marks —
+    the upstream's tokenizer is not here, and a budget under its context length leaves
+    room for the difference)."""
+    if spec.kind == "openai":
+        from dask_rag.rag.generate.extractive import ExtractiveGenerator
+
+        return ExtractiveGenerator()
     opts = {"max_sentences": max_sentences} if spec.kind == "extractive" else {}
     return worker_model_cache().get(("generator", str(spec), max_sentences),
                                     lambda: load_generator(spec, **opts))
@@ -198,6 +206,22 @@ def answer_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: Genera
         out.append({"text": text, "citations": [by_id[i] for i in p.citations], "hits": c,
                     "prompt_tokens": p.tokens, "completion_tokens": n_out,
                     "timings": {**timings, "generate": gen_ms}})
+    return out
+
+
+def prompt_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: GenerationPlan,
+                *parts: ShardResult) -> list[dict[str, Any]]:
+    """The last task of an ask graph whose generator is an upstream server: merge, fuse,
+    [rerank] and build the prompts; the client sends them (``openai:`` generators)."""
+    cands, timings = retrieve_task(plan, rerank_plan, *parts)
+    cands = [c[:gen.k] for c in cands]
+    counter = worker_generator(gen.spec, gen.config.max_answer_sentences)
+    prompts = _prompts(counter, gen.config, list(gen.questions), cands, gen.history)
+    out = []
+    for c, p in zip(cands, prompts, strict=True):
+        by_id = {h.id: h for h in c}
+        out.append({"prompt": p.text, "citations": [by_id[i] for i in p.citations], "hits": c,
+                    "prompt_tokens": p.tokens, "timings": dict(timings)})
     return out
 
 

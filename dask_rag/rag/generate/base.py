@@ -121,27 +121,43 @@ class Generator(Protocol):
 
 @dataclass(frozen=True)
 class GeneratorSpec:
-    """A parsed generator spec: ``extractive``, ``hf:PATH`` or ``vllm:PATH``."""
+    """A parsed generator spec: ``extractive``, ``hf:PATH``, ``vllm:PATH`` or
+    ``openai:URL[#MODEL]`` (``path`` holds the URL, ``options`` the model)."""
 
     kind: str
     path: str | None = None
     options: tuple[tuple[str, object], ...] = field(default=())
 
     def __str__(self) -> str:
-        return self.kind if self.path is None else f"{self.kind}:{self.path}"
+        if self.path is None:
+            return self.kind
+        model = dict(self.options).get("model")
+        return f"{self.kind}:{self.path}" + (f"#{model}" if model else "")
+
+
+_SPECS = "'extractive', 'hf:PATH', 'vllm:PATH' or 'openai:http://HOST:PORT/v1[#MODEL]'"
 
 
 def parse_generator_spec(spec: str) -> GeneratorSpec:
     """Validate a generator spec before any work is scheduled."""
     if not isinstance(spec, str) or not spec.strip():
-        raise InvalidInput("generator spec must be 'extractive', 'hf:PATH' or 'vllm:PATH'")
+        raise InvalidInput(f"generator spec must be {_SPECS}")
     spec = spec.strip()
     if spec == "extractive":
         return GeneratorSpec("extractive")
     kind, sep, path = spec.partition(":")
+    if kind == "openai" and sep:
+        from urllib.parse import urlsplit
+
+        url, _, model = path.partition("#")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise InvalidInput(f"generator {spec!r}: the upstream must be an http(s) URL, "
+                               "e.g. openai:http://127.0.0.1:8000/v1#my-model")
+        return GeneratorSpec("openai", url.rstrip("/"),
+                             (("model", model),) if model else ())
     if not sep or kind not in ("hf", "vllm"):
-        raise InvalidInput(f"unknown generator {spec!r}: use 'extractive', 'hf:PATH' or "
-                           "'vllm:PATH'")
+        raise InvalidInput(f"unknown generator {spec!r}: use {_SPECS}")
     p = Path(path).expanduser()
     if not path or not p.is_dir():
         raise ModelLoadError(f"generator path {path!r} is not a directory (models are loaded "

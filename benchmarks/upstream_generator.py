@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""The ``openai:`` generator never serializes requests: 64 concurrent ``/v1/ask`` through an
+upstream that takes 200 ms per answer.
+
+The upstream is an OpenAI-compatible chat server in a process of its own that sleeps 200 ms
+and answers (what a remote LLM looks like from here).  Measured, alternated over rounds:
+
+* ``generator``: the generator alone, 64 prompts at once (``OpenAIUpstream.complete_many``) —
+  its ceiling is 64 / 0.2 s = 320 answers/s;
+* ``ask_openai``: ``dask-rag serve --generator openai:...`` (2 workers) under 64 closed-loop
+  ``/v1/ask`` clients, and ``ask_extractive``: the same server with the extractive generator
+  (retrieval's own ceiling on this machine — an upstream cannot make /v1/ask faster).
+
+    python -m benchmarks.upstream_generator [--rounds 3] [--seconds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    SERVE_QUESTIONS,
+    machine_info,
+    require_demo_index,
+    write_result,
+)
+
+DELAY_S = 0.2
+CLIENTS = 64
+
+
+def _upstream(port: int) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def chat(request: Any) -> JSONResponse:
+        body = await request.json()
+        await asyncio.sleep(DELAY_S)
+        text = f"answer to {len(body['messages'][-1]['content'])} characters"
+        return JSONResponse({"choices": [{"message": {"role": "assistant", "content": text},
+                                          "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": 10, "completion_tokens": 4}})
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+async def _closed_loop(url: str, seconds: float) -> dict[str, Any]:
+    import httpx
+
+    done, failed, lat = 0, 0, []
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        async def client(i: int) -> None:
+            nonlocal done, failed
+            n = i
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = await http.post(f"{url}/v1/ask", json={
+                    "question": SERVE_QUESTIONS[n % len(SERVE_QUESTIONS)]})
+                lat.append(time.perf_counter() - t0)
+                if r.status_code == 200:
+                    done += 1
+                else:
+                    failed += 1
+                n += CLIENTS
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+        wall = time.perf_counter() - t0
+    return {"qps": round(done / wall, 2), "failed": failed,
+            "p50_ms": round(statistics.median(lat) * 1e3, 1) if lat else None}
+
+
+async def _generator_round(url: str) -> dict[str, Any]:
+    from dask_rag.rag.generate.base import SamplingParams
+    from dask_rag.rag.generate.openai_upstream import OpenAIUpstream
+
+    upstream = OpenAIUpstream(f"{url}/v1", "m")
+    t0 = time.perf_counter()
+    out = await upstream.complete_many([f"prompt {i}" for i in range(CLIENTS)], SamplingParams())
+    wall = time.perf_counter() - t0
+    return {"answers": len(out), "seconds": round(wall, 3), "qps": round(len(out) / wall, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--index", type=Path, default=Path(".demo-index"))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=8.0)
+    args = p.parse_args(argv)
+    require_demo_index(args.index)
+    from distributed import Client
+
+    from dask_rag.cluster import start_local_cluster
+    from dask_rag.config import RagConfig
+    from dask_rag.pipeline import RagPipeline
+    from dask_rag.serve import ServerThread, create_app
+    from dask_rag.serve.server import free_port
+
+    port = free_port()
+    proc = multiprocessing.get_context("spawn").Process(target=_upstream, args=(port,),
+                                                        daemon=True)
+    proc.start()
+    upstream_url = f"http://127.0.0.1:{port}"
+    rounds: list[dict[str, Any]] = []
+    try:
+        import httpx
+
+        for _ in range(100):
+            try:
+                httpx.get(upstream_url, timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        with start_local_cluster(2, dashboard_address=None) as cluster, Client(cluster) as c:
+            pipes = {"ask_openai": RagPipeline.from_index_dir(
+                         c, args.index, RagConfig(generator=f"openai:{upstream_url}/v1#m")),
+                     "ask_extractive": RagPipeline.from_index_dir(c, args.index)}
+            servers = {name: ServerThread(create_app(pipe)).start()
+                       for name, pipe in pipes.items()}
+            try:
+                for r in range(args.rounds):
+                    row: dict[str, Any] = {"round": r,
+                                           "generator": asyncio.run(
+                                               _generator_round(upstream_url))}
+                    order = list(servers) if r % 2 == 0 else list(servers)[::-1]
+                    for name in order:
+                        row[name] = asyncio.run(_closed_loop(servers[name].url, args.seconds))
+                    rounds.append(row)
+                    print(json.dumps(row), file=sys.stderr)
+            finally:
+                for server in servers.values():
+                    server.stop()
+                for pipe in pipes.values():
+                    pipe.close()
+    finally:
+        proc.terminate()
+    med = {key: statistics.median(r[key]["qps"] for r in rounds)
+           for key in ("generator", "ask_openai", "ask_extractive")}
+    ceiling = CLIENTS / DELAY_S
+    payload = {"machine": machine_info(), "clients": CLIENTS, "upstream_delay_s": DELAY_S,
+               "upstream_ceiling_qps": ceiling, "rounds": rounds, "median_qps": med,
+               "generator_vs_ceiling": round(med["generator"] / ceiling, 3),
+               "ask_openai_vs_extractive": round(med["ask_openai"] / med["ask_extractive"], 3)}
+    path = write_result("upstream_generator", payload, out_dir=RESULTS_DIR)
+    print(json.dumps({k: payload[k] for k in ("median_qps", "generator_vs_ceiling",
+                                              "ask_openai_vs_extractive")}))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
