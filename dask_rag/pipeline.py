@@ -352,11 +352,17 @@ class RagPipeline:
         return _answers(reqs, results, t0)
 
     async def _ask_upstream(self, reqs: Sequence[AskRequest], t0: float) -> list[Answer]:
-        config = await self._upstream_config(reqs[0].sampling(self.config.stream_chunk_tokens))
-        results = await asyncio.to_thread(lambda: retry_once(lambda: gather_hedged(
-            self.client, lambda: self.submit_ask(reqs, config), self.index.hedge_trigger(),
-            None)))
-        return _answers(reqs, await self._complete(reqs, results), t0)
+        """:meth:`ask_many` with an upstream generator, on an event loop of its own."""
+        assert self._upstream is not None
+        try:
+            config = await self._upstream_config(
+                reqs[0].sampling(self.config.stream_chunk_tokens))
+            results = await asyncio.to_thread(lambda: retry_once(lambda: gather_hedged(
+                self.client, lambda: self.submit_ask(reqs, config),
+                self.index.hedge_trigger(), None)))
+            return _answers(reqs, await self._complete(reqs, results), t0)
+        finally:
+            await self._upstream.close_loop()  # this loop ends here
 
     def ask(self, question: str, k: int | None = None, filter: Any = None,
             params: SamplingParams | None = None, mode: str | None = None,
