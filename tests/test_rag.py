@@ -135,6 +135,8 @@ def test_generator_specs(tmp_path, gpt2_dir):
     assert parse_generator_spec("extractive").kind == "extractive"
     assert parse_generator_spec(f"hf:{gpt2_dir}").path == str(gpt2_dir.resolve())
     with pytest.raises(InvalidInput, match="unknown generator"):
+        parse_generator_spec("gpt:gpt-9")
+    with pytest.raises(InvalidInput, match="must be an http"):  # openai: takes a server URL
         parse_generator_spec("openai:gpt-9")
     with pytest.raises(ModelLoadError, match="not a directory"):
         parse_generator_spec(f"hf:{tmp_path / 'missing'}")
