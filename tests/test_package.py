@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,62 @@ def test_make_demo_installs_the_runtime_only(tmp_path, target, dev):
     assert any(".[dev]" in line for line in installs) == dev, installs
     torch_first = next(i for i, line in enumerate(installs) if "torch==" in line)
     assert torch_first == 0  # the local CPU wheel, before anything can pull CUDA wheels
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """dask_rag's modules -> the dask_rag modules they import (anywhere in the file, function
+    bodies included; not under ``if TYPE_CHECKING:``, which never runs)."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    files = {".".join(f.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in (root / "dask_rag").rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, path in files.items():
+        tree = ast.parse(path.read_text())
+        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        skip = {id(sub) for node in ast.walk(tree) if isinstance(node, ast.If)
+                and "TYPE_CHECKING" in ast.unparse(node.test) for sub in ast.walk(node)}
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                subs = [f"{base}.{a.name}" for a in node.names]
+                names = [s for s in subs if s in files]
+                if len(names) < len(subs):
+                    names.append(base)
+            for name in names:
+                while name and name not in files:
+                    name = name.rsplit(".", 1)[0] if "." in name else ""
+                if name and name != mod:
+                    graph[mod].add(name)
+    return graph
+
+
+def test_no_import_cycles_inside_the_package():
+    """No module of dask_rag reaches itself through its imports (#27)."""
+    graph = _import_graph()
+    assert len(graph) > 50 and "dask_rag.index.sparse" in graph["dask_rag.index.tasks"]
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(mod: str, path: list[str]) -> None:
+        state[mod] = 1
+        for dep in sorted(graph[mod]):
+            if state.get(dep) == 1:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, [*path, dep])
+        state[mod] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
+    assert not cycles, cycles[:5]

@@ -26,6 +26,7 @@ the manifest or the task graph.  Every failure names the URL (:class:`StorageUna
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -35,7 +36,8 @@ from typing import Any
 
 from dask_rag.errors import IndexNotFound, StorageUnavailable
 
-__all__ = ["ObjectStoreDir", "cache_root", "is_url", "local_location"]
+__all__ = ["ObjectStoreDir", "bytes_checksum", "cache_root", "file_checksum", "is_url",
+           "local_location"]
 
 
 def is_url(location: str | os.PathLike[str]) -> bool:
@@ -203,8 +205,6 @@ class ObjectStoreDir:
         ``wal_after``, the write-ahead log entries after that sequence number.  Cached files
         whose checksum matches are kept.  The manifest is not copied: callers parse the one
         they read, so two loads of different generations cannot mix."""
-        from dask_rag.index.store import file_checksum  # store builds on this module
-
         local = cache_root() / index_uuid
         local.mkdir(parents=True, exist_ok=True)
         for rel, checksum in files.items():
@@ -223,3 +223,20 @@ class ObjectStoreDir:
 
 def not_found(url: str, what: str) -> IndexNotFound:
     return IndexNotFound(f"{url!r} is not a dask-rag index ({what})")
+
+
+# ---- checksums (the store module verifies every file with these) ----------------------------
+
+
+def file_checksum(path: str | os.PathLike[str]) -> str:
+    """blake2b-128 of a file's bytes (fast enough to verify shards at every load)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bytes_checksum(data: bytes) -> str:
+    """:func:`file_checksum` of bytes in memory."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()

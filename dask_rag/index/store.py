@@ -20,7 +20,6 @@ say — replays the WAL, so acknowledged writes survive worker loss.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -33,7 +32,14 @@ from typing import Any
 import numpy as np
 
 from dask_rag.errors import CorruptIndex, IndexNotFound, InvalidInput
-from dask_rag.index.objstore import ObjectStoreDir, cache_root, is_url, local_location
+from dask_rag.index.objstore import (
+    ObjectStoreDir,
+    bytes_checksum,
+    cache_root,
+    file_checksum,
+    is_url,
+    local_location,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -103,15 +109,6 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
-
-
-def file_checksum(path: str | os.PathLike[str]) -> str:
-    """blake2b-128 of a file's bytes (fast enough to verify shards at every load)."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_index_file(index_dir: str | os.PathLike[str], relative: str) -> Path:
@@ -220,11 +217,6 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptIndex(f"{where}: manifest is not valid JSON ({exc})") from None
     return validate_manifest(data, where)
-
-
-def bytes_checksum(data: bytes) -> str:
-    """:func:`file_checksum` of bytes in memory."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def commit_manifest(location: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
