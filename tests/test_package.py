@@ -202,7 +202,7 @@ def test_no_import_cycles_inside_the_package():
         state[mod] = 1
         for dep in sorted(graph[mod]):
             if state.get(dep) == 1:
-                cycles.append(path[path.index(dep):] + [dep])
+                cycles.append([*path[path.index(dep):], dep])
             elif dep not in state:
                 visit(dep, [*path, dep])
         state[mod] = 2
