@@ -107,6 +107,21 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 3 if report.skipped else 0
 
 
+def _has_index(location: str | Path) -> bool:
+    """Whether an index is at ``location`` (a directory or an object-store URL; the manifest
+    is read by the store module, the one place that knows where it lives)."""
+    from dask_rag.errors import CorruptIndex, IndexNotFound
+    from dask_rag.index import store
+
+    try:
+        store.read_manifest(location)
+    except CorruptIndex:
+        return True  # there is one, unreadable: loading it says what is wrong
+    except IndexNotFound:
+        return False
+    return True
+
+
 def _autotune(pipe: Any) -> None:
     """``--tune-fusion auto``: tune on the index's own pseudo-queries; record the evidence,
     and the fusion when it is adopted."""
@@ -223,15 +238,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evalset: ev.EvalSet
     if args.dataset:
         evalset = ev.load_beir(args.dataset, args.split)
-        index = Path(args.index) if args.index else Path(args.dataset) / ".dask-rag-index"
+        index = args.index or str(Path(args.dataset) / ".dask-rag-index")
     elif args.index:
-        index = Path(args.index)
+        index = args.index
     else:
         print("dask-rag eval: give --dataset DIR (BEIR layout) or --index DIR",
               file=sys.stderr)
         return 2
     with _client(args, quiet=True) as client:
-        if args.dataset and not (index / "manifest.json").exists():
+        if args.dataset and not _has_index(index):
             from dask_rag.ingest import ingest
 
             assert evalset.corpus is not None
@@ -264,7 +279,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             runs: dict[str, tuple[str, Fusion | None, bool]] = {
                 m: (m, default if m == "hybrid" else None, False)
                 for m in (x.strip() for x in args.modes.split(","))}
-            tuned = pipe.index.manifest.get("fusion")
+            manifest = pipe.index.manifest  # as tuning left it
+            tuned = manifest.get("fusion")
             if tuned:
                 runs["hybrid (tuned)"] = ("hybrid", Fusion.model_validate(
                     {k: tuned[k] for k in Fusion.model_fields if k in tuned}), False)
@@ -285,7 +301,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"supported = >= {ev.SUPPORT_OVERLAP:.0%} of a sentence's words in the passage "
               f"it cites):\n{ev.format_table({'answers': answers})}")
     if args.out:
-        manifest = json.loads((index / "manifest.json").read_text())
         ev.write_results(args.out, {
             "dataset": evalset.name, "split": evalset.split, "queries": judged,
             "unjudged_queries": len(evalset.unjudged), "k": args.k, "level": "document",
@@ -422,7 +437,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     index_dir = Path(args.index)
     with _client(args, scheduler_process=not args.scheduler_in_process) as client:
-        if args.rebuild or not (index_dir / "manifest.json").exists():
+        if args.rebuild or not _has_index(index_dir):
             t0 = time.perf_counter()
             docs = stdlib_documents(limit=args.limit)
             print(f"demo corpus: {len(docs)} docstrings of the Python {sys.version.split()[0]} "

@@ -138,6 +138,24 @@ def test_ingest_into_a_url_then_update_and_search_it(threads_client):
         assert hits[0].source == "bikes.txt" and "6 bar" in hits[0].text
 
 
+def test_eval_command_on_an_index_at_a_url(threads_client, tmp_path, capsys):
+    """``dask-rag eval --index memory://...`` reads the manifest at the URL (the store module
+    does), not a local ``manifest.json``."""
+    from dask_rag.cli import main
+
+    url = "memory://dask-rag-tests/ingested"  # written by the test above
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"query": "how hot should the water be for green tea?",
+                                   "relevant_sources": ["tea.txt"]}) + "\n")
+    out = tmp_path / "r.json"
+    code = main(["eval", "--index", url, "--queries", str(queries), "--out", str(out), "-q",
+                 "--scheduler", threads_client.scheduler.address])
+    assert code == 0, capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert result["results"]["dense"]["recall@10"] == 1.0
+    assert result["encoder"]["precision"] and result["index"]["factory"]
+
+
 def test_unknown_url_is_index_not_found(threads_client):
     with pytest.raises(IndexNotFound, match="memory://dask-rag-tests/nothing-here"):
         DistributedIndex.load(threads_client, "memory://dask-rag-tests/nothing-here")

@@ -46,6 +46,7 @@ from dask_rag.cluster import current_workers, resource_request
 from dask_rag.cluster.futures import (
     await_hedged,
     gather_hedged,
+    is_transient,
     release_placement,
 )
 from dask_rag.cluster.plugins import off_membership_change, on_membership_change, tune_comms
@@ -969,11 +970,13 @@ def _is_pieces(vectors: Any) -> bool:
 
 
 def _raise_shard_error(exc: BaseException) -> None:
+    """Re-raise a search's failure: a lost worker or connection (the one table,
+    :data:`~dask_rag.cluster.futures.TRANSIENT_ERRORS`) as ShardUnavailable."""
     if isinstance(exc, DaskRagError):
         raise exc
-    name = type(exc).__name__
-    if name in ("KilledWorker", "CancelledError", "FutureCancelledError", "CommClosedError"):
-        raise ShardUnavailable(f"a shard could not be searched: {name}: {exc}") from exc
+    if is_transient(exc):
+        raise ShardUnavailable(f"a shard could not be searched: {type(exc).__name__}: "
+                               f"{exc}") from exc
     raise exc
 
 
