@@ -54,10 +54,8 @@ class CommTuningSchedulerPlugin(SchedulerPlugin):
         self.to_worker_s = config.scheduler_to_worker_ms / 1000.0
         self.to_client_s = config.scheduler_to_client_ms / 1000.0
         self.connect_s = config.worker_connect_timeout_s
-        self._scheduler: Any = None
 
     async def start(self, scheduler: Any) -> None:
-        self._scheduler = scheduler
         if self.connect_s > 0:  # its connections to workers (see CommConfig)
             scheduler.rpc.timeout = self.connect_s
         for bcomm in scheduler.stream_comms.values():
@@ -138,12 +136,6 @@ class MembershipPlugin(SchedulerPlugin):
     """
 
     name = "dask-rag-membership"
-
-    def __init__(self) -> None:
-        self._scheduler: Any = None
-
-    async def start(self, scheduler: Any) -> None:
-        self._scheduler = scheduler
 
     def add_worker(self, scheduler: Any, worker: str) -> None:
         scheduler.log_event(MEMBERSHIP_TOPIC, {"action": "add", "worker": worker})

@@ -24,7 +24,7 @@ from dask_rag.rag.requests import (
     parse_request,
 )
 
-__all__ = ["AskRequest", "ChatRequest", "CollectionCreate", "DeleteRequest", "EmbedRequest",
+__all__ = ["AskRequest", "ChatRequest", "CollectionCreate", "DeleteRequest",
            "EmbeddingsRequest", "SearchRequest", "UpsertRequest", "parse_body",
            "parse_json_body"]
 
@@ -86,10 +86,6 @@ class EmbeddingsRequest(BaseModel):
             raise PayloadTooLarge(f"request.input has {len(items)} items; the limit is "
                                   f"{max_inputs}")
         return items
-
-
-#: the old name of the embeddings body
-EmbedRequest = EmbeddingsRequest
 
 
 class TextPart(BaseModel):
