@@ -319,19 +319,30 @@ def tune_fusion(pipe: Any, evalset: EvalSet, default: Fusion, k: int = 10,
     sums = idf_sums(pipe, evalset)
     base = _score(fused_run(dense, sparse, default, k, evalset.queries, sums), evalset, k)
     table = [{"fusion": default.model_dump(), "default": True, **base}]
-    best: tuple[float, float, Fusion] | None = None
+    scored = []
     for f in grid or fusion_grid():
         metrics = _score(fused_run(dense, sparse, f, k, evalset.queries, sums), evalset, k)
         table.append({"fusion": f.model_dump(), **metrics})
+        scored.append((f, metrics))
+    gain, best = _best_gain(base, scored, k)
+    if best is None or gain < min_gain:
+        return default, table
+    return best, table
+
+
+def _best_gain(base: dict[str, float], scored: Sequence[tuple[Fusion, dict[str, float]]],
+               k: int) -> tuple[float, Fusion | None]:
+    """The fusion whose *smaller* gain over ``base`` (of recall@k and MRR@k) is largest, ties
+    by the larger sum of the two; and that gain."""
+    best: tuple[float, float, Fusion] | None = None
+    for f, metrics in scored:
         gain = min(metrics[f"recall@{k}"] - base[f"recall@{k}"],
                    metrics[f"mrr@{k}"] - base[f"mrr@{k}"])
         total = metrics[f"recall@{k}"] + metrics[f"mrr@{k}"]
         if best is None or gain > best[0] + 1e-12 or (abs(gain - best[0]) <= 1e-12
                                                      and total > best[1] + 1e-12):
             best = (gain, total, f)
-    if best is None or best[0] < min_gain:
-        return default, table
-    return best[2], table
+    return (best[0], best[2]) if best is not None else (0.0, None)
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -448,28 +459,22 @@ def autotune_fusion(pipe: Any, default: Fusion, k: int = 10, n: int = AUTO_QUERI
     else:
         grid = fusion_grid()
     base = run(default, "choose")
-    best: tuple[float, float, Fusion] | None = None
-    for f in grid:
-        m = run(f, "choose")
-        gain = min(m[f"recall@{k}"] - base[f"recall@{k}"], m[f"mrr@{k}"] - base[f"mrr@{k}"])
-        total = m[f"recall@{k}"] + m[f"mrr@{k}"]
-        if best is None or (gain, total) > (best[0] + 1e-12, best[1]):
-            best = (gain, total, f)
+    gain, best = _best_gain(base, [(f, run(f, "choose")) for f in grid], k)
     assert best is not None
-    evidence.update(chosen=best[2].model_dump(), choose={"default": base,
-                                                          "chosen": run(best[2], "choose")})
-    check = {"default": run(default, "check"), "chosen": run(best[2], "check")}
+    evidence.update(chosen=best.model_dump(), choose={"default": base,
+                                                       "chosen": run(best, "choose")})
+    check = {"default": run(default, "check"), "chosen": run(best, "check")}
     evidence["check"] = check
     d_r = check["chosen"][f"recall@{k}"] - check["default"][f"recall@{k}"]
     d_m = check["chosen"][f"mrr@{k}"] - check["default"][f"mrr@{k}"]
-    if best[0] < min_gain:
+    if gain < min_gain:
         evidence["reason"] = f"no fusion gains >= {min_gain} on the choosing half"
         return None, evidence
     if min(d_r, d_m) < 0 or d_r + d_m <= 0:
         evidence["reason"] = "the choice does not beat the default on the checking half"
         return None, evidence
     evidence["adopted"] = True
-    return best[2], evidence
+    return best, evidence
 
 
 # ---- grounded answers ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import dataclasses
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -281,6 +281,18 @@ class RagPipeline:
         room = int((context - params.max_tokens) * 0.75)
         return dataclasses.replace(self.config, token_budget=max(16, room))
 
+    async def _ask_results(self, reqs: Sequence[AskRequest],
+                           wait: Callable[[Callable[[], Future]], Awaitable[Any]]
+                           ) -> list[dict[str, Any]]:
+        """The answers' fields of one ask graph, ``wait`` running it (with its retry and
+        hedging); with an upstream generator the graph builds the prompts under the
+        upstream's budget and the upstream answers them."""
+        if self._upstream is None:
+            results: list[dict[str, Any]] = await wait(lambda: self.submit_ask(reqs))
+            return results
+        config = await self._upstream_config(reqs[0].sampling(self.config.stream_chunk_tokens))
+        return await self._complete(reqs, await wait(lambda: self.submit_ask(reqs, config)))
+
     async def _complete(self, reqs: Sequence[AskRequest], results: list[dict[str, Any]]
                         ) -> list[dict[str, Any]]:
         """Send a batch's prompts to the upstream generator, all at once."""
@@ -355,12 +367,10 @@ class RagPipeline:
         """:meth:`ask_many` with an upstream generator, on an event loop of its own."""
         assert self._upstream is not None
         try:
-            config = await self._upstream_config(
-                reqs[0].sampling(self.config.stream_chunk_tokens))
-            results = await asyncio.to_thread(lambda: retry_once(lambda: gather_hedged(
-                self.client, lambda: self.submit_ask(reqs, config),
-                self.index.hedge_trigger(), None)))
-            return _answers(reqs, await self._complete(reqs, results), t0)
+            results = await self._ask_results(reqs, lambda submit: asyncio.to_thread(
+                lambda: retry_once(lambda: gather_hedged(
+                    self.client, submit, self.index.hedge_trigger(), None))))
+            return _answers(reqs, results, t0)
         finally:
             await self._upstream.close_loop()  # this loop ends here
 
@@ -412,11 +422,8 @@ class RagPipeline:
     async def aask_now(self, req: AskRequest) -> Answer:
         """One graph for this question alone, no micro-batching (the naive baseline)."""
         t0 = time.perf_counter()
-        config = None if self._upstream is None else await self._upstream_config(
-            req.sampling(self.config.stream_chunk_tokens))
-        results = await aretry_once(lambda: await_future(self.submit_ask([req], config)))
-        if self._upstream is not None:
-            results = await self._complete([req], results)
+        results = await self._ask_results(
+            [req], lambda submit: aretry_once(lambda: await_future(submit())))
         return _answers([req], results, t0)[0]
 
     async def _asearch_graph(self, reqs: list[SearchRequest]) -> Retrieved:
@@ -441,12 +448,8 @@ class RagPipeline:
     async def _ask_batch(self, reqs: list[AskRequest]) -> list[Answer]:
         async def one_group(group: list[AskRequest]) -> list[Answer]:
             t0 = time.perf_counter()
-            config = None if self._upstream is None else await self._upstream_config(
-                group[0].sampling(self.config.stream_chunk_tokens))
-            results = await aretry_once(lambda: await_hedged(
-                lambda: self.submit_ask(group, config), self.index.hedge_trigger(), None))
-            if self._upstream is not None:
-                results = await self._complete(group, results)
+            results = await self._ask_results(group, lambda submit: aretry_once(
+                lambda: await_hedged(submit, self.index.hedge_trigger(), None)))
             return _answers(group, results, t0)
 
         return await _by_options(reqs, one_group)

@@ -187,42 +187,49 @@ class GenerationPlan:
     history: tuple[tuple[str, str], ...] = ()
 
 
-def answer_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: GenerationPlan,
-                *parts: ShardResult) -> list[dict[str, Any]]:
-    """The last task of an ask graph: merge, fuse, [rerank], build the prompts under the token
-    budget and generate the batch, on the worker holding the generator — one task, so a
-    question costs one scheduling round trip after the shards answer."""
+def _prepare(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: GenerationPlan,
+             parts: Sequence[ShardResult]
+             ) -> tuple[Any, list[list[Hit]], list[Any], dict[str, float], float]:
+    """Merge, fuse, [rerank], keep ``gen.k`` passages per question and build the prompts
+    under the budget: the generator (which counts their tokens), the passages, the prompts,
+    the retrieval's stage timings and the milliseconds the prompts took."""
     cands, timings = retrieve_task(plan, rerank_plan, *parts)
     t0 = time.perf_counter()
     cands = [c[:gen.k] for c in cands]
     generator = worker_generator(gen.spec, gen.config.max_answer_sentences)
     prompts = _prompts(generator, gen.config, list(gen.questions), cands, gen.history)
+    return generator, cands, prompts, timings, (time.perf_counter() - t0) * 1e3
+
+
+def _fields(hits: list[Hit], prompt: Any, timings: dict[str, float]) -> dict[str, Any]:
+    """An answer's fields that come from its retrieval and prompt."""
+    by_id = {h.id: h for h in hits}
+    return {"citations": [by_id[i] for i in prompt.citations], "hits": hits,
+            "prompt_tokens": prompt.tokens, "timings": timings}
+
+
+def answer_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: GenerationPlan,
+                *parts: ShardResult) -> list[dict[str, Any]]:
+    """The last task of an ask graph: merge, fuse, [rerank], build the prompts under the token
+    budget and generate the batch, on the worker holding the generator — one task, so a
+    question costs one scheduling round trip after the shards answer."""
+    generator, cands, prompts, timings, prompt_ms = _prepare(plan, rerank_plan, gen, parts)
+    t0 = time.perf_counter()
     texts = generator.generate([p.text for p in prompts], gen.params)
-    gen_ms = (time.perf_counter() - t0) * 1e3
+    gen_ms = prompt_ms + (time.perf_counter() - t0) * 1e3  # prompts and generation
     completion = generator.count_tokens(texts) if texts else []
-    out = []
-    for c, p, text, n_out in zip(cands, prompts, texts, completion, strict=True):
-        by_id = {h.id: h for h in c}
-        out.append({"text": text, "citations": [by_id[i] for i in p.citations], "hits": c,
-                    "prompt_tokens": p.tokens, "completion_tokens": n_out,
-                    "timings": {**timings, "generate": gen_ms}})
-    return out
+    return [{**_fields(c, p, {**timings, "generate": gen_ms}), "text": text,
+             "completion_tokens": n_out}
+            for c, p, text, n_out in zip(cands, prompts, texts, completion, strict=True)]
 
 
 def prompt_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: GenerationPlan,
                 *parts: ShardResult) -> list[dict[str, Any]]:
     """The last task of an ask graph whose generator is an upstream server: merge, fuse,
     [rerank] and build the prompts; the client sends them (``openai:`` generators)."""
-    cands, timings = retrieve_task(plan, rerank_plan, *parts)
-    cands = [c[:gen.k] for c in cands]
-    counter = worker_generator(gen.spec, gen.config.max_answer_sentences)
-    prompts = _prompts(counter, gen.config, list(gen.questions), cands, gen.history)
-    out = []
-    for c, p in zip(cands, prompts, strict=True):
-        by_id = {h.id: h for h in c}
-        out.append({"prompt": p.text, "citations": [by_id[i] for i in p.citations], "hits": c,
-                    "prompt_tokens": p.tokens, "timings": dict(timings)})
-    return out
+    _, cands, prompts, timings, _ = _prepare(plan, rerank_plan, gen, parts)
+    return [{**_fields(c, p, dict(timings)), "prompt": p.text}
+            for c, p in zip(cands, prompts, strict=True)]
 
 
 def stream_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: GenerationPlan,
