@@ -24,6 +24,7 @@ from dask_rag.batching import MicroBatcher
 from dask_rag.config import BatchConfig, IndexSpec, RagConfig
 from dask_rag.errors import IndexNotFound, InvalidInput
 from dask_rag.index.distributed import DistributedIndex
+from dask_rag.index.layout import MANIFEST
 from dask_rag.pipeline import RagPipeline
 
 __all__ = ["NAME_RE", "Collections"]
@@ -59,7 +60,7 @@ class Collections:
         for d in out.root.glob(f"{_DELETING}*"):  # type: ignore[union-attr]
             shutil.rmtree(d, ignore_errors=True)
         for d in sorted(out.root.iterdir()):  # type: ignore[union-attr]
-            if (d / "manifest.json").is_file() and NAME_RE.match(d.name) and \
+            if (d / MANIFEST).is_file() and NAME_RE.match(d.name) and \
                     d.name != out.default_name:
                 out._pipes[d.name] = RagPipeline.from_index_dir(out.client, d, out.config,
                                                                 batch=batch)

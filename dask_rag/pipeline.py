@@ -52,6 +52,7 @@ from dask_rag.embed.service import EmbeddingService
 from dask_rag.errors import InvalidInput
 from dask_rag.index.distributed import HEDGE_AFTER_S, DistributedIndex
 from dask_rag.index.query import IndexQuery
+from dask_rag.index.vectors import EmbeddedPieces, EmbedInTask, NoVectors, QueryVectors
 from dask_rag.rag.fusion import Fusion, default_fusion
 from dask_rag.rag.generate.base import SamplingParams, parse_generator_spec
 from dask_rag.rag.generate.openai_upstream import OpenAIUpstream
@@ -212,15 +213,15 @@ class RagPipeline:
         return query, plan
 
     def _vectors(self, reqs: Sequence[SearchRequest | AskRequest], plan: RetrievalPlan
-                 ) -> Any:
-        """The query vectors' source: None (BM25 only), the texts to embed in the search
-        tasks (a small batch), or embedding tasks' pieces (see SMALL_BATCH)."""
+                 ) -> QueryVectors:
+        """The query vectors: none (BM25 only), the texts to embed in the search tasks (a
+        small batch), or embedding tasks' pieces (see SMALL_BATCH)."""
         if plan.mode == "sparse":
-            return None
+            return NoVectors(plan.nq)
         texts = [r.query if isinstance(r, SearchRequest) else r.question for r in reqs]
         if self._small(reqs):
-            return self.embedder.here(texts)
-        return self.embedder.submit(texts)
+            return EmbedInTask(self.embedder.here(texts), len(texts))
+        return EmbeddedPieces(self.embedder.submit(texts))
 
     def _small(self, reqs: Sequence[SearchRequest | AskRequest]) -> bool:
         """Whether a batch is embedded in the shards' own tasks (see SMALL_BATCH): only while
@@ -233,7 +234,7 @@ class RagPipeline:
         own tasks, or in each shard's task for a small batch), [route], shard searches, merge
         tree; returns the <= 4 partial results' futures and the plan of the final merge."""
         query, plan = self._plan(reqs, keep)
-        parts = self.index.submit_search(query, self._vectors(reqs, plan), nq=plan.nq)
+        parts = self.index.submit_search(query, self._vectors(reqs, plan))
         return parts, plan, uuid.uuid4().hex
 
     def _rerank_plan(self, questions: list[str], k: int) -> RerankPlan | None:
@@ -327,7 +328,7 @@ class RagPipeline:
             # a small batch: the workers' searcher actors answer directly, and the shards'
             # answers are merged and fused here (see SMALL_BATCH); a graph if that fails
             query, plan = self._plan(reqs, self._k(reqs[0]))
-            parts = self.index.search_direct(query, self._vectors(reqs, plan), plan.nq)
+            parts = self.index.search_direct(query, self._vectors(reqs, plan))
             if parts is not None:
                 return retrieve(plan, parts)
         result: Retrieved = gather_hedged(self.client, lambda: self.submit_search(reqs),
@@ -429,7 +430,7 @@ class RagPipeline:
     async def _asearch_graph(self, reqs: list[SearchRequest]) -> Retrieved:
         if self._small(reqs):
             query, plan = self._plan(reqs, self._k(reqs[0]))
-            parts = await self.index.asearch_direct(query, self._vectors(reqs, plan), plan.nq)
+            parts = await self.index.asearch_direct(query, self._vectors(reqs, plan))
             if parts is not None:
                 return retrieve(plan, parts)
         result: Retrieved = await await_hedged(lambda: self.submit_search(reqs),

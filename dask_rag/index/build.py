@@ -21,6 +21,7 @@ from dask_rag.config import IndexSpec
 from dask_rag.errors import CorruptIndex, InvalidInput
 from dask_rag.index import store
 from dask_rag.index.backends import add_to_index, configure_faiss, new_refine_store, new_shard_index
+from dask_rag.index.layout import SHARDS_DIR
 from dask_rag.index.routing import Router, balance_lists, coarse_assign, range_boundaries
 from dask_rag.index.shard import make_records_table
 
@@ -197,7 +198,7 @@ def write_shards(client: Client, directory: str | Path, index_uuid: str, spec: I
     files when ``directory`` is an object-store URL)."""
     if not store.is_url(directory):
         Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / "shards").mkdir(exist_ok=True)
+        (Path(directory) / SHARDS_DIR).mkdir(exist_ok=True)
     workers = current_workers(client)
     futures = []
     for s in range(spec.n_shards):

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from dask_rag.errors import IndexNotFound, StorageUnavailable
+from dask_rag.index.layout import WAL_DIR, wal_seq_of
 
 __all__ = ["ObjectStoreDir", "bytes_checksum", "cache_root", "file_checksum", "is_url",
            "local_location"]
@@ -213,10 +214,9 @@ class ObjectStoreDir:
                 continue
             self.download(rel, dest)
         if wal_after is not None:
-            for rel in self.listdir("wal"):
-                name = rel.rsplit("/", 1)[-1]
-                fresh = name[:12].isdigit() and int(name[:12]) > wal_after
-                if fresh and not (local / rel).exists():
+            for rel in self.listdir(WAL_DIR):
+                seq = wal_seq_of(rel)
+                if seq is not None and seq > wal_after and not (local / rel).exists():
                     self.download(rel, local / rel)
         return local
 

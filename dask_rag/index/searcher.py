@@ -26,7 +26,8 @@ from dask_rag.index.build import load_router
 from dask_rag.index.query import IndexQuery, ShardResult
 from dask_rag.index.routing import RoutedBatch, Router
 from dask_rag.index.shard import Shard
-from dask_rag.index.tasks import embed_and_route, search_shard_task
+from dask_rag.index.tasks import route_batch, search_shard_task
+from dask_rag.index.vectors import EmbedInTask, NoVectors
 
 __all__ = ["ShardSearcher"]
 
@@ -37,8 +38,8 @@ class ShardSearcher:
     def __init__(self) -> None:
         self._routers: dict[tuple[str, str], Router] = {}
 
-    def search(self, keys: list[Any], source: Any, query: IndexQuery, nq: int,
-               index: tuple[str, str] | None) -> list[ShardResult] | None:
+    def search(self, keys: list[Any], source: EmbedInTask | NoVectors, query: IndexQuery,
+               nq: int, index: tuple[str, str] | None) -> list[ShardResult] | None:
         """Search the shards with future keys ``keys`` held by this worker; None when one of
         them is not here (moved, being reloaded).  ``index`` is (directory, uuid) when the
         batch must be routed (IVF factories)."""
@@ -54,13 +55,8 @@ class ShardSearcher:
             if not isinstance(shard, Shard):
                 return None
             shards.append(shard)
-        batch: Any = source
-        if callable(source):  # embed (and route) once for all the shards of this worker
-            batch = embed_and_route(source, self._router(index), query)
-        elif isinstance(source, RoutedBatch) and index is not None:
-            router = self._router(index)
-            assert router is not None
-            batch = router.route(source.xq, query.nprobe)
+        batch: RoutedBatch | NoVectors = source if isinstance(source, NoVectors) else \
+            route_batch(source.matrix(), self._router(index), query)  # once for all shards
         return [search_shard_task(shard, batch, query, nq) for shard in shards]
 
     def _router(self, index: tuple[str, str] | None) -> Router | None:

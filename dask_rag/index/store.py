@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from dask_rag.errors import CorruptIndex, IndexNotFound, InvalidInput
+from dask_rag.index.layout import MANIFEST, shard_file_names
 from dask_rag.index.objstore import (
     ObjectStoreDir,
     bytes_checksum,
@@ -70,8 +71,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-QUANTIZER = "quantizer.faiss"
 RECORD_COLUMNS = ("id", "text", "source", "metadata", "doc_hash")
 
 
@@ -397,13 +396,6 @@ def swap_into_place(staging: Path, target: Path) -> None:
 
 # shard files
 # --------------------------------------------------------------------------------------------
-
-
-def shard_file_names(shard_no: int, generation: int) -> tuple[str, str, str, str]:
-    """(faiss, records, refine store, BM25 directory) names of a shard's files."""
-    suffix = "" if generation == 0 else f".g{generation}"
-    base = f"shards/{shard_no:05d}{suffix}"
-    return f"{base}.faiss", f"{base}.parquet", f"{base}.refine.faiss", f"{base}.bm25"
 
 
 def write_shard_files(index_dir: str | os.PathLike[str], shard_no: int, generation: int,

@@ -8,7 +8,6 @@ from moving them): only query rows, ids and results cross the network, never a s
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,19 +20,20 @@ from dask_rag.index.query import IndexQuery, ShardResult
 from dask_rag.index.routing import RoutedBatch, RoutedRows, Router
 from dask_rag.index.shard import Shard, load_shard
 from dask_rag.index.sparse import CorpusStats, search_sparse, text_stats
+from dask_rag.index.vectors import EmbeddedPieces, EmbedInTask, NoVectors
 
 __all__ = [
-    "QueryVectors",
+    "ShardInput",
     "apply_add_task",
     "apply_remove_task",
     "bm25_stats_task",
     "doc_index_task",
-    "embed_and_route",
     "fetch_task",
     "held_task",
     "load_router",
     "load_shard",
     "merge_group_task",
+    "route_batch",
     "route_task",
     "search_shard_task",
     "shard_count_task",
@@ -41,60 +41,49 @@ __all__ = [
     "write_shard_task",
 ]
 
-#: query vectors still in pieces: ``(vectors, rows)`` pairs, as the embedding tasks of a batch
-#: return them (each piece holds the batch rows ``rows``)
-QueryVectors = Sequence[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]]
-
-
-def assemble(parts: QueryVectors) -> npt.NDArray[np.float32]:
-    """The ``(nq, d)`` query matrix of a batch from its embedded pieces."""
-    n = sum(len(rows) for _, rows in parts)
-    out = np.empty((n, parts[0][0].shape[1]), dtype=np.float32)
-    for vecs, rows in parts:
-        out[rows] = vecs
-    return out
-
-
 # ---- search ------------------------------------------------------------------------------------
 
 
-def embed_and_route(source: Any, router: Router | None, query: IndexQuery) -> RoutedBatch:
-    """The batch from a callable vector source (an encoder), routed here when there is a
-    coarse quantizer."""
-    xq = np.ascontiguousarray(source(), dtype=np.float32)
+def route_batch(xq: npt.NDArray[np.float32], router: Router | None, query: IndexQuery
+                ) -> RoutedBatch:
+    """A batch's matrix, routed here when there is a coarse quantizer."""
     return router.route(xq, query.nprobe) if router is not None else RoutedBatch(xq)
 
 
-def route_task(router: Router, nprobe: int | None, parts: QueryVectors) -> RoutedBatch:
+def route_task(router: Router, nprobe: int | None, vectors: EmbeddedPieces) -> RoutedBatch:
     """Coarse-quantize a batch where the router lives (IVF factories)."""
-    return router.route(assemble(parts), nprobe)
+    return router.route(vectors.matrix(), nprobe)
 
 
-def search_shard_task(shard: Shard, source: Any, query: IndexQuery, nq: int,
+#: what a shard's search task is handed: the batch routed (whole, or this shard's rows), or
+#: the batch's vectors still to be assembled or embedded here, or none (BM25 only)
+ShardInput = RoutedBatch | RoutedRows | EmbeddedPieces | EmbedInTask | NoVectors
+
+
+def search_shard_task(shard: Shard, source: ShardInput, query: IndexQuery, nq: int,
                       router: Router | None = None) -> ShardResult:
     """One shard's answer to a batch of ``nq`` queries: its dense top-k of the rows routed to
     it, BM25 over every row when the query has texts, and the hits' records.
 
-    ``source``: a :class:`RoutedBatch` (this shard keeps its part), this shard's
-    :class:`RoutedRows`, the batch's embedded pieces (:data:`QueryVectors`), a callable that
-    produces the ``(nq, d)`` query matrix here (e.g. an encoder: a small batch is embedded on
-    every shard's worker rather than in a task of its own, a scheduling round trip less), or
-    None (BM25 only).  With a callable and a coarse quantizer, ``router`` routes the rows here.
+    ``source`` (:data:`ShardInput`): with :class:`~dask_rag.index.vectors.EmbedInTask` the
+    batch is embedded here (a small batch is embedded on every shard's worker rather than in
+    a task of its own, a scheduling round trip less) and, given a ``router``, routed here.
     """
     fault_point("search.shard")
     shard.catch_up(query.min_seq)
     no = shard.ref.shard_no
     all_rows = np.arange(nq, dtype=np.int64)
-    if isinstance(source, RoutedBatch):
-        part = source.for_shard(no)
-    elif isinstance(source, RoutedRows):
-        part = source
-    elif source is None:  # BM25 only
-        part = RoutedRows(no, all_rows, None, None, None)
-    elif callable(source):
-        part = embed_and_route(source, router, query).for_shard(no)
-    else:
-        part = RoutedRows(no, all_rows, assemble(source), None, None)
+    match source:
+        case RoutedBatch():
+            part = source.for_shard(no)
+        case RoutedRows():
+            part = source
+        case NoVectors():
+            part = RoutedRows(no, all_rows, None, None, None)
+        case EmbedInTask():
+            part = route_batch(source.matrix(), router, query).for_shard(no)
+        case EmbeddedPieces():
+            part = RoutedRows(no, all_rows, source.matrix(), None, None)
     started_at = time.time()
     t0 = time.perf_counter()
     metric = shard.spec.metric

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,11 @@ import numpy as np
 import numpy.typing as npt
 
 from dask_rag.errors import CorruptIndex
+from dask_rag.index.layout import WAL_DIR, wal_name, wal_seq_of
 from dask_rag.index.store import list_files, put_file
 
 __all__ = ["WalEntry", "append_wal", "read_wal", "wal_files", "wal_seqs"]
 
-_WAL_RE = re.compile(r"^(\d{12})\.npz$")
 
 
 @dataclass(frozen=True)
@@ -56,12 +55,8 @@ def wal_files(index_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
 
 def wal_seqs(location: str | os.PathLike[str]) -> list[int]:
     """Sequence numbers of the log entries at ``location`` (a directory or a URL), sorted."""
-    names = (rel.rsplit("/", 1)[-1] for rel in list_files(location, "wal"))
-    return sorted(int(m.group(1)) for m in map(_WAL_RE.match, names) if m)
-
-
-def wal_name(seq: int) -> str:
-    return f"wal/{seq:012d}.npz"
+    seqs = (wal_seq_of(rel) for rel in list_files(location, WAL_DIR))
+    return sorted(seq for seq in seqs if seq is not None)
 
 
 def append_wal(index_dir: str | os.PathLike[str], entry: WalEntry) -> None:

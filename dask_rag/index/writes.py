@@ -10,6 +10,7 @@ longer names.  A failure at any point leaves the previous state loadable.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import threading
@@ -23,78 +24,120 @@ import numpy as np
 import numpy.typing as npt
 from distributed import Client, Future, wait
 
-from dask_rag.config import IndexSpec
 from dask_rag.errors import InvalidInput
 from dask_rag.faults import fault_point
 from dask_rag.index import store
 from dask_rag.index.build import jsonable_record
+from dask_rag.index.layout import (
+    SHARDS_DIR,
+    generation_of,
+    is_quantizer,
+    quantizer_name,
+    shard_file_names,
+    wal_name,
+)
 from dask_rag.index.objstore import ObjectStoreDir
-from dask_rag.index.query import check_ids, check_vectors
+from dask_rag.index.query import IndexQuery, check_ids, check_vectors
+from dask_rag.index.replicas import WRITE_PRIORITY, ReplicaSet
 from dask_rag.index.routing import Router
 from dask_rag.index.sparse import CorpusStats, text_stats
 from dask_rag.index.tasks import (
     apply_add_task,
     apply_remove_task,
+    bm25_stats_task,
     held_task,
+    shard_count_task,
     write_shard_task,
 )
-from dask_rag.index.wal import WalEntry, append_wal, wal_name, wal_seqs
+from dask_rag.index.wal import WalEntry, append_wal, wal_seqs
 
-__all__ = ["APPLY_WAIT_S", "IndexWrites", "put_quantizer", "write_index"]
+__all__ = ["APPLY_WAIT_S", "IndexWriter", "put_quantizer", "write_index"]
 
 #: how long a write waits for its replicas to apply it before acknowledging (it is durable in
 #: the log already; a replica that is behind catches up before its next read)
 APPLY_WAIT_S = 1.0
-#: writes' tasks go before queued searches: a write holds the write lock while they run
-WRITE_PRIORITY = 20
 
 
-class IndexWrites:
-    """The write half of :class:`~dask_rag.index.distributed.DistributedIndex` (a mixin: the
-    attributes below are the index's own)."""
+class IndexWriter:
+    """The write half of a :class:`~dask_rag.index.distributed.DistributedIndex`: the log, the
+    manifest (the only part that commits one), the live counts and the read token.
 
-    client: Client
-    location: str
-    manifest: dict[str, Any]
-    spec: IndexSpec
-    router: Router
-    _counts: list[int]
-    _write_lock: threading.Lock
-    #: apply tasks still running after their write was acknowledged (see :meth:`_apply`)
-    _running: set[Future]
-    #: where the last ``add`` spent its time (ms): waiting for the write lock, checking ids,
-    #: appending to the log, applying to the replicas
-    last_write_ms: dict[str, float]
+    It applies writes to every replica the index's
+    :class:`~dask_rag.index.replicas.ReplicaSet` holds and never keeps its own view of where
+    they are.  The read token (:attr:`acked_seq` with the BM25 statistics at it) is here
+    because only a write moves it; a search reads it through :meth:`stamp`.
+    """
 
-    @property
-    def dim(self) -> int:
-        raise NotImplementedError
+    def __init__(self, client: Client, location: str, manifest: dict[str, Any],
+                 replicas: ReplicaSet, router: Router) -> None:
+        self.client = client
+        self.location = location
+        self.manifest = manifest
+        self.replicas = replicas
+        self.router = router
+        self.dim = int(manifest["dim"])
+        self.n_shards = int(manifest["n_shards"])
+        self.index_uuid = str(manifest["index_uuid"])
+        #: live vectors per shard: reported at load, then moved by every write
+        self.counts: list[int] = []
+        #: the last write-ahead-log entry acknowledged (every read carries it, see
+        #: Shard.catch_up) with the index's BM25 statistics at that entry (None until the
+        #: shards report them)
+        self._read_state: tuple[int, CorpusStats | None] = (self._log_end(), None)
+        #: apply tasks still running after their write was acknowledged (see :meth:`_apply`)
+        self._running: set[Future] = set()
+        #: where the last ``add`` spent its time (ms): waiting for the write lock, checking
+        #: ids, appending to the log, applying to the replicas
+        self.last_write_ms: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    # ---- the read token -----------------------------------------------------------------------
 
     @property
     def acked_seq(self) -> int:
-        raise NotImplementedError
+        """The write-ahead-log entry of the last acknowledged write."""
+        return self._read_state[0]
+
+    @property
+    def bm25_stats(self) -> CorpusStats | None:
+        return self._read_state[1]
+
+    def start(self) -> None:
+        """Take the live counts and BM25 statistics from the loaded shards."""
+        self.counts = [int(c) for c in self.on_each_shard(shard_count_task)]
+        stats = sum(self.on_each_shard(bm25_stats_task), CorpusStats())
+        self._read_state = (self._read_state[0], stats)
 
     def _acknowledge(self, seq: int, bm25_delta: CorpusStats | None = None,
                      removed: CorpusStats | None = None) -> None:
-        raise NotImplementedError
+        """Make log entry ``seq`` the read token, with the BM25 statistics it changed
+        (one assignment: a search reads the position and the statistics together)."""
+        stats = self._read_state[1]
+        if stats is not None:
+            if bm25_delta is not None:
+                stats = stats + bm25_delta
+            if removed is not None:
+                stats = stats - removed
+        self._read_state = (seq, stats)
 
-    @property
-    def index_uuid(self) -> str:
-        raise NotImplementedError
+    def stamp(self, query: IndexQuery) -> IndexQuery:
+        """``query`` stamped with the last acknowledged write, which every shard copy that
+        answers it must reflect (read-your-writes, whatever copies the scheduler made), and
+        with the BM25 weights of the index's statistics at that write."""
+        seq, stats = self._read_state
+        changes: dict[str, Any] = {}
+        if query.min_seq < seq:
+            changes["min_seq"] = seq
+        if query.texts is not None and query.bm25 is None and stats is not None:
+            changes["bm25"] = stats.weights(query.texts)
+        return dataclasses.replace(query, **changes) if changes else query
 
-    @property
-    def n_shards(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def shard_futures(self) -> list[Future]:
-        raise NotImplementedError
-
-    def replica_futures(self) -> list[list[Future]]:
-        raise NotImplementedError
-
-    def _check_open(self) -> None:
-        raise NotImplementedError
+    def on_each_shard(self, task: Callable[..., Any], *args: Any, pin: bool = False
+                      ) -> list[Any]:
+        """``task(shard, *args, min_seq)`` on one replica of every shard, at the last
+        acknowledged write (see :meth:`ReplicaSet.on_each_shard
+        <dask_rag.index.replicas.ReplicaSet.on_each_shard>`)."""
+        return self.replicas.on_each_shard(task, *args, self.acked_seq, pin=pin)
 
     def _log_end(self) -> int:
         """The last entry in the log: the manifest's folded position or a later entry (under
@@ -104,36 +147,12 @@ class IndexWrites:
     def _next_seq(self) -> int:
         return self._log_end() + 1
 
-    def _where(self, futures: Sequence[Future]) -> dict[Any, list[str] | None]:
-        """Replica key -> the workers holding it now (None while it is being reloaded): a
-        write's tasks are placed there.  Left to itself the scheduler may run a task next
-        to an idle worker instead (a worker that just joined), which copies the shard there
-        — a reload from storage on a cold process, seconds — while the write waits."""
-        who = self.client.who_has(list(futures))
-        return {f.key: list(who.get(f.key, ())) or None for f in futures}
-
-    def _on_each_shard(self, task: Callable[..., Any], *args: Any, pin: bool = False
-                       ) -> list[Any]:
-        """``task(shard, *args, min_seq)`` on one replica of every shard (a live one, see
-        ``shard_futures``), at the last acknowledged write; the results in shard order.
-        ``pin``: run each where its replica is held, ahead of queued searches (a write waits
-        on these; see :meth:`_where`)."""
-        futs = self.shard_futures
-        where = self._where(futs) if pin else {}
-        return list(self.client.gather([
-            self.client.submit(task, f, *args, self.acked_seq, pure=False,
-                               key=(f"dask-rag-fetch-{uuid.uuid4().hex}", s),
-                               priority=WRITE_PRIORITY if pin else 0,
-                               workers=where.get(f.key),
-                               allow_other_workers=where.get(f.key) is not None)
-            for s, f in enumerate(futs)]))
-
     def _present(self, ids: npt.NDArray[np.int64], removed: npt.NDArray[np.int64] | None
                  ) -> tuple[list[npt.NDArray[np.int64]], CorpusStats]:
         """Which of ``ids`` each shard holds now, and the BM25 statistics of those of them
         in ``removed`` (the write takes them from the index's)."""
         gone = np.zeros(0, np.int64) if removed is None else removed
-        parts = self._on_each_shard(held_task, ids, gone, pin=True)
+        parts = self.on_each_shard(held_task, ids, gone, pin=True)
         return [held for held, _ in parts], sum((st for _, st in parts), CorpusStats())
 
     def _apply(self, seq: int, targets: Sequence[int], task: Callable[..., Any],
@@ -149,11 +168,11 @@ class IndexWrites:
         from a worker that dies meanwhile would wait for its recomputation.  Applies still
         running are kept referenced until they end (a released future's task may be
         forgotten by the scheduler before it runs)."""
-        replicas = self.replica_futures()
-        where = self._where([f for s in targets for f in replicas[s]])
+        replicas = self.replicas.replica_futures()
+        where = self.replicas.holders([f for s in targets for f in replicas[s]])
         futs = [self.client.submit(task, replica, seq, *args(s), pure=False,
-                                   priority=WRITE_PRIORITY, workers=where[replica.key],
-                                   allow_other_workers=where[replica.key] is not None,
+                                   priority=WRITE_PRIORITY, workers=where[replica.key] or None,
+                                   allow_other_workers=bool(where[replica.key]),
                                    key=(f"dask-rag-apply-{uuid.uuid4().hex}", s))
                 for s in targets for replica in replicas[s]]
         with contextlib.suppress(TimeoutError):
@@ -175,7 +194,7 @@ class IndexWrites:
         Returns how many vectors were added.  Every search, fetch and save submitted after
         it returns sees the write, on every replica (read-your-writes).
         """
-        self._check_open()
+        self.replicas.check_open()
         xb = check_vectors(xb, self.dim, "xb")
         ids = check_ids(ids, xb.shape[0])
         removed = None if replace is None else _id_array(replace)
@@ -184,8 +203,8 @@ class IndexWrites:
         recs_json = None if records is None else json.dumps(
             [jsonable_record(r) for r in records]).encode()
         t0 = time.perf_counter()
-        with self._write_lock:
-            self._check_open()  # again: close() may have run while this write waited
+        with self.lock:
+            self.replicas.check_open()  # again: close() may have run while this write waited
             t_lock = time.perf_counter()
             held, removed_stats = self._present(
                 ids if removed is None else np.union1d(ids, removed), removed)
@@ -214,7 +233,7 @@ class IndexWrites:
             self._apply(seq, targets, apply_add_task, args)
             for s in targets:  # exact: the ids were checked above, under the write lock
                 gone = 0 if removed is None else int(np.isin(held[s], removed).sum())
-                self._counts[s] += int((shard_of == s).sum()) - gone
+                self.counts[s] += int((shard_of == s).sum()) - gone
             added = text_stats([] if records is None else [r.get("text") for r in records])
             self._acknowledge(seq, added, removed_stats)
             t_end = time.perf_counter()
@@ -224,19 +243,19 @@ class IndexWrites:
 
     def remove(self, ids: Any) -> int:
         """Remove ids from whichever shards hold them; returns how many were removed."""
-        self._check_open()
+        self.replicas.check_open()
         arr = _id_array(ids)
         if arr.size == 0:
             return 0
-        with self._write_lock:
-            self._check_open()
+        with self.lock:
+            self.replicas.check_open()
             held, removed_stats = self._present(arr, arr)
             seq = self._next_seq()
             append_wal(self.location, WalEntry(seq, "remove", arr))
             fault_point("wal.appended")
             self._apply(seq, range(self.n_shards), apply_remove_task, lambda s: (arr,))
             for s in range(self.n_shards):
-                self._counts[s] -= len(held[s])
+                self.counts[s] -= len(held[s])
             self._acknowledge(seq, removed=removed_stats)
             return int(sum(len(h) for h in held))
 
@@ -249,15 +268,44 @@ class IndexWrites:
         the next generation of file names, then its manifest).  A failure at any point leaves
         the previous index at the target loadable and unchanged.
         """
-        self._check_open()
+        self.replicas.check_open()
         target = self.location if path is None else store.location_str(path)
-        with self._write_lock:
-            self._check_open()
+        with self.lock:
+            self.replicas.check_open()
             if target == self.location:
                 self._save_in_place()
             else:
                 self._export(target)
         return target if store.is_url(target) else Path(target)
+
+    #: manifest fields that callers may set (:meth:`set_metadata`); the index itself never
+    #: reads them
+    METADATA_FIELDS = frozenset({"fusion", "fusion_auto"})
+
+    def set_metadata(self, name: str, value: Any) -> None:
+        """Record ``value`` (JSON) under ``name`` in the manifest, atomically."""
+        self.replicas.check_open()
+        if name not in self.METADATA_FIELDS:
+            raise InvalidInput(f"metadata field {name!r} is not one of "
+                               f"{sorted(self.METADATA_FIELDS)}")
+        json.dumps(value)  # JSON or nothing
+        with self.lock:
+            self.replicas.check_open()  # again: close() may have run while this waited
+            manifest = store.read_manifest(self.location)
+            manifest[name] = value
+            manifest["updated_at"] = store.now()
+            store.commit_manifest(self.location, manifest)
+            self.manifest = manifest
+
+    def close(self) -> None:
+        """Mark the index closed once a write in progress has finished (up to 60 s), so
+        nothing writes into its location afterwards; later writes fail as "closed"."""
+        locked = self.lock.acquire(timeout=60)
+        try:
+            self.replicas.closed = True
+        finally:
+            if locked:
+                self.lock.release()
 
     def _write_all(self, directory: str | Path, generation: int, index_uuid: str,
                    wal_seq: int) -> list[dict[str, Any]]:
@@ -266,7 +314,7 @@ class IndexWrites:
         futs = [self.client.submit(write_shard_task, f, str(directory), generation, index_uuid,
                                    wal_seq, key=(f"dask-rag-write-{uuid.uuid4().hex}", s),
                                    pure=False, priority=WRITE_PRIORITY)
-                for s, f in enumerate(self.shard_futures)]
+                for s, f in enumerate(self.replicas.shard_futures())]
         entries: list[dict[str, Any]] = self.client.gather(futs)
         return entries
 
@@ -319,10 +367,8 @@ def next_generation(location: str) -> tuple[int, int]:
     names after every generation present there, and a log position after every WAL entry
     present (an old index's entries must never replay into the new one)."""
     generation = -1
-    for rel in store.list_files(location, "shards"):
-        stem = rel.rsplit("/", 1)[-1].split(".")
-        gen = next((int(p[1:]) for p in stem[1:] if p[:1] == "g" and p[1:].isdigit()), 0)
-        generation = max(generation, gen)
+    for rel in store.list_files(location, SHARDS_DIR):
+        generation = max(generation, generation_of(rel))
     return generation + 1, max(wal_seqs(location), default=0)
 
 
@@ -358,10 +404,6 @@ def write_index(target: str, n_shards: int, exists: bool,
         raise
 
 
-def quantizer_name(generation: int) -> str:
-    return store.QUANTIZER if generation == 0 else f"quantizer.g{generation}.faiss"
-
-
 def put_quantizer(location: str | Path, generation: int, data: bytes) -> dict[str, Any]:
     """Write the trained template of ``generation``; returns its manifest entry."""
     name = quantizer_name(generation)
@@ -376,9 +418,9 @@ def drop_unnamed(location: str, manifest: dict[str, Any]) -> None:
             for key in ("file", "meta", "refine_file", "bm25") if key in e}
     if manifest.get("quantizer"):
         keep.add(manifest["quantizer"]["file"])
-    stale = [rel for rel in store.list_files(location, "shards") if rel not in keep]
-    stale += [rel for rel in store.list_files(location, "") if rel.rsplit("/", 1)[-1]
-              .startswith("quantizer") and rel.rsplit("/", 1)[-1] not in keep]
+    stale = [rel for rel in store.list_files(location, SHARDS_DIR) if rel not in keep]
+    stale += [rel for rel in store.list_files(location, "") if is_quantizer(rel)
+              and rel.rsplit("/", 1)[-1] not in keep]
     stale += [wal_name(seq) for seq in wal_seqs(location) if seq <= int(manifest["wal_seq"])]
     store.delete_files(location, stale)
 
@@ -389,7 +431,7 @@ def discard_generation(location: str, n_shards: int, generation: int, everything
     if everything:
         ObjectStoreDir(location).delete_all()
         return
-    names = [name for s in range(n_shards) for name in store.shard_file_names(s, generation)]
+    names = [name for s in range(n_shards) for name in shard_file_names(s, generation)]
     store.delete_files(location, [*names, quantizer_name(generation)])
 
 
