@@ -23,8 +23,24 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dask_rag.config import MODES, RagConfig
+from dask_rag.config import (
+    DASHBOARD_ADDRESS,
+    DEFAULT_PER_WORKER,
+    ENCODER_BACKENDS,
+    MODES,
+    PRECISIONS,
+    BatchConfig,
+    ChunkConfig,
+    EmbedConfig,
+    IndexSpec,
+    RagConfig,
+    ServeConfig,
+)
 from dask_rag.errors import DaskRagError, InvalidInput
+from dask_rag.rag.generate.base import SamplingParams
+
+#: every default below comes from these (config.py is where defaults live)
+_RAG, _EMBED, _SERVE, _BATCH = RagConfig(), EmbedConfig(), ServeConfig(), BatchConfig()
 
 __all__ = ["main"]
 
@@ -37,7 +53,8 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cluster", help="cluster spec YAML (see clusters/)")
     g.add_argument("--workers", type=int, default=None,
                    help="local worker processes when starting a LocalCluster (default: cores)")
-    g.add_argument("--dashboard", default=":8787", help="dashboard address of a LocalCluster")
+    g.add_argument("--dashboard", default=DASHBOARD_ADDRESS,
+                   help="dashboard address of a LocalCluster")
 
 
 @contextlib.contextmanager
@@ -280,7 +297,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 m: (m, default if m == "hybrid" else None, False)
                 for m in (x.strip() for x in args.modes.split(","))}
             manifest = pipe.index.manifest  # as tuning left it
-            tuned = manifest.get("fusion")
+            tuned = manifest.fusion
             if tuned:
                 runs["hybrid (tuned)"] = ("hybrid", Fusion.model_validate(
                     {k: tuned[k] for k in Fusion.model_fields if k in tuned}), False)
@@ -304,10 +321,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ev.write_results(args.out, {
             "dataset": evalset.name, "split": evalset.split, "queries": judged,
             "unjudged_queries": len(evalset.unjudged), "k": args.k, "level": "document",
-            "encoder": {k: v for k, v in (manifest.get("embed") or {}).items()
+            "encoder": {k: v for k, v in (manifest.embed or {}).items()
                         if k != "canaries"},
-            "index": manifest.get("spec"),
-            "default_fusion": default.model_dump(), "tuned_fusion": manifest.get("fusion"),
+            "index": manifest.spec,
+            "default_fusion": default.model_dump(), "tuned_fusion": manifest.fusion,
             "results": results, "tuning": tuned_table,
             **({"answers": {"generator": cfg.generator, "passages": passages,
                             "support_overlap": ev.SUPPORT_OVERLAP, "summary": answers,
@@ -394,19 +411,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("http")
-    g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--host", default=_SERVE.host)
+    g.add_argument("--port", type=int, default=_SERVE.port)
     g.add_argument("--no-batching", action="store_true",
                    help="one Dask graph per request (the benchmark's naive baseline)")
-    g.add_argument("--max-batch", type=int, default=128)
-    g.add_argument("--max-wait-ms", type=float, default=0.0,
+    g.add_argument("--max-batch", type=int, default=_BATCH.max_batch)
+    g.add_argument("--max-wait-ms", type=float, default=_BATCH.max_wait_ms,
                    help="how long a lone request may wait for others to batch with")
-    g.add_argument("--busy-wait-ms", type=float, default=25.0,
+    g.add_argument("--busy-wait-ms", type=float, default=_BATCH.busy_wait_ms,
                    help="the same while another batch is being processed or the callers "
                         "just answered are coming back (fills batches under load)")
-    g.add_argument("--max-inflight", type=int, default=512)
+    g.add_argument("--max-inflight", type=int, default=_SERVE.max_inflight)
     g.add_argument("--rate-limit", type=float, default=None, help="requests/s per API key")
-    g.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
+    g.add_argument("--timeout", type=float, default=_SERVE.request_timeout_s,
+                   help="per-request timeout (s)")
     g.add_argument("--api-keys-env", default="DASK_RAG_API_KEYS",
                    help="environment variable holding comma-separated API keys; a key may "
                         "carry a scope: 'secret:read', 'secret:write:docs+faq'")
@@ -504,16 +522,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True, help="index directory (created or updated)")
     p.add_argument("--shards", type=int, help="number of shards (default: one per worker)")
     p.add_argument("--factory", help="faiss factory string (default: Flat, IVF beyond 50k)")
-    p.add_argument("--nprobe", type=int, default=16)
-    p.add_argument("--model", default="default", help="local sentence-transformers model dir")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16",
-                                                            "int8"],
+    p.add_argument("--nprobe", type=int, default=IndexSpec.nprobe)
+    p.add_argument("--model", default=_EMBED.model, help="local sentence-transformers model dir")
+    p.add_argument("--precision", default=_EMBED.precision, choices=PRECISIONS,
                    help="auto: fp32 on CPU (the same vectors on every CPU generation), fp16 "
                         "on GPU; int8 is faster but its vectors depend on the CPU kind")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+    p.add_argument("--backend", default=_EMBED.backend, choices=ENCODER_BACKENDS,
                    help="encoder runtime (auto: ONNX Runtime on CPU)")
-    p.add_argument("--chunk-tokens", type=int, default=200)
-    p.add_argument("--overlap-tokens", type=int, default=32)
+    p.add_argument("--chunk-tokens", type=int, default=ChunkConfig.max_tokens)
+    p.add_argument("--overlap-tokens", type=int, default=ChunkConfig.overlap_tokens)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--tune-fusion", choices=["auto"],
                    help="auto: tune the hybrid fusion on pseudo-queries made from the corpus "
@@ -526,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="retrieve the chunks most similar to a query")
     p.add_argument("query")
     p.add_argument("--index", required=True)
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("-k", type=int, default=_RAG.k)
     p.add_argument("--filter", help='JSON filter, e.g. {"source_prefix": "json."}')
     p.add_argument("--mode", choices=MODES, default=None,
                    help="dense, sparse or hybrid (default: the index's configured mode)")
@@ -539,16 +556,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="answer a question from the index, with citations")
     p.add_argument("question")
     p.add_argument("--index", required=True)
-    p.add_argument("-k", type=int, default=5, help="passages in the prompt")
-    p.add_argument("--mode", default=RagConfig().mode, choices=MODES)
-    p.add_argument("--generator", default="extractive",
+    p.add_argument("-k", type=int, default=_RAG.k, help="passages in the prompt")
+    p.add_argument("--mode", default=_RAG.mode, choices=MODES)
+    p.add_argument("--generator", default=_RAG.generator,
                    help="'extractive' (default), 'hf:PATH' or 'vllm:PATH'")
     p.add_argument("--rerank-model", help="local cross-encoder directory")
-    p.add_argument("--token-budget", type=int, default=1024)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--token-budget", type=int, default=_RAG.token_budget)
+    p.add_argument("--max-tokens", type=int, default=SamplingParams.max_tokens)
+    p.add_argument("--temperature", type=float, default=SamplingParams.temperature)
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-    p.add_argument("--stream-chunk-tokens", type=int, default=32)
+    p.add_argument("--stream-chunk-tokens", type=int, default=_RAG.stream_chunk_tokens)
     p.add_argument("--json", action="store_true")
     _add_cluster_args(p)
     p.set_defaults(func=cmd_ask)
@@ -558,19 +575,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index directory or object-store URL (s3://bucket/prefix, gs://...)")
     p.add_argument("--replicas", type=int, default=None,
                    help="copies of each shard on different workers (default: the index's)")
-    p.add_argument("-k", type=int, default=5)
-    p.add_argument("--mode", default=RagConfig().mode, choices=MODES)
-    p.add_argument("--generator", default="extractive")
+    p.add_argument("-k", type=int, default=_RAG.k)
+    p.add_argument("--mode", default=_RAG.mode, choices=MODES)
+    p.add_argument("--generator", default=_RAG.generator)
     p.add_argument("--rerank-model")
-    p.add_argument("--token-budget", type=int, default=1024)
+    p.add_argument("--token-budget", type=int, default=_RAG.token_budget)
     p.add_argument("--collections", default=None, metavar="DIR",
                    help="serve every index folder under DIR as a named collection too "
                         "(POST /v1/collections creates new ones there)")
     p.add_argument("--adaptive", metavar="MIN:MAX", default=None,
                    help="scale the local cluster between MIN and MAX workers on the requests "
                         "in flight (not CPU); leaving workers hand their shards over first")
-    p.add_argument("--adaptive-per-worker", type=float, default=8.0, metavar="N",
-                   help="requests in flight per worker the adaptive target aims at (default 8)")
+    p.add_argument("--adaptive-per-worker", type=float, default=DEFAULT_PER_WORKER,
+                   metavar="N", help="requests in flight per worker the adaptive target aims "
+                                     f"at (default {DEFAULT_PER_WORKER:g})")
     _add_serve_args(p)
     _add_cluster_args(p)
     p.set_defaults(func=cmd_serve)
@@ -587,13 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "--dataset: known-item queries from the demo corpus")
     p.add_argument("--known-items", type=int, default=200)
     p.add_argument("-k", type=int, default=10)
-    p.add_argument("--modes", default="dense,sparse,hybrid")
+    p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--tune-fusion", nargs="?", const="split", choices=["split", "auto"],
                    help="choose the hybrid fusion on the 'tune' split (or, 'auto', on "
                         "pseudo-queries made from the corpus, no labels) and record it in the "
                         "index manifest (then used by default)")
-    p.add_argument("--mode", default="hybrid", help=argparse.SUPPRESS)
-    p.add_argument("--generator", default="extractive", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default=_RAG.mode, help=argparse.SUPPRESS)
+    p.add_argument("--generator", default=_RAG.generator, help=argparse.SUPPRESS)
     p.add_argument("--rerank-model", help="also evaluate hybrid + this cross-encoder")
     p.add_argument("--answers", action="store_true",
                    help="also ask every question and grade the answers: citations of a "

@@ -104,7 +104,7 @@ class Collections:
             n_workers = max(1, len(self.client.scheduler_info(n_workers=-1)["workers"]))
             spec = IndexSpec(factory=factory, n_shards=shards or n_workers)
             base = self.default
-            embed = dict(base.index.manifest.get("embed") or {})
+            embed = dict(base.index.manifest.embed or {})
             index = DistributedIndex.create(self.client, base.index.dim, spec,
                                             path=self.root / name, embed=embed)
             pipe = RagPipeline(self.client, index, base.embedder, self.config, self.batch)

@@ -12,15 +12,23 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from dask_rag.errors import InvalidInput
 
 __all__ = [
+    "DASHBOARD_ADDRESS",
+    "DEFAULT_PER_WORKER",
+    "ENCODER_BACKENDS",
     "FUSIONS",
+    "INDEX_BACKENDS",
     "MAX_K",
     "MAX_TEXT_CHARS",
+    "METRICS",
     "MODES",
+    "PRECISIONS",
+    "RESOLVED_SHARDINGS",
+    "SHARDINGS",
     "BatchConfig",
     "ChunkConfig",
     "CommConfig",
@@ -32,6 +40,11 @@ __all__ = [
     "parse_factory",
 ]
 
+#: where a LocalCluster's dashboard listens unless told otherwise
+DASHBOARD_ADDRESS = ":8787"
+#: requests in flight one worker of an adaptive cluster is expected to carry at good latency
+#: (a single-threaded worker answers a micro-batch of ~8 searches in about the time of one)
+DEFAULT_PER_WORKER = 8.0
 #: the most hits any request may ask for: search, ask, and the index's own search
 MAX_K = 1024
 #: the longest query, question or text to embed, in characters
@@ -44,9 +57,13 @@ FUSIONS = ("adaptive", "rrf", "weighted", "dbsf")
 Metric = Literal["ip", "l2"]
 Sharding = Literal["auto", "ivf", "hash", "range"]
 
-_METRICS = ("ip", "l2")
-_SHARDINGS = ("auto", "ivf", "hash", "range")
-_BACKENDS = ("faiss", "faiss-gpu", "torch")
+#: the values of each choice, defined once: every check, CLI choice and manifest validation
+#: reads these
+METRICS: tuple[str, ...] = get_args(Metric)
+SHARDINGS: tuple[str, ...] = get_args(Sharding)
+#: what "auto" sharding resolves to (and what a manifest records)
+RESOLVED_SHARDINGS = tuple(s for s in SHARDINGS if s != "auto")
+INDEX_BACKENDS = ("faiss", "faiss-gpu", "torch")
 
 
 def _fail(obj: object, name: str, value: object, allowed: str) -> InvalidInput:
@@ -171,14 +188,14 @@ class IndexSpec:
         info = parse_factory(self.factory)
         _check_int(self, "n_shards", 1, 4096)
         _check_int(self, "replicas", 1, 16)
-        _check_choice(self, "sharding", _SHARDINGS)
-        _check_choice(self, "metric", _METRICS)
+        _check_choice(self, "sharding", SHARDINGS)
+        _check_choice(self, "metric", METRICS)
         _check_int(self, "nprobe", 1)
         _check_int(self, "ef_search", 1)
         _check_int(self, "refine_k_factor", 1, 1024)
         _check_int(self, "train_size", 1)
         _check_int(self, "seed", 0)
-        _check_choice(self, "backend", _BACKENDS)
+        _check_choice(self, "backend", INDEX_BACKENDS)
         if self.sharding == "ivf" and info.kind != "ivf":
             raise _fail(self, "sharding", self.sharding,
                         f"'ivf' sharding needs an IVF factory, got {self.factory!r}; "
@@ -256,8 +273,8 @@ class CommConfig:
 # Embedding and batching
 # --------------------------------------------------------------------------------------------
 
-_PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
-_ENCODER_BACKENDS = ("auto", "torch", "onnx")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
+ENCODER_BACKENDS = ("auto", "torch", "onnx")
 
 
 @dataclass(frozen=True)
@@ -369,8 +386,8 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
             raise _fail(self, "model", self.model, "must be 'default' or a local model path")
-        _check_choice(self, "precision", _PRECISIONS)
-        _check_choice(self, "backend", _ENCODER_BACKENDS)
+        _check_choice(self, "precision", PRECISIONS)
+        _check_choice(self, "backend", ENCODER_BACKENDS)
         if not isinstance(self.device, str) or not re.match(r"^(auto|cpu|cuda(:\d+)?)$",
                                                             self.device):
             raise _fail(self, "device", self.device, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")

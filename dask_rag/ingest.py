@@ -32,14 +32,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from distributed import Client, as_completed
 
 from dask_rag.cluster.plugins import ensure_model_cache
-from dask_rag.config import ChunkConfig, EmbedConfig, IndexSpec
+from dask_rag.config import ChunkConfig, EmbedConfig, IndexSpec, Metric
 from dask_rag.corpus.chunking import Chunk, chunk_documents
 from dask_rag.corpus.frames import FrameColumns, frame_documents
 from dask_rag.corpus.loaders import Document, discover_files, load_file
@@ -52,6 +52,7 @@ from dask_rag.embed.service import (
 from dask_rag.errors import InvalidInput
 from dask_rag.index import store
 from dask_rag.index.distributed import DistributedIndex
+from dask_rag.index.location import open_location
 
 __all__ = ["BUILD_BATCH", "IngestReport", "auto_spec", "ingest", "ingest_dataframe"]
 
@@ -89,7 +90,7 @@ class IngestReport:
         return out
 
 
-def auto_spec(n_chunks: int, n_workers: int, metric: Literal["ip", "l2"] = "ip") -> IndexSpec:
+def auto_spec(n_chunks: int, n_workers: int, metric: Metric = "ip") -> IndexSpec:
     """Exact search while it is cheap, IVF beyond ~50k chunks; one shard per worker."""
     shards = max(1, n_workers)
     if n_chunks < 50_000:
@@ -412,7 +413,7 @@ def _build_in_batches(client: Client, chunks: list[Chunk], blocks: Iterator[np.n
     adds the rest (ingestion skips documents already indexed)."""
     first = max(BUILD_BATCH, spec.train_size if spec.info.kind == "ivf" else 0,
                 39 * spec.info.nlist)
-    remote = store.is_url(index_dir)
+    remote = not open_location(index_dir).can_rename  # an object store
     staging = Path(tempfile.mkdtemp()) if remote else store.staging_dir(Path(index_dir))
     target: str | Path = index_dir if remote else staging / "index"
     index: DistributedIndex | None = None
@@ -453,7 +454,7 @@ def _build_in_batches(client: Client, chunks: list[Chunk], blocks: Iterator[np.n
 def _index_encoder(index: DistributedIndex, requested: EmbedConfig | None) -> EmbedConfig:
     """The encoder new chunks of an existing index are embedded with: the one its manifest
     records (a different model is refused; other differences are logged)."""
-    recorded = index.manifest.get("embed") or {}
+    recorded = index.manifest.embed or {}
     if not recorded:
         index.close()
         raise InvalidInput(f"{index.path} was not built by ingestion (no encoder recorded); "

@@ -136,7 +136,7 @@ class RagPipeline:
         parse_generator_spec(config.generator)  # bad specs fail before anything loads
         index = DistributedIndex.load(client, path, replicas=replicas)
         try:
-            recorded = index.manifest.get("embed") or {}
+            recorded = index.manifest.embed or {}
             if not recorded and embed is None:
                 raise InvalidInput(f"{path}: the index records no encoder; pass embed=...")
             # the index's own encoder settings, not what "auto" means on this machine
@@ -173,7 +173,7 @@ class RagPipeline:
         """The request's fusion, else the index's tuned one, else the configured default."""
         if req.fusion is not None:
             return req.fusion
-        tuned = self.index.manifest.get("fusion")
+        tuned = self.index.manifest.fusion
         if tuned:  # the manifest also records where and how it was tuned
             return Fusion.model_validate({k: tuned[k] for k in Fusion.model_fields
                                           if k in tuned})
@@ -543,7 +543,7 @@ class RagPipeline:
         from dask_rag.corpus.loaders import Document
         from dask_rag.ingest import read_and_chunk_task
 
-        recorded = (self.index.manifest.get("embed") or {}).get("chunk") or {}
+        recorded = (self.index.manifest.embed or {}).get("chunk") or {}
         chunk = ChunkConfig(**{k: recorded[k] for k in ("max_tokens", "overlap_tokens")
                                if k in recorded})
         docs = [Document(source=d.id, text=d.text, metadata=dict(d.metadata or {}))

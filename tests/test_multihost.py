@@ -156,6 +156,39 @@ def test_eval_command_on_an_index_at_a_url(threads_client, tmp_path, capsys):
     assert result["encoder"]["precision"] and result["index"]["factory"]
 
 
+def test_every_index_command_on_an_index_at_a_url(threads_client, tmp_path, capsys):
+    """``ingest``, ``search``, ``ask`` and ``eval`` of the CLI on a ``memory://`` index: the
+    location is opened once (index/location.py) and nothing in the CLI looks for a local
+    ``manifest.json``."""
+    from dask_rag.cli import main
+
+    url = "memory://dask-rag-tests/cli-commands"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "tea.txt").write_text("Green tea is steeped at 80 degrees for two minutes.\n")
+    (docs / "bikes.txt").write_text("Tyre pressure for a road bicycle is about 6 bar.\n")
+    cluster = ["--scheduler", threads_client.scheduler.address]
+    assert main(["ingest", str(docs), "--index", url, "-q", *cluster]) == 0
+    assert any(f.startswith("shards/") for f in _memory_files(url))
+    capsys.readouterr()
+    assert main(["search", "how hot is the water for green tea?", "--index", url, "-k", "1",
+                 "--json", *cluster]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert hits[0]["source"].endswith("tea.txt")
+    assert main(["ask", "what pressure should bike tyres have?", "--index", url, "--json",
+                 *cluster]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert "6 bar" in answer["answer"]
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"query": "tyre pressure of a road bike",
+                                   "relevant_sources": ["bikes.txt"]}) + "\n")
+    assert main(["eval", "--index", url, "--queries", str(queries), "-q", *cluster]) == 0
+    # an update through the CLI: the WAL and the next generation at the URL
+    (docs / "bikes.txt").write_text("A bicycle chain should be oiled every month.\n")
+    assert main(["ingest", str(docs), "--index", url, "-q", *cluster]) == 0
+    assert any(".g1." in f for f in _memory_files(url))
+
+
 def test_unknown_url_is_index_not_found(threads_client):
     with pytest.raises(IndexNotFound, match="memory://dask-rag-tests/nothing-here"):
         DistributedIndex.load(threads_client, "memory://dask-rag-tests/nothing-here")

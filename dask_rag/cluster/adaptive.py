@@ -24,13 +24,11 @@ from typing import Any
 
 from distributed.deploy.adaptive import Adaptive
 
+from dask_rag.config import DEFAULT_PER_WORKER
 from dask_rag.errors import InvalidInput
 
 __all__ = ["DEFAULT_PER_WORKER", "QueueAdaptive", "adapt_to_queue", "parse_adaptive"]
 
-#: requests in flight one worker is expected to carry at good latency (a single-threaded
-#: worker answers a micro-batch of ~8 searches in about the time of one)
-DEFAULT_PER_WORKER = 8.0
 
 
 class QueueAdaptive(Adaptive):

@@ -9,6 +9,7 @@ from typing import Any
 
 from distributed import Client, LocalCluster
 
+from dask_rag.config import DASHBOARD_ADDRESS
 from dask_rag.errors import InvalidInput
 
 __all__ = ["WORKER_MALLOC_ENV", "cpu_flags", "current_workers", "resource_request",
@@ -65,7 +66,7 @@ def tune_worker_malloc() -> dict[str, int]:
 
 def start_local_cluster(n_workers: int | None = None, threads_per_worker: int = 1, *,
                         gpus: bool = False, memory_limit: str | float | None = "auto",
-                        dashboard_address: str | None = ":8787",
+                        dashboard_address: str | None = DASHBOARD_ADDRESS,
                         scheduler_process: bool = False, **kwargs: Any) -> Any:
     """A LocalCluster of single-threaded worker processes, or a LocalCUDACluster (one worker
     per GPU) when ``gpus`` is true.

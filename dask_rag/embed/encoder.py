@@ -36,7 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from dask_rag.config import EmbedConfig, EncoderCanaries
+from dask_rag.config import ENCODER_BACKENDS, PRECISIONS, EmbedConfig, EncoderCanaries
 from dask_rag.errors import InvalidInput, ModelLoadError
 from dask_rag.faults import perturb_point
 
@@ -120,7 +120,7 @@ def recorded_config(recorded: dict[str, Any], override: EmbedConfig | None = Non
     """
     fields: dict[str, Any] = {"model": recorded.get("model", "default")}
     for key in ("precision", "backend"):
-        if recorded.get(key) in ("fp32", "fp16", "bf16", "int8", "onnx", "torch"):
+        if recorded.get(key) in (*PRECISIONS, *ENCODER_BACKENDS) and recorded[key] != "auto":
             fields[key] = recorded[key]
     for key in ("normalize", "batch_invariant"):
         if key in recorded:

@@ -21,7 +21,7 @@ from dask_rag.config import IndexSpec
 from dask_rag.errors import CorruptIndex, InvalidInput
 from dask_rag.index import store
 from dask_rag.index.backends import add_to_index, configure_faiss, new_refine_store, new_shard_index
-from dask_rag.index.layout import SHARDS_DIR
+from dask_rag.index.manifest import Manifest, QuantizerEntry, ShardEntry
 from dask_rag.index.routing import Router, balance_lists, coarse_assign, range_boundaries
 from dask_rag.index.shard import make_records_table
 
@@ -84,7 +84,7 @@ def build_shard_files(index_dir: str, shard_no: int, generation: int, index_uuid
                       spec: IndexSpec, dim: int, template_bytes: bytes | None,
                       xb: npt.NDArray[np.float32], ids: npt.NDArray[np.int64],
                       lists: npt.NDArray[np.int64] | None,
-                      records: list[dict[str, Any]] | None) -> dict[str, Any]:
+                      records: list[dict[str, Any]] | None) -> ShardEntry:
     """Build one shard from its vectors and write its files (runs as a task on a worker)."""
     import faiss
 
@@ -112,36 +112,23 @@ def build_shard_files(index_dir: str, shard_no: int, generation: int, index_uuid
 
 
 def new_manifest(index_uuid: str, spec: IndexSpec, dim: int, router: Router,
-                  entries: list[dict[str, Any]], embed: dict[str, Any] | None) -> dict[str, Any]:
+                 entries: Sequence[ShardEntry], embed: dict[str, Any] | None,
+                 quantizer: QuantizerEntry | None, generation: int, wal_seq: int) -> Manifest:
     now = store.now()
-    return {
-        "format_version": store.FORMAT_VERSION,
-        "index_uuid": index_uuid,
-        "dim": dim,
-        "metric": spec.metric,
-        "factory": spec.factory,
-        "sharding": router.sharding,
-        "spec": spec.to_dict(),
-        "routing": router.to_manifest(),
-        "n_shards": spec.n_shards,
-        "shards": entries,
-        "ntotal": sum(e["count"] for e in entries),
-        "quantizer": None,
-        "embed": embed,
-        "generation": 0,
-        "wal_seq": 0,
-        "created_at": now,
-        "updated_at": now,
-    }
+    return Manifest(index_uuid=index_uuid, dim=dim, metric=spec.metric, factory=spec.factory,
+                    sharding=router.sharding, spec=spec.to_dict(),
+                    routing=router.to_manifest(), shards=tuple(entries),
+                    ntotal=sum(e.count for e in entries), quantizer=quantizer, embed=embed,
+                    generation=generation, wal_seq=wal_seq, created_at=now, updated_at=now)
 
 
-def read_template(path: Path, entry: dict[str, Any]) -> Any:
+def read_template(path: Path, entry: QuantizerEntry) -> Any:
     import faiss
 
-    qpath = store.resolve_index_file(path, entry.get("file", ""))
+    qpath = store.resolve_index_file(path, entry.file)
     if not qpath.is_file():
         raise CorruptIndex(f"{qpath}: quantizer file is missing")
-    if store.file_checksum(qpath) != entry.get("checksum"):
+    if store.file_checksum(qpath) != entry.checksum:
         raise CorruptIndex(f"{qpath}: quantizer checksum mismatch (truncated or from another "
                            "index)")
     try:
@@ -153,24 +140,24 @@ def read_template(path: Path, entry: dict[str, Any]) -> Any:
     return template
 
 
-def router_from_manifest(manifest: dict[str, Any], spec: IndexSpec, template: Any,
-                          where: str) -> Router:
+def router_from_manifest(manifest: Manifest, spec: IndexSpec, template: Any,
+                         where: str) -> Router:
     import faiss
 
-    routing = manifest["routing"]
+    routing = manifest.routing
     # a copy the router owns: the template (and its quantizer with it) may be freed before it
     quantizer = None if template is None else faiss.clone_index(template.quantizer)
     try:
         if routing["sharding"] == "ivf":
             l2s = np.asarray(routing["list_to_shard"], dtype=np.int32)
             if quantizer is None or l2s.shape[0] != quantizer.ntotal or (
-                    l2s.size and (l2s.min() < 0 or l2s.max() >= manifest["n_shards"])):
+                    l2s.size and (l2s.min() < 0 or l2s.max() >= manifest.n_shards)):
                 raise CorruptIndex(f"{where}: routing.list_to_shard does not match the quantizer")
-            return Router("ivf", manifest["n_shards"], quantizer=quantizer, list_to_shard=l2s)
+            return Router("ivf", manifest.n_shards, quantizer=quantizer, list_to_shard=l2s)
         if routing["sharding"] == "range":
-            return Router("range", manifest["n_shards"], quantizer=quantizer,
+            return Router("range", manifest.n_shards, quantizer=quantizer,
                           boundaries=np.asarray(routing["boundaries"], dtype=np.int64))
-        return Router("hash", manifest["n_shards"], quantizer=quantizer)
+        return Router("hash", manifest.n_shards, quantizer=quantizer)
     except (KeyError, TypeError, ValueError, InvalidInput) as exc:
         raise CorruptIndex(f"{where}: invalid routing ({exc})") from None
 
@@ -180,11 +167,11 @@ def load_router(index_dir: str) -> Router:
     queries are routed where it lives, next to their embeddings, not in the client)."""
     manifest = store.read_manifest(index_dir)
     where = f"{index_dir}/{store.MANIFEST}"
-    spec = IndexSpec.from_dict(manifest["spec"])
+    spec = IndexSpec.from_dict(manifest.spec)
     template = None
-    if manifest["quantizer"] is not None:
+    if manifest.quantizer is not None:
         template = read_template(store.local_index_dir(index_dir, manifest, quantizer=True),
-                                 manifest["quantizer"])
+                                 manifest.quantizer)
     return router_from_manifest(manifest, spec, template, where)
 
 
@@ -193,12 +180,9 @@ def write_shards(client: Client, directory: str | Path, index_uuid: str, spec: I
                   ids: npt.NDArray[np.int64], shard_of: npt.NDArray[np.int32],
                   lists: npt.NDArray[np.int64] | None,
                   records: Sequence[dict[str, Any]] | None, progress: bool,
-                  generation: int = 0) -> list[dict[str, Any]]:
+                  generation: int = 0) -> list[ShardEntry]:
     """Build and write every shard in parallel on the workers (each uploads its own shard's
     files when ``directory`` is an object-store URL)."""
-    if not store.is_url(directory):
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / SHARDS_DIR).mkdir(exist_ok=True)
     workers = current_workers(client)
     futures = []
     for s in range(spec.n_shards):
@@ -215,7 +199,7 @@ def write_shards(client: Client, directory: str | Path, index_uuid: str, spec: I
                                      allow_other_workers=target is not None, pure=False,
                                      key=(f"dask-rag-build-{index_uuid[:12]}", s)))
     wait_with_progress(futures, "building shards", progress)
-    entries: list[dict[str, Any]] = client.gather(futures)
+    entries: list[ShardEntry] = client.gather(futures)
     return entries
 
 
@@ -234,7 +218,7 @@ def wait_with_progress(futures: list[Future], desc: str, progress: bool) -> None
 
 def _build_shard_task(directory: str, shard_no: int, generation: int, index_uuid: str,
                       spec: IndexSpec, dim: int, template_bytes: bytes | None,
-                      part: tuple[Any, ...]) -> dict[str, Any]:
+                      part: tuple[Any, ...]) -> ShardEntry:
     """Build one shard of a new index from its scattered ``(xb, ids, lists, records)``."""
     xb, ids, lists, recs = part
     return build_shard_files(directory, shard_no, generation, index_uuid, spec, dim,

@@ -56,6 +56,8 @@ from dask_rag.index.build import (
     write_shards,
 )
 from dask_rag.index.fanout import MERGE_FAN_IN, DirectSearch, SearchGraph
+from dask_rag.index.location import open_location
+from dask_rag.index.manifest import Manifest
 from dask_rag.index.merge import empty_result, merge_results
 from dask_rag.index.query import (
     IndexQuery,
@@ -100,32 +102,31 @@ class DistributedIndex:
     :attr:`direct`), which hold the state.
     """
 
-    def __init__(self, client: Client, path: str | Path, manifest: dict[str, Any],
+    def __init__(self, client: Client, path: str | Path, manifest: Manifest,
                  router: Router, owns_dir: bool = False, comms: CommConfig | None = None
                  ) -> None:
         self.client = client
+        loc = open_location(path)
         #: where the index lives: an absolute directory, or an object-store URL
-        self.location = store.location_str(path)
+        self.location = loc.url
         #: the directory as a Path, or the URL string for an index in an object store
-        self.path: Path | str = self.location if store.is_url(self.location) \
-            else Path(self.location)
-        self.spec = IndexSpec.from_dict(manifest["spec"])
+        self.path: Path | str = loc.where
+        self.spec = IndexSpec.from_dict(manifest.spec)
         self.router = router
         self._owns_dir = owns_dir
         routed = router.quantizer is not None
-        self.replica_set = ReplicaSet(client, self.location, str(manifest["index_uuid"]),
-                                      int(manifest["n_shards"]), self.spec.replicas, routed,
-                                      comms)
+        self.replica_set = ReplicaSet(client, self.location, manifest.index_uuid,
+                                      manifest.n_shards, self.spec.replicas, routed, comms)
         self.writer = IndexWriter(client, self.location, manifest, self.replica_set, router)
         self.graph = SearchGraph(client, self.replica_set, router, self.dim,
-                                 str(manifest["metric"]), self.spec.nprobe)
+                                 manifest.metric, self.spec.nprobe)
         self.direct = DirectSearch(client, self.replica_set, self.location, self.index_uuid,
                                    routed)
 
     # ---- properties ---------------------------------------------------------------------------
 
     @property
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
         """The committed manifest (as of the last save or metadata change)."""
         return self.writer.manifest
 
@@ -252,14 +253,14 @@ class DistributedIndex:
         router, shard_of, lists = plan_shards(spec, sharding, template, xb, ids)
         index_uuid = store.new_index_uuid()
 
-        def write(directory: str | Path, generation: int, wal_seq: int) -> dict[str, Any]:
+        def write(directory: str | Path, generation: int, wal_seq: int) -> Manifest:
             entries = write_shards(client, directory, index_uuid, spec, dim, template_bytes,
                                     xb, ids, shard_of, lists, records, progress, generation)
             fault_point("build.shards_written")
-            manifest = new_manifest(index_uuid, spec, dim, router, entries, embed)
-            manifest.update(generation=generation, wal_seq=wal_seq)
-            if template_bytes is not None:
-                manifest["quantizer"] = put_quantizer(directory, generation, template_bytes)
+            quantizer = None if template_bytes is None else put_quantizer(
+                directory, generation, template_bytes)
+            manifest = new_manifest(index_uuid, spec, dim, router, entries, embed, quantizer,
+                                    generation, wal_seq)
             store.commit_manifest(directory, manifest)
             return manifest
 
@@ -297,24 +298,23 @@ class DistributedIndex:
         again — no call by hand."""
         configure_faiss()
         location = store.location_str(path)
-        if not store.is_url(location):
-            store.recover_interrupted_swap(Path(location))
+        store.recover_interrupted_swap(location)
         manifest = store.read_manifest(location)
         where = f"{location}/{store.MANIFEST}"
         try:
-            spec = IndexSpec.from_dict(manifest["spec"])
+            spec = IndexSpec.from_dict(manifest.spec)
         except (InvalidInput, TypeError) as exc:
             raise CorruptIndex(f"{where}: invalid index spec ({exc})") from None
         template = None
-        if manifest["quantizer"] is not None:
+        if manifest.quantizer is not None:
             template = read_template(store.local_index_dir(location, manifest, quantizer=True),
-                                     manifest["quantizer"])
+                                     manifest.quantizer)
         router = router_from_manifest(manifest, spec, template, where)
         if comms is not None:
             tune_comms(client, comms)
         if replicas is not None:
-            manifest = {**manifest, "spec": {**manifest["spec"], "replicas": replicas}}
-            IndexSpec.from_dict(manifest["spec"])  # validates the override
+            manifest = manifest.replace(spec={**manifest.spec, "replicas": replicas})
+            IndexSpec.from_dict(manifest.spec)  # validates the override
         index = cls(client, location, manifest, router, comms=comms)
         index._start(progress=progress)
         index.set_elastic(elastic)

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from dask_rag.config import METRICS
 from dask_rag.errors import InvalidInput
 from dask_rag.index.merge import empty_result, merge_topk_torch, worst_distance
 
@@ -47,7 +48,7 @@ class TorchFlatIndex:
                  device: str | None = None, dtype: Any = None) -> None:
         import torch
 
-        if metric not in ("ip", "l2"):
+        if metric not in METRICS:
             raise InvalidInput(f"metric={metric!r} is invalid: must be 'ip' or 'l2'")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)

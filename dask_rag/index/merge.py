@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from dask_rag.config import METRICS
 from dask_rag.errors import InvalidInput
 from dask_rag.index.query import ShardResult
 from dask_rag.index.sparse import merge_sparse
@@ -48,7 +49,7 @@ def empty_result(nq: int, k: int, metric: str) -> tuple[npt.NDArray[np.float32],
 
 
 def _check_metric(metric: str) -> None:
-    if metric not in ("ip", "l2"):
+    if metric not in METRICS:
         raise InvalidInput(f"metric={metric!r} is invalid: must be 'ip' or 'l2'")
 
 

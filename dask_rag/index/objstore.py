@@ -31,11 +31,12 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dask_rag.errors import IndexNotFound, StorageUnavailable
-from dask_rag.index.layout import WAL_DIR, wal_seq_of
+from dask_rag.errors import IndexNotFound, InvalidInput, StorageUnavailable
+from dask_rag.index.layout import MANIFEST, WAL_DIR, wal_seq_of
 
 __all__ = ["ObjectStoreDir", "bytes_checksum", "cache_root", "file_checksum", "is_url",
            "local_location"]
@@ -74,7 +75,11 @@ def _unavailable(url: str, what: str, exc: BaseException) -> StorageUnavailable:
 
 
 class ObjectStoreDir:
-    """One index location in an object store, addressed by relative file names."""
+    """One index location in an object store, addressed by relative file names (the
+    object-store half of :data:`~dask_rag.index.location.Location`)."""
+
+    #: no rename: a rewrite goes beside the old files under the next generation of names
+    can_rename = False
 
     def __init__(self, url: str) -> None:
         import fsspec
@@ -88,6 +93,46 @@ class ObjectStoreDir:
 
     def __repr__(self) -> str:
         return f"<ObjectStoreDir {self.url}>"
+
+    @property
+    def where(self) -> str:
+        """The location as users name it: the URL."""
+        return self.url
+
+    def name_of(self, rel: str) -> str:
+        return f"{self.url}/{rel}"
+
+    def missing_index(self) -> IndexNotFound:
+        """Why there is no manifest here, for the error (a missing bucket or refused
+        credentials raise StorageUnavailable saying so)."""
+        self.check_reachable()
+        return IndexNotFound(f"{self.url!r} is not a dask-rag index (no {MANIFEST})")
+
+    def check_fresh_target(self) -> bool:
+        """Check the store is reachable and refuse a prefix holding objects but no index;
+        returns whether an index is already here."""
+        self.check_reachable()
+        present = self.exists(MANIFEST)
+        if not present and self.listdir(""):
+            raise InvalidInput(f"{self.url!r} holds objects but no dask-rag index; refusing "
+                               "to write into it")
+        return present
+
+    def recover(self) -> None:
+        """Nothing to finish: an object store's commit is one PUT of the manifest."""
+
+    @contextlib.contextmanager
+    def writable_dir(self) -> Iterator[Path]:
+        """A private temporary directory of this process whose files are uploaded here when
+        the block ends without error: a worker never needs a shared filesystem."""
+        cache = cache_root()
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="upload-", dir=cache))
+        try:
+            yield tmp
+            self.upload_tree(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _full(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -219,10 +264,6 @@ class ObjectStoreDir:
                 if seq is not None and seq > wal_after and not (local / rel).exists():
                     self.download(rel, local / rel)
         return local
-
-
-def not_found(url: str, what: str) -> IndexNotFound:
-    return IndexNotFound(f"{url!r} is not a dask-rag index ({what})")
 
 
 # ---- checksums (the store module verifies every file with these) ----------------------------

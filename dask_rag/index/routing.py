@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dask_rag.config import RESOLVED_SHARDINGS
 from dask_rag.errors import InvalidInput
 from dask_rag.index.exact import ExactRescorer, FlatVectors
 
@@ -133,7 +134,7 @@ class Router:
     def __init__(self, sharding: str, n_shards: int, *, quantizer: Any = None,
                  list_to_shard: npt.NDArray[np.int32] | None = None,
                  boundaries: npt.NDArray[np.int64] | None = None) -> None:
-        if sharding not in ("ivf", "hash", "range"):
+        if sharding not in RESOLVED_SHARDINGS:
             raise InvalidInput(
                 f"sharding={sharding!r} is invalid: must be 'ivf', 'hash' or 'range'")
         if sharding == "ivf" and (quantizer is None or list_to_shard is None):

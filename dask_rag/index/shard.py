@@ -53,6 +53,7 @@ from dask_rag.index.backends import (
 )
 from dask_rag.index.exact import ExactRescorer, FlatVectors, exact_scores, topk_ties_by_id
 from dask_rag.index.filters import MetadataColumns, SearchFilter
+from dask_rag.index.manifest import ShardEntry
 from dask_rag.index.merge import empty_result, merge_topk
 from dask_rag.index.wal import WalEntry, read_wal
 
@@ -518,10 +519,10 @@ class Shard:
                     return
                 fault_point("shard.catch_up")
                 manifest = store.read_manifest(self.ref.index_dir)
-                if manifest["index_uuid"] != self.ref.index_uuid:
+                if manifest.index_uuid != self.ref.index_uuid:
                     raise CorruptIndex(f"{self.ref.index_dir}/{store.MANIFEST}: the directory "
                                        "now holds a different index")
-                if int(manifest["wal_seq"]) > self.applied_seq:
+                if manifest.wal_seq > self.applied_seq:
                     self._adopt(load_shard(self.ref))  # a save folded entries this copy lacks
                     continue
                 root = str(store.local_index_dir(self.ref.index_dir, manifest,
@@ -621,7 +622,7 @@ class Shard:
 
     # ---- persistence ------------------------------------------------------------------------
 
-    def write(self, index_dir: str, generation: int, index_uuid: str) -> dict[str, Any]:
+    def write(self, index_dir: str, generation: int, index_uuid: str) -> ShardEntry:
         """Write this shard's files for ``generation``; returns its manifest entry."""
         self.compact()
         has_text = self.records.column("text").null_count < self.records.num_rows
@@ -658,37 +659,37 @@ def _load_shard_once(ref: ShardRef) -> Shard:
     configure_faiss()
     manifest = store.read_manifest(ref.index_dir)
     where = f"{ref.index_dir}/{store.MANIFEST}"
-    if manifest["index_uuid"] != ref.index_uuid:
+    if manifest.index_uuid != ref.index_uuid:
         raise CorruptIndex(f"{where}: the directory now holds a different index")
-    if not 0 <= ref.shard_no < manifest["n_shards"]:
+    if not 0 <= ref.shard_no < manifest.n_shards:
         raise CorruptIndex(f"{where}: no shard {ref.shard_no}")
     # the index directory itself, or (object store) this worker's copy of this shard's files
     root = str(store.local_index_dir(ref.index_dir, manifest, shard_no=ref.shard_no, wal=True))
-    spec = IndexSpec.from_dict(manifest["spec"])
-    dim = int(manifest["dim"])
-    entry = manifest["shards"][ref.shard_no]
-    path = store.resolve_index_file(root, entry["file"])
-    index, nbytes = store.read_faiss_file(path, entry["checksum"], "shard")
+    spec = IndexSpec.from_dict(manifest.spec)
+    dim = manifest.dim
+    entry = manifest.shards[ref.shard_no]
+    path = store.resolve_index_file(root, entry.file)
+    index, nbytes = store.read_faiss_file(path, entry.checksum, "shard")
     if index.d != dim:
         raise CorruptIndex(f"{path}: shard dimension {index.d} != manifest dim {dim}")
-    if int(index.ntotal) != entry["count"]:
+    if int(index.ntotal) != entry.count:
         raise CorruptIndex(f"{path}: shard holds {index.ntotal} vectors, manifest says "
-                           f"{entry['count']}")
+                           f"{entry.count}")
     refine = None
     if spec.info.refine:
-        rpath = store.resolve_index_file(root, entry.get("refine_file", ""))
-        refine, _ = store.read_faiss_file(rpath, entry.get("refine_checksum"), "refine store")
-    meta_path = store.resolve_index_file(root, entry["meta"])
+        rpath = store.resolve_index_file(root, entry.refine_file or "")
+        refine, _ = store.read_faiss_file(rpath, entry.refine_checksum, "refine store")
+    meta_path = store.resolve_index_file(root, entry.meta)
     if not meta_path.is_file():
         raise CorruptIndex(f"{meta_path}: shard records file is missing")
-    if store.file_checksum(meta_path) != entry["meta_checksum"]:
+    if store.file_checksum(meta_path) != entry.meta_checksum:
         raise CorruptIndex(f"{meta_path}: shard records checksum mismatch")
-    records = store.read_records(meta_path, manifest["index_uuid"], ref.shard_no)
+    records = store.read_records(meta_path, manifest.index_uuid, ref.shard_no)
     shard = Shard(ref, spec, dim, index, records, refine=refine, nbytes_on_disk=nbytes)
-    if entry.get("bm25"):
-        shard.set_sparse_index(_load_sparse(root, entry["bm25"]))
+    if entry.bm25:
+        shard.set_sparse_index(_load_sparse(root, entry.bm25))
     fault_point("shard.load")
-    _replay_wal(shard, root, int(manifest["wal_seq"]))
+    _replay_wal(shard, root, manifest.wal_seq)
     return shard
 
 

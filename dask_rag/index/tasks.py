@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from dask_rag.faults import fault_point
 from dask_rag.index.build import load_router
+from dask_rag.index.manifest import ShardEntry
 from dask_rag.index.merge import empty_result, merge_results
 from dask_rag.index.query import IndexQuery, ShardResult
 from dask_rag.index.routing import RoutedBatch, RoutedRows, Router
@@ -181,7 +182,7 @@ def doc_index_task(shard: Shard, min_seq: int = 0) -> list[tuple[int, str | None
 
 
 def write_shard_task(shard: Shard, index_dir: str, generation: int, index_uuid: str,
-                     min_seq: int = 0) -> dict[str, Any]:
+                     min_seq: int = 0) -> ShardEntry:
     """Write this shard's files; ``min_seq``: the log entry the files fold up to (a save
     deletes the log after them, so this copy must reflect every entry up to it)."""
     shard.catch_up(min_seq)

@@ -36,6 +36,8 @@ from dask_rag.index.layout import (
     shard_file_names,
     wal_name,
 )
+from dask_rag.index.location import open_location
+from dask_rag.index.manifest import Manifest, QuantizerEntry, ShardEntry
 from dask_rag.index.objstore import ObjectStoreDir
 from dask_rag.index.query import IndexQuery, check_ids, check_vectors
 from dask_rag.index.replicas import WRITE_PRIORITY, ReplicaSet
@@ -68,16 +70,16 @@ class IndexWriter:
     because only a write moves it; a search reads it through :meth:`stamp`.
     """
 
-    def __init__(self, client: Client, location: str, manifest: dict[str, Any],
+    def __init__(self, client: Client, location: str, manifest: Manifest,
                  replicas: ReplicaSet, router: Router) -> None:
         self.client = client
         self.location = location
         self.manifest = manifest
         self.replicas = replicas
         self.router = router
-        self.dim = int(manifest["dim"])
-        self.n_shards = int(manifest["n_shards"])
-        self.index_uuid = str(manifest["index_uuid"])
+        self.dim = manifest.dim
+        self.n_shards = manifest.n_shards
+        self.index_uuid = manifest.index_uuid
         #: live vectors per shard: reported at load, then moved by every write
         self.counts: list[int] = []
         #: the last write-ahead-log entry acknowledged (every read carries it, see
@@ -142,7 +144,7 @@ class IndexWriter:
     def _log_end(self) -> int:
         """The last entry in the log: the manifest's folded position or a later entry (under
         the write lock no write is adding one)."""
-        return max([int(self.manifest["wal_seq"]), *wal_seqs(self.location)])
+        return max([self.manifest.wal_seq, *wal_seqs(self.location)])
 
     def _next_seq(self) -> int:
         return self._log_end() + 1
@@ -276,24 +278,21 @@ class IndexWriter:
                 self._save_in_place()
             else:
                 self._export(target)
-        return target if store.is_url(target) else Path(target)
-
-    #: manifest fields that callers may set (:meth:`set_metadata`); the index itself never
-    #: reads them
-    METADATA_FIELDS = frozenset({"fusion", "fusion_auto"})
+        return open_location(target).where
 
     def set_metadata(self, name: str, value: Any) -> None:
         """Record ``value`` (JSON) under ``name`` in the manifest, atomically."""
         self.replicas.check_open()
-        if name not in self.METADATA_FIELDS:
+        if name not in Manifest.METADATA_FIELDS:
             raise InvalidInput(f"metadata field {name!r} is not one of "
-                               f"{sorted(self.METADATA_FIELDS)}")
+                               f"{sorted(Manifest.METADATA_FIELDS)}")
+        if not isinstance(value, (dict, type(None))):
+            raise InvalidInput(f"metadata field {name!r} takes a JSON object or None")
         json.dumps(value)  # JSON or nothing
         with self.lock:
             self.replicas.check_open()  # again: close() may have run while this waited
-            manifest = store.read_manifest(self.location)
-            manifest[name] = value
-            manifest["updated_at"] = store.now()
+            manifest = store.read_manifest(self.location).replace(
+                **{name: value}, updated_at=store.now())
             store.commit_manifest(self.location, manifest)
             self.manifest = manifest
 
@@ -308,34 +307,34 @@ class IndexWriter:
                 self.lock.release()
 
     def _write_all(self, directory: str | Path, generation: int, index_uuid: str,
-                   wal_seq: int) -> list[dict[str, Any]]:
+                   wal_seq: int) -> list[ShardEntry]:
         """Every shard's files, reflecting the log up to ``wal_seq`` (what the manifest about
         to be committed says they fold)."""
         futs = [self.client.submit(write_shard_task, f, str(directory), generation, index_uuid,
                                    wal_seq, key=(f"dask-rag-write-{uuid.uuid4().hex}", s),
                                    pure=False, priority=WRITE_PRIORITY)
                 for s, f in enumerate(self.replicas.shard_futures())]
-        entries: list[dict[str, Any]] = self.client.gather(futs)
+        entries: list[ShardEntry] = self.client.gather(futs)
         return entries
 
     def _save_in_place(self) -> None:
         old = store.read_manifest(self.location)
-        generation = int(old["generation"]) + 1
-        wal_seq = max([int(old["wal_seq"]), *wal_seqs(self.location)])
+        generation = old.generation + 1
+        wal_seq = max([old.wal_seq, *wal_seqs(self.location)])
         entries = self._write_all(self.location, generation, self.index_uuid, wal_seq)
         fault_point("save.shards_written")
-        manifest = dict(old)
-        manifest.update(shards=entries, generation=generation, wal_seq=wal_seq,
-                        updated_at=store.now(), ntotal=sum(e["count"] for e in entries))
+        manifest = old.replace(shards=entries, generation=generation, wal_seq=wal_seq,
+                               updated_at=store.now())
         store.commit_manifest(self.location, manifest)  # the commit point
         self.manifest = manifest
         # the new manifest is committed: old shard files and folded WAL entries can go
         drop_unnamed(self.location, manifest)
 
     def _quantizer_bytes(self) -> bytes:
-        q = self.manifest["quantizer"]
+        q = self.manifest.quantizer
+        assert q is not None
         local = store.local_index_dir(self.location, self.manifest, quantizer=True)
-        return store.resolve_index_file(local, q["file"]).read_bytes()
+        return store.resolve_index_file(local, q.file).read_bytes()
 
     def _export(self, target: str) -> None:
         exists = store.check_fresh_target(target)
@@ -345,16 +344,15 @@ class IndexWriter:
                         directory, index_uuid, generation, wal_seq))
 
     def _write_export(self, directory: str | Path, index_uuid: str, generation: int,
-                      wal_seq: int) -> dict[str, Any]:
+                      wal_seq: int) -> Manifest:
         entries = self._write_all(directory, generation, index_uuid, self._log_end())
         fault_point("save.shards_written")
-        manifest = dict(self.manifest)
-        manifest.update(index_uuid=index_uuid, shards=entries, generation=generation,
-                        wal_seq=wal_seq, created_at=store.now(),
-                        ntotal=sum(e["count"] for e in entries))
-        if manifest["quantizer"] is not None:
-            manifest["quantizer"] = put_quantizer(directory, generation,
-                                                  self._quantizer_bytes())
+        manifest = self.manifest.replace(index_uuid=index_uuid, shards=entries,
+                                         generation=generation, wal_seq=wal_seq,
+                                         created_at=store.now())
+        if manifest.quantizer is not None:
+            manifest = manifest.replace(quantizer=put_quantizer(
+                directory, generation, self._quantizer_bytes()))
         store.commit_manifest(directory, manifest)
         return manifest
 
@@ -373,7 +371,7 @@ def next_generation(location: str) -> tuple[int, int]:
 
 
 def write_index(target: str, n_shards: int, exists: bool,
-                write: Callable[[str | Path, int, int], dict[str, Any]],
+                write: Callable[[str | Path, int, int], Manifest],
                 direct: bool = False) -> None:
     """Write a whole index at ``target`` so that a failure leaves the previous one intact.
 
@@ -385,7 +383,7 @@ def write_index(target: str, n_shards: int, exists: bool,
     when there was no index: not ``exists``), a success deletes what the new manifest does
     not name.
     """
-    if store.is_url(target):
+    if not open_location(target).can_rename:
         generation, wal_seq = next_generation(target)
         try:
             manifest = write(target, generation, wal_seq)
@@ -404,24 +402,23 @@ def write_index(target: str, n_shards: int, exists: bool,
         raise
 
 
-def put_quantizer(location: str | Path, generation: int, data: bytes) -> dict[str, Any]:
+def put_quantizer(location: str | Path, generation: int, data: bytes) -> QuantizerEntry:
     """Write the trained template of ``generation``; returns its manifest entry."""
     name = quantizer_name(generation)
     store.put_file(location, name, data)
-    return {"file": name, "checksum": store.bytes_checksum(data)}
+    return QuantizerEntry(name, store.bytes_checksum(data))
 
 
-def drop_unnamed(location: str, manifest: dict[str, Any]) -> None:
+def drop_unnamed(location: str, manifest: Manifest) -> None:
     """After a commit: delete the shard files and quantizers the manifest no longer names and
     the log entries it has folded (leftovers are garbage, never corruption)."""
-    keep = {e[key] for e in manifest["shards"]
-            for key in ("file", "meta", "refine_file", "bm25") if key in e}
-    if manifest.get("quantizer"):
-        keep.add(manifest["quantizer"]["file"])
+    keep = {name for e in manifest.shards for name in e.files()}
+    if manifest.quantizer is not None:
+        keep.add(manifest.quantizer.file)
     stale = [rel for rel in store.list_files(location, SHARDS_DIR) if rel not in keep]
     stale += [rel for rel in store.list_files(location, "") if is_quantizer(rel)
               and rel.rsplit("/", 1)[-1] not in keep]
-    stale += [wal_name(seq) for seq in wal_seqs(location) if seq <= int(manifest["wal_seq"])]
+    stale += [wal_name(seq) for seq in wal_seqs(location) if seq <= manifest.wal_seq]
     store.delete_files(location, stale)
 
 
