@@ -90,7 +90,14 @@ Req = TypeVar("Req", SearchRequest, AskRequest)
 
 
 class RagPipeline:
-    """Embedder + sharded index + generator wired together on one Dask client."""
+    """Embedder + sharded index + generator wired together on one Dask client.
+
+    Why ~45 methods: this is the user's entry point, with the sync, async and streaming forms
+    of search and ask, the naive one-graph-per-request forms the benchmark's baseline uses,
+    writes and lifecycle; each is a few lines over the graph builders here and the tasks in
+    ``rag/`` and ``index/``.  Deriving the sync forms from the async ones (as distributed
+    does) would halve it; not done yet.
+    """
 
     def __init__(self, client: Client, index: DistributedIndex, embedder: EmbeddingService,
                  config: RagConfig | None = None, batch: BatchConfig | None = None) -> None:

@@ -9,9 +9,6 @@ which worker holds which replica, the workers announced gone, which replica a se
 (the least busy live one), the membership-driven rebalance and the reload after a scheduler
 restart.  Searches (:mod:`dask_rag.index.fanout`) and writes (:mod:`dask_rag.index.writes`) ask
 it for futures; neither keeps its own view of where shards are.
-
-Why ~20 methods in one class: placement, the holder map and the rebalance read and swap the
-same replica futures under one lock; split further, each half would need the other's lock.
 """
 
 from __future__ import annotations
@@ -47,7 +44,12 @@ log = logging.getLogger(__name__)
 
 
 class ReplicaSet:
-    """The replica futures of an index's shards (see the module docstring)."""
+    """The replica futures of an index's shards (see the module docstring).
+
+    Why ~27 methods in one class: placement, the holder map and the rebalance read and swap
+    the same replica futures under one lock; split further, each half would need the other's
+    lock.
+    """
 
     #: seconds to wait after a membership change before re-spreading (workers come in bursts)
     REBALANCE_DELAY_S = 1.0

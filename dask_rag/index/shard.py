@@ -140,7 +140,14 @@ class _RWLock:
 
 
 class Shard:
-    """A searchable, mutable shard.  Created by :func:`load_shard` on a worker."""
+    """A searchable, mutable shard.  Created by :func:`load_shard` on a worker.
+
+    Why ~35 methods in one class: the faiss index, the records table, the deleted ids and
+    the applied log position change together under one read-write lock (searches, writes,
+    catch-up, saves must each see one consistent state).  The per-backend branches (faiss /
+    ScaNN / torch, flat / IVF / HNSW) are the next part to move out, into strategies picked
+    at load.
+    """
 
     def __init__(self, ref: ShardRef, spec: IndexSpec, dim: int, index: Any, records: Any,
                  refine: Any | None = None, nbytes_on_disk: int = 0) -> None:
