@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from dask_rag.config import FUSIONS
+from dask_rag.config import FUSIONS, MODES
 from dask_rag.corpus.chunking import split_sentences
 from dask_rag.corpus.loaders import Document, iter_jsonl_objects
 from dask_rag.errors import InvalidInput
@@ -246,7 +246,7 @@ def evaluate(pipe: Any, evalset: EvalSet, k: int = 10,
              ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[str]]]]:
     """Metrics of each run ``name -> (mode, fusion or None for the pipeline's default,
     rerank)``, and each run's document rankings (``run[qid] = [doc, ...]``)."""
-    runs = runs or {m: (m, None, False) for m in ("dense", "sparse", "hybrid")}
+    runs = runs or {m: (m, None, False) for m in MODES}
     depth = k * CHUNKS_PER_DOC
     results, rankings = {}, {}
     for name, (mode, fusion, rerank) in runs.items():
