@@ -115,14 +115,14 @@ def test_onnx_backend_keeps_the_models_own_modules_and_cache(tmp_path, monkeypat
     onnx32 = SentenceEncoder(EmbedConfig(model=path, precision="fp32", backend="onnx"))
     assert (onnx32.encode(sample) * ref.encode(sample)).sum(1).min() >= 0.9999
     int8 = SentenceEncoder(EmbedConfig(model=path, precision="int8"))
-    assert int8.backend == "onnx" and int8._onnx.path.name == "model_int8.onnx"
+    assert int8.backend == "onnx" and int8.runner.transformer.path.name == "model_int8.onnx"
     assert (int8.encode(sample) * ref.encode(sample)).sum(1).min() >= 0.99
     cached = sorted(p.name for p in (tmp_path / "cache" / "onnx").rglob("*.onnx"))
     assert cached == ["model.onnx", "model_int8.onnx"]
-    stamp = int8._onnx.path.stat().st_mtime_ns
+    stamp = int8.runner.transformer.path.stat().st_mtime_ns
     SentenceEncoder(EmbedConfig(model=path, precision="int8"))
-    assert int8._onnx.path.stat().st_mtime_ns == stamp  # reused, not exported again
-    int8._onnx.path.write_bytes(b"not an onnx graph")
+    assert int8.runner.transformer.path.stat().st_mtime_ns == stamp  # reused, not exported again
+    int8.runner.transformer.path.write_bytes(b"not an onnx graph")
     rebuilt = SentenceEncoder(EmbedConfig(model=path, precision="int8"))
     assert (rebuilt.encode(sample) * ref.encode(sample)).sum(1).min() >= 0.99
 

@@ -19,9 +19,9 @@ bf16 is native only on AVX512-BF16/AMX CPUs and ~7x *slower* where torch emulate
 Torch's own int8 (``backend="torch"``) reaches only cosine ~0.978.  fp16 is for GPUs.
 All of them are reported by ``benchmarks/embed_throughput.py`` so a user can choose.
 
-Why one module of ~500 lines: the precision and backend choice, the per-text ONNX path and the
-length-bucketed torch path together decide what a vector is; kept side by side, the rule that
-queries use the manifest's settings is checked in one place.
+Why one module: the precision and backend choice (resolved once, by :func:`resolve_config`)
+and the rule that queries use the manifest's settings decide what a vector is; how each
+backend runs the model is a strategy in :mod:`dask_rag.embed.runners`, picked once at load.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dask_rag.config import ENCODER_BACKENDS, PRECISIONS, EmbedConfig, EncoderCanaries
+from dask_rag.embed.runners import load_runner
 from dask_rag.errors import InvalidInput, ModelLoadError
 from dask_rag.faults import perturb_point
 
@@ -156,12 +157,10 @@ def resolve_config(config: EmbedConfig) -> EmbedConfig:
 
 def _effective(config: EmbedConfig) -> dict[str, Any]:
     """The settings that decide a vector, with ``"auto"`` resolved on this machine."""
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    return {"model": config.model, "precision": precision,
-            "backend": resolve_backend(config.backend, precision, device),
-            "batch_invariant": config.batch_invariant, "normalize": config.normalize,
-            "max_seq_length": config.max_seq_length}
+    resolved = resolve_config(config)
+    return {"model": config.model, "precision": resolved.precision,
+            "backend": resolved.backend, "batch_invariant": config.batch_invariant,
+            "normalize": config.normalize, "max_seq_length": config.max_seq_length}
 
 
 _WARNED: set[str] = set()
@@ -315,13 +314,11 @@ class SentenceEncoder:
     """A sentence-transformers model at a chosen precision, encoding with dynamic padding."""
 
     def __init__(self, config: EmbedConfig | None = None) -> None:
-        import torch
-
         self.config = config or EmbedConfig()
         self.model_path = resolve_model_path(self.config.model)
-        self.device = resolve_device(self.config.device)
-        self.precision = resolve_precision(self.config.precision, self.device)
-        self.backend = resolve_backend(self.config.backend, self.precision, self.device)
+        resolved = resolve_config(self.config)
+        self.device, self.precision, self.backend = (resolved.device, resolved.precision,
+                                                     resolved.backend)
         try:
             from sentence_transformers import SentenceTransformer
 
@@ -332,25 +329,10 @@ class SentenceEncoder:
                                  f"{self.model_path!r}: {type(exc).__name__}: {exc}") from None
         model.max_seq_length = min(self.config.max_seq_length, model.max_seq_length or 512)
         model.eval()
-        self._onnx: Any = None
-        if self.backend == "onnx":
-            from dask_rag.embed.onnx import OnnxTransformer
-
-            self._onnx = OnnxTransformer(model, self.model_path,
-                                         quantize=self.precision == "int8")
-        elif self.precision == "bf16":
-            model = model.to(torch.bfloat16)
-        elif self.precision == "fp16":
-            model = model.to(torch.float16)
-        elif self.precision == "int8":
-            import warnings
-
-            with warnings.catch_warnings():  # torch.ao deprecation notices, not actionable here
-                warnings.simplefilter("ignore")
-                model = torch.ao.quantization.quantize_dynamic(
-                    model, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
-                    dtype=torch.qint8)
-        self.model = model
+        # the backend is a strategy picked here, once: the encode paths never ask which it is
+        self.runner = load_runner(self.backend, model, self.model_path, self.precision,
+                                   self.device, self.config.normalize)
+        model = self.model = self.runner.model  # at the runner's precision
         self.tokenizer = model.tokenizer
         self.max_seq_length = int(model.max_seq_length or self.config.max_seq_length)
         get_dim = getattr(model, "get_embedding_dimension", None) or \
@@ -359,7 +341,6 @@ class SentenceEncoder:
         if not dim:
             raise ModelLoadError(f"{self.model_path!r} does not declare an embedding dimension")
         self.dim = int(dim)
-        self._pooling = _numpy_pooling(model)
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads
         self.model_calls = 0  # forward passes
         self.encode_calls = 0  # calls of encode(): one per micro-batch / task
@@ -439,54 +420,11 @@ class SentenceEncoder:
         feats = [{k: np.asarray([v[i]], dtype=np.int64) for k, v in tokens.items()}
                  for i in range(n)]
         with self._lock, torch.inference_mode():
-            if self._onnx is not None:
-                # texts run in parallel on single-threaded sessions when there are threads
-                for i, hidden in enumerate(self._onnx.forward_many(feats)):
-                    out[i] = self._pool_one(hidden)
-            else:
-                for i, f in enumerate(feats):
-                    emb = self._forward_torch({k: torch.from_numpy(v) for k, v in f.items()})
-                    out[i] = _unit(emb.cpu().numpy()[0]) if self.config.normalize else \
-                        emb.cpu().numpy()[0]
+            for i, emb in enumerate(self.runner.each(feats)):
+                out[i] = emb
             self.model_calls += n
             self.texts_encoded += n
         return out
-
-    def _pool_one(self, hidden: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """The sentence embedding of one unpadded text from its token embeddings ``(1, L, H)``.
-
-        Standard poolings (mean, CLS, max, last token) and normalisation are computed here in
-        float64 numpy, whose reductions depend only on the array's shape (torch may split a
-        reduction across its intra-op threads, and a worker and a notebook differ in those);
-        other module stacks run the model's own torch modules on the one text.
-        """
-        if self._pooling is None:
-            import torch
-
-            features: dict[str, Any] = {
-                "token_embeddings": torch.from_numpy(hidden),
-                "attention_mask": torch.ones(hidden.shape[:2], dtype=torch.int64)}
-            for module in list(self.model)[1:]:
-                features = module(features)
-            emb = features["sentence_embedding"].float().cpu().numpy()[0]
-            return _unit(emb) if self.config.normalize else emb
-        tokens = hidden[0].astype(np.float64)
-        parts = []
-        for mode in self._pooling.modes:
-            if mode == "cls":
-                parts.append(tokens[0])
-            elif mode == "lasttoken":
-                parts.append(tokens[-1])
-            elif mode == "max":
-                parts.append(tokens.max(axis=0))
-            elif mode == "mean":
-                parts.append(tokens.sum(axis=0) / tokens.shape[0])
-            else:  # mean_sqrt_len_tokens
-                parts.append(tokens.sum(axis=0) / np.sqrt(tokens.shape[0]))
-        emb = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        if self._pooling.normalize or self.config.normalize:
-            return _unit(emb)
-        return emb.astype(np.float32)
 
     def _encode_buckets(self, tokens: dict[str, list[list[int]]], n: int, bs: int,
                         bucket: bool) -> npt.NDArray[np.float32]:
@@ -504,15 +442,7 @@ class SentenceEncoder:
             buckets = [(a, min(a + bs, n)) for a in range(0, n, bs)]
         out = np.empty((n, self.dim), dtype=np.float32)
         with self._lock, torch.inference_mode():
-            if self._onnx is not None:
-                feats = [self.tokenizer.pad(self._rows(tokens, order[a:b]), padding=True,
-                                            return_tensors="np") for a, b in buckets]
-                hidden = self._onnx.forward_many(feats)  # buckets run in parallel
-                embs = (self._pool_onnx(f, h) for f, h in zip(feats, hidden, strict=True))
-            else:
-                embs = (self._forward_torch(self.tokenizer.pad(
-                    self._rows(tokens, order[a:b]), padding=True, return_tensors="pt"))
-                    for a, b in buckets)
+            embs = self.runner.buckets([self._rows(tokens, order[a:b]) for a, b in buckets])
             for (start, stop), emb in zip(buckets, embs, strict=True):
                 rows = order[start:stop]
                 if self.config.normalize:
@@ -525,61 +455,3 @@ class SentenceEncoder:
     @staticmethod
     def _rows(tokens: dict[str, list[list[int]]], rows: Any) -> list[dict[str, list[int]]]:
         return [{k: v[int(r)] for k, v in tokens.items()} for r in rows]
-
-    def _forward_torch(self, feats: Any) -> Any:
-        feats = {k: v.to(self.device) for k, v in feats.items()}
-        return self.model(feats)["sentence_embedding"].float()
-
-    def _pool_onnx(self, feats: Any, hidden: Any) -> Any:
-        """ONNX Runtime ran the transformer; the model's own pooling/dense/normalise modules
-        (torch, cheap) turn its token embeddings into the sentence embedding."""
-        import torch
-
-        features: dict[str, Any] = {
-            "token_embeddings": torch.from_numpy(hidden),
-            "attention_mask": torch.from_numpy(np.asarray(feats["attention_mask"])),
-        }
-        for module in list(self.model)[1:]:
-            features = module(features)
-        return features["sentence_embedding"].float()
-
-
-@dataclass(frozen=True)
-class _Pooling:
-    """A model's pooling that :meth:`SentenceEncoder._pool_one` computes in numpy."""
-
-    modes: tuple[str, ...]
-    normalize: bool
-
-
-_NUMPY_POOLINGS = frozenset({"cls", "lasttoken", "max", "mean", "mean_sqrt_len_tokens"})
-
-
-def _numpy_pooling(model: Any) -> _Pooling | None:
-    """The model's pooling when its modules after the transformer are exactly a standard
-    ``Pooling`` (optionally followed by ``Normalize``); None otherwise (Dense layers, weighted
-    means, prompts excluded from pooling: those run as the model's own torch modules)."""
-    modules = list(model)[1:]
-    names = [type(m).__name__ for m in modules]
-    if names not in (["Pooling"], ["Pooling", "Normalize"]):
-        return None
-    pooling = modules[0]
-    mode = getattr(pooling, "pooling_mode", None)
-    modes = (mode,) if isinstance(mode, str) else tuple(mode or ())
-    if not modes or not set(modes) <= _NUMPY_POOLINGS or not getattr(pooling,
-                                                                     "include_prompt", True):
-        return None
-    return _Pooling(modes=modes, normalize=names[-1] == "Normalize")
-
-
-def _unit(v: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-    """``v / ||v||`` computed in float64, as float32 (a zero vector stays zero).
-
-    The norm is an exactly rounded sum (``math.fsum``), not a BLAS dot product: BLAS picks
-    its kernel, and with it the order of the sum, by CPU generation.
-    """
-    import math
-
-    v64 = np.asarray(v, dtype=np.float64)
-    norm = math.sqrt(math.fsum((v64 * v64).tolist()))
-    return (v64 / norm if norm > 1e-12 else v64).astype(np.float32)

@@ -43,18 +43,12 @@ from dask_rag.config import IndexSpec
 from dask_rag.errors import CorruptIndex, InvalidInput, ShardUnavailable
 from dask_rag.faults import fault_point
 from dask_rag.index import store
-from dask_rag.index.backends import (
-    GpuGuard,
-    ScannView,
-    add_to_index,
-    all_vectors,
-    configure_faiss,
-    new_shard_index,
-)
-from dask_rag.index.exact import ExactRescorer, FlatVectors, exact_scores, topk_ties_by_id
+from dask_rag.index.backends import add_to_index, all_vectors, configure_faiss, new_shard_index
+from dask_rag.index.exact import FlatVectors
 from dask_rag.index.filters import MetadataColumns, SearchFilter
+from dask_rag.index.kinds import shard_kind
 from dask_rag.index.manifest import ShardEntry
-from dask_rag.index.merge import empty_result, merge_topk
+from dask_rag.index.merge import empty_result
 from dask_rag.index.wal import WalEntry, read_wal
 
 __all__ = ["HIT_COLUMNS", "Shard", "ShardRef", "load_shard", "make_records_table"]
@@ -144,9 +138,8 @@ class Shard:
 
     Why ~35 methods in one class: the faiss index, the records table, the deleted ids and
     the applied log position change together under one read-write lock (searches, writes,
-    catch-up, saves must each see one consistent state).  The per-backend branches (faiss /
-    ScaNN / torch, flat / IVF / HNSW) are the next part to move out, into strategies picked
-    at load.
+    catch-up, saves must each see one consistent state).  How it searches (faiss / ScaNN /
+    torch, flat / IVF / HNSW) is a strategy picked once at load (:mod:`dask_rag.index.kinds`).
     """
 
     def __init__(self, ref: ShardRef, spec: IndexSpec, dim: int, index: Any, records: Any,
@@ -154,7 +147,7 @@ class Shard:
         self.ref = ref
         self.spec = spec
         self.dim = dim
-        self.kind = spec.info.kind
+        self.strategy = shard_kind(spec)
         self.index = index
         self.refine = refine
         self._ids: npt.NDArray[np.int64] | None = None
@@ -164,7 +157,8 @@ class Shard:
         self.applied_seq = 0
         self._lock = _RWLock()
         self._nbytes_disk = nbytes_on_disk
-        self._accelerated: Any = None  # torch / ScaNN / faiss-gpu view, rebuilt after mutation
+        #: the strategy's search structure (torch / ScaNN / faiss-gpu), rebuilt after mutation
+        self.view: Any = None
         self._flat: FlatVectors | None = None  # flat shards' vectors by id, rebuilt likewise
         self._sparse: Any = None  # BM25 over the records' text, rebuilt lazily after mutation
         self._sparse_lock = threading.Lock()
@@ -201,11 +195,7 @@ class Shard:
     @property
     def nbytes(self) -> int:
         n = int(self.index.ntotal)
-        per_vec = self.dim * 4 if self.kind != "ivf" else 8 + int(
-            getattr(self.index, "code_size", self.dim * 4))
-        if self.kind == "hnsw":
-            per_vec += 8 * 2 * self.spec.info.hnsw_m
-        total = n * per_vec + int(self.records.nbytes) + 1024
+        total = n * self.strategy.vector_bytes(self) + int(self.records.nbytes) + 1024
         if self.refine is not None:
             total += n * (self.dim * 4 + 8)
         return max(total, self._nbytes_disk)
@@ -223,19 +213,7 @@ class Shard:
     def _prepare(self) -> None:
         """(Re)build the search structure that is derived from the stored index."""
         self._flat = None
-        if self.kind == "scann":
-            self._accelerated = ScannView.build(self)
-        elif self.spec.backend == "torch":
-            from dask_rag.index.gpu import TorchFlatIndex
-
-            ids, vecs = all_vectors(self.index)
-            self._accelerated = TorchFlatIndex(vecs, ids, self.spec.metric)
-        elif self.spec.backend == "faiss-gpu":
-            from dask_rag.index.gpu import to_faiss_gpu
-
-            self._accelerated = to_faiss_gpu(self.index)
-        else:
-            self._accelerated = None
+        self.view = self.strategy.view(self)
 
     def _deleted_ids(self) -> npt.NDArray[np.int64]:
         return np.fromiter(self.deleted, dtype=np.int64, count=len(self.deleted))
@@ -270,7 +248,7 @@ class Shard:
 
     # ---- search ---------------------------------------------------------------------------
 
-    def _selector(self, allowed: npt.NDArray[np.int64] | None) -> Any | None:
+    def selector(self, allowed: npt.NDArray[np.int64] | None) -> Any | None:
         import faiss
 
         parts = []
@@ -328,53 +306,10 @@ class Shard:
         if allowed is None and self.deleted:
             allowed = self._live(self._table_ids())
         n_live = self.ntotal if allowed is None else int(allowed.size)
-        if self.kind == "flat":
-            return self._flat_rescorer(allowed, n_live).search(xq, k)
-        if self.kind == "scann":
-            return topk_ties_by_id(
-                lambda rows, m: self._accelerated.search(xq[rows], m, self, sel_ids=allowed),
-                nq, k, self.spec.metric, n_live)
-        sel = self._selector(allowed)
+        return self.strategy.search(self, xq, k, Iq=Iq, Dq=Dq, nprobe=nprobe,
+                                    ef_search=ef_search, allowed=allowed, n_live=n_live)
 
-        def run(rows: npt.NDArray[np.int64], m: int
-                ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-            return self._search_rows(xq[rows], m, sel, nprobe=nprobe, ef_search=ef_search,
-                                     Iq=None if Iq is None else Iq[rows],
-                                     Dq=None if Dq is None else Dq[rows])
-
-        return topk_ties_by_id(run, nq, k, self.spec.metric, n_live)
-
-    def _flat_rescorer(self, allowed: npt.NDArray[np.int64] | None, n_live: int
-                       ) -> ExactRescorer:
-        """Exact re-scoring of the candidates of this flat shard's own backend (faiss, a GPU
-        copy or torch tensors)."""
-        vectors = self._flat_view()
-        if self.spec.backend == "torch":
-            def propose(q: npt.NDArray[np.float32], m: int
-                        ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-                return self._accelerated.search(q, m, self, sel_ids=allowed)
-        else:
-            import faiss
-
-            sel = self._selector(allowed)
-            params = faiss.SearchParameters(sel=sel) if sel is not None else None
-            index = self._accelerated if self._accelerated is not None else self.index
-
-            def propose(q: npt.NDArray[np.float32], m: int
-                        ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-                with GpuGuard(self._accelerated):
-                    D, I = index.search(q, m, params=params)
-                return D, I
-
-        def allowed_rows() -> npt.NDArray[np.int64]:
-            if allowed is None:
-                return np.arange(len(vectors.ids), dtype=np.int64)
-            rows = vectors.rows_of(allowed)
-            return rows[rows >= 0]
-
-        return ExactRescorer(vectors, self.spec.metric, propose, n_live, allowed_rows)
-
-    def _flat_view(self) -> FlatVectors:
+    def flat_view(self) -> FlatVectors:
         """The flat shard's vectors by id, a view of faiss's own storage (no copy)."""
         if self._flat is None:
             import faiss
@@ -387,52 +322,6 @@ class Shard:
                     else np.zeros((0, d), np.float32))
             self._flat = FlatVectors(ids, vecs)
         return self._flat
-
-    def _search_rows(self, xq: npt.NDArray[np.float32], m: int, sel: Any, *,
-                     nprobe: int | None, ef_search: int | None, Iq: Any, Dq: Any
-                     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """faiss's top-``m`` of IVF / HNSW shards (then the exact refine stage, if any)."""
-        import faiss
-
-        nq = xq.shape[0]
-        index = self._accelerated if self._accelerated is not None else self.index
-        k_base = m * self.spec.refine_k_factor if self.refine is not None else m
-        if self.kind == "ivf":
-            if Iq is not None:
-                params = faiss.SearchParametersIVF(nprobe=int(Iq.shape[1]), sel=sel)
-                D = np.empty((nq, k_base), dtype=np.float32)
-                I = np.empty((nq, k_base), dtype=np.int64)
-                Iq = np.ascontiguousarray(Iq, dtype=np.int64)
-                Dq = np.ascontiguousarray(Dq, dtype=np.float32)
-                xq = np.ascontiguousarray(xq, dtype=np.float32)
-                with GpuGuard(self._accelerated):
-                    index.search_preassigned_c(
-                        nq, faiss.swig_ptr(xq), k_base, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq),
-                        faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
-            else:
-                params = faiss.SearchParametersIVF(nprobe=int(nprobe or self.spec.nprobe), sel=sel)
-                with GpuGuard(self._accelerated):
-                    D, I = index.search(xq, k_base, params=params)
-        else:  # hnsw
-            ef = max(int(ef_search or self.spec.ef_search), m)
-            D, I = self.index.search(xq, m, params=faiss.SearchParametersHNSW(efSearch=ef, sel=sel))
-        if self.refine is not None:
-            D, I = self._refine(xq, D, I, m)
-        return D, I
-
-    def _refine(self, xq: npt.NDArray[np.float32], D: npt.NDArray[np.float32],
-                I: npt.NDArray[np.int64], k: int) -> tuple[npt.NDArray[np.float32],
-                                                          npt.NDArray[np.int64]]:
-        """Re-score approximate candidates with exact distances (IndexRefineFlat semantics)."""
-        assert self.refine is not None
-        nq, kk = I.shape
-        valid = I >= 0
-        flat_ids = np.where(valid, I, I[valid][0] if valid.any() else 0).ravel()
-        if not valid.any():
-            return empty_result(nq, k, self.spec.metric)
-        vecs = self.refine.reconstruct_batch(flat_ids).reshape(nq, kk, self.dim)
-        exact = exact_scores(xq, vecs, self.spec.metric)
-        return merge_topk([exact], [np.where(valid, I, -1)], k, self.spec.metric)
 
     # ---- records ----------------------------------------------------------------------------
 
@@ -560,7 +449,7 @@ class Shard:
             self.deleted = fresh.deleted
             self._nbytes_disk = fresh._nbytes_disk
             self._sparse = fresh._sparse
-            self._accelerated, self._flat = fresh._accelerated, fresh._flat
+            self.view, self._flat = fresh.view, fresh._flat
             self.applied_seq = fresh.applied_seq
 
     # ---- mutation ---------------------------------------------------------------------------
@@ -600,7 +489,7 @@ class Shard:
             mine = self._live(ids[np.isin(ids, table_ids)])
             if mine.size == 0:
                 return 0
-            if self.kind == "hnsw":
+            if self.strategy.tombstones:
                 # HNSW graphs cannot drop nodes: tombstone now, compact on the next save
                 self.deleted.update(int(i) for i in mine)
             else:

@@ -1,7 +1,8 @@
 """The HTTP shim: ``create_app(pipeline, config)`` → a Starlette app.
 
 Handlers are thin: parse + validate the body, call the pipeline's async entry points (which
-coalesce concurrent requests into one Dask graph per batch via the micro-batcher), shape JSON.
+coalesce concurrent requests into one Dask graph per batch via the micro-batcher), and answer
+with a response model of :mod:`dask_rag.serve.schemas` (the ones the OpenAPI document shows).
 Cross-cutting concerns live in one middleware: API keys, body-size limit, in-flight bound and
 rate limit (429 + Retry-After), per-request timeout (504), metrics and tracing.  Nothing here
 knows about faiss or torch.
@@ -39,10 +40,19 @@ from dask_rag.serve.guard import (
 from dask_rag.serve.openapi import openapi_document
 from dask_rag.serve.schemas import (
     AskRequest,
+    AskResponse,
     CollectionCreate,
+    CollectionDeleted,
+    CollectionList,
+    CollectionOut,
     DeleteRequest,
+    ErrorBody,
+    ErrorResponse,
     SearchRequest,
+    SearchResponse,
+    Status,
     UpsertRequest,
+    WriteResponse,
     parse_body,
 )
 from dask_rag.telemetry import Telemetry
@@ -68,8 +78,7 @@ async def search(request: Request, body: bytes) -> Response:
         hits, timings = await pipe.asearch_timed(req)
     else:  # naive mode: one graph per request (the benchmark's baseline)
         hits, timings = await pipe.asearch_now(req)
-    return json_response({"hits": [h.to_dict() for h in hits],
-                          "timings_ms": {k: round(v, 3) for k, v in timings.items()}}, timings)
+    return json_response(SearchResponse.of(hits, timings), timings)
 
 
 async def ask(request: Request, body: bytes) -> Response:
@@ -82,7 +91,7 @@ async def ask(request: Request, body: bytes) -> Response:
         answer = await pipe.aask(req)
     else:
         answer = await pipe.aask_now(req)
-    return json_response(answer.to_dict(), answer.timings_ms)
+    return json_response(AskResponse.of(answer), answer.timings_ms)
 
 
 async def _ask_stream(request: Request, pipe: Any, req: AskRequest) -> Response:
@@ -105,7 +114,7 @@ async def _write(request: Request, req: Any, count: int, what: str,
     pipe = pipeline_for(request, _collection(request), write=True)
     t0 = time.perf_counter()
     out = await run(pipe, req)
-    return json_response(out, {"write": (time.perf_counter() - t0) * 1e3})
+    return json_response(WriteResponse(**out), {"write": (time.perf_counter() - t0) * 1e3})
 
 
 async def upsert(request: Request, body: bytes) -> Response:
@@ -123,13 +132,14 @@ async def delete(request: Request, body: bytes) -> Response:
 
 async def list_collections(request: Request, body: bytes) -> Response:
     collections: Collections = request.app.state.collections
-    return json_response({"collections": [collections.describe(n)
-                                          for n in allowed_collections(request)]})
+    return json_response(CollectionList(collections=[
+        CollectionOut(**collections.describe(n)) for n in allowed_collections(request)]))
 
 
 async def get_collection(request: Request, body: bytes) -> Response:
     pipeline_for(request, _collection(request))  # scope, then existence
-    return json_response(request.app.state.collections.describe(_collection(request)))
+    return json_response(CollectionOut(
+        **request.app.state.collections.describe(_collection(request))))
 
 
 async def create_collection(request: Request, body: bytes) -> Response:
@@ -141,18 +151,19 @@ async def create_collection(request: Request, body: bytes) -> Response:
     for bname, batcher in pipe.batchers().items():
         if batcher.observer is None:
             batcher.observer = state.telemetry.batch_observer(f"{req.name}/{bname}")
-    return json_response(collections.describe(req.name))
+    return json_response(CollectionOut(**collections.describe(req.name)))
 
 
 async def delete_collection(request: Request, body: bytes) -> Response:
     require_unrestricted_write(request, "deleting a collection")
     collections: Collections = request.app.state.collections
     gone = await collections.adelete(str(_collection(request)))
-    return json_response({"name": gone["name"], "deleted": True, "chunks": gone["chunks"]})
+    return json_response(CollectionDeleted(name=gone["name"], deleted=True,
+                                           chunks=gone["chunks"]))
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    return json_response(Status(status="ok"))
 
 
 async def readyz(request: Request) -> Response:
@@ -171,8 +182,8 @@ async def readyz(request: Request) -> Response:
         ok, detail = await asyncio.wait_for(asyncio.to_thread(check), 5.0)
     except Exception as exc:  # cluster unreachable, timeout
         ok, detail = False, f"{type(exc).__name__}: {exc}"
-    return JSONResponse({"status": "ready" if ok else "not ready", "detail": detail},
-                        status_code=200 if ok else 503)
+    return json_response(Status(status="ready" if ok else "not ready", detail=detail),
+                         status_code=200 if ok else 503)
 
 
 async def metrics(request: Request, body: bytes) -> Response:
@@ -191,9 +202,9 @@ async def openapi(request: Request) -> Response:
 async def not_found(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 404)
     kind = "not_found" if status == 404 else "method_not_allowed"
-    return JSONResponse({"error": {"type": kind, "message": f"{request.method} "
-                                   f"{request.url.path}: {getattr(exc, 'detail', 'not found')}"}},
-                        status_code=status)
+    return json_response(ErrorResponse(error=ErrorBody(
+        type=kind, message=f"{request.method} {request.url.path}: "
+                           f"{getattr(exc, 'detail', 'not found')}")), status_code=status)
 
 
 # ------------------------------------------------------------------------------------------------

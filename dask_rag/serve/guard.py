@@ -40,6 +40,7 @@ from dask_rag.errors import (
     Unauthorized,
     http_status,
 )
+from dask_rag.serve.schemas import ErrorBody, ErrorResponse, Out
 from dask_rag.telemetry import Telemetry
 
 __all__ = [
@@ -97,21 +98,21 @@ def parse_key(configured: str) -> tuple[str, KeyScope]:
     return configured, FULL_ACCESS
 
 
-def error_response(exc: BaseException) -> JSONResponse:
+def error_response(exc: BaseException) -> ModelResponse:
     """The one error shape, ``{"error": {"type", "message"}}``, with the status from the
     error table; unexpected errors are logged and not leaked."""
     status = http_status(exc)
     if isinstance(exc, DaskRagError):
-        body = {"error": {"type": exc.type_name, "message": str(exc)}}
+        body = ErrorBody(type=exc.type_name, message=str(exc))
     else:
         logger.exception("unhandled error", exc_info=exc)
-        body = {"error": {"type": "internal_error", "message": "internal server error"}}
+        body = ErrorBody(type="internal_error", message="internal server error")
     headers = {}
     if isinstance(exc, Overloaded):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(body, status_code=status, headers=headers)
+    return json_response(ErrorResponse(error=body), status_code=status, headers=headers)
 
 
 class TokenBucket:
@@ -246,10 +247,23 @@ def guarded(name: str, handler: Callable[[Request, bytes], Awaitable[Response]],
     return endpoint
 
 
-def json_response(data: Any, timings: dict[str, float] | None = None) -> JSONResponse:
-    """A JSON response carrying the stage timings the guard records as metrics and spans."""
-    resp = JSONResponse(data)
-    resp.timings_ms = timings  # type: ignore[attr-defined]
+class ModelResponse(JSONResponse):
+    """A JSON response whose body is a response model (:class:`~dask_rag.serve.schemas.Out`),
+    rendered by pydantic; ``timings_ms`` are the stage timings the guard records."""
+
+    timings_ms: dict[str, float] | None = None
+
+    def render(self, content: Any) -> bytes:
+        return content.render() if isinstance(content, Out) else super().render(content)
+
+
+def json_response(body: Out, timings: dict[str, float] | None = None,
+                  status_code: int = 200, headers: dict[str, str] | None = None
+                  ) -> ModelResponse:
+    """The response of a handler: ``body`` with the stage timings the guard records as metrics
+    and spans."""
+    resp = ModelResponse(body, status_code=status_code, headers=headers)
+    resp.timings_ms = timings
     return resp
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import time
 import uuid
 from functools import lru_cache
@@ -27,7 +26,27 @@ from starlette.responses import Response
 
 from dask_rag.errors import InvalidInput, UnknownModel
 from dask_rag.serve.guard import allowed_collections, json_response, pipeline_for, sse_response
-from dask_rag.serve.schemas import ChatRequest, EmbeddingsRequest, parse_body
+from dask_rag.serve.schemas import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatMessageOut,
+    ChatRequest,
+    ChatUsage,
+    ChunkChoice,
+    ChunkDelta,
+    EmbeddingB64Out,
+    EmbeddingOut,
+    EmbeddingsRequest,
+    EmbedResponse,
+    EmbedResponseB64,
+    HitOut,
+    ModelList,
+    ModelOut,
+    Usage,
+    citations_of,
+    parse_body,
+)
 
 __all__ = ["MODEL_PREFIX", "chat_completions", "decode_token_ids", "embeddings", "models"]
 
@@ -120,16 +139,19 @@ async def embeddings(request: Request, body: bytes) -> Response:
     timings["total"] = timings["embed"]
     count = embedder.count_tokens
     tokens = sum(await asyncio.to_thread(count, texts) if len(texts) > 16 else count(texts))
+    model, usage = req.model or embedder.config.model, Usage(prompt_tokens=tokens,
+                                                             total_tokens=tokens)
+    out: EmbedResponse | EmbedResponseB64
     if req.encoding_format == "base64":
-        data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()}
-                for i, v in enumerate(vectors)]
+        out = EmbedResponseB64(object="list", model=model, usage=usage, data=[
+            EmbeddingB64Out(object="embedding", index=i, embedding=base64.b64encode(
+                np.asarray(v, dtype="<f4").tobytes()).decode())
+            for i, v in enumerate(vectors)])
     else:
-        data = [{"object": "embedding", "index": i, "embedding": v.tolist()}
-                for i, v in enumerate(vectors)]
-    return json_response({"object": "list", "model": req.model or embedder.config.model,
-                          "data": data,
-                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}, timings)
+        out = EmbedResponse(object="list", model=model, usage=usage, data=[
+            EmbeddingOut(object="embedding", index=i, embedding=v.tolist())
+            for i, v in enumerate(vectors)])
+    return json_response(out, timings)
 
 
 async def models(request: Request, body: bytes) -> Response:
@@ -137,14 +159,14 @@ async def models(request: Request, body: bytes) -> Response:
     (embeddings), restricted to the collections the caller's key may use."""
     collections = request.app.state.collections
     created = int(request.app.state.started)
-    out: list[dict[str, Any]] = []
+    out: list[ModelOut] = []
     seen: set[str] = set()
 
     def add(model_id: str) -> None:
         if model_id not in seen:
             seen.add(model_id)
-            out.append({"id": model_id, "object": "model", "created": created,
-                        "owned_by": "dask-rag"})
+            out.append(ModelOut(id=model_id, object="model", created=created,
+                                owned_by="dask-rag"))
 
     names = allowed_collections(request)
     for name in names:
@@ -152,7 +174,7 @@ async def models(request: Request, body: bytes) -> Response:
     for name in names:
         embedder = collections.get(name).embedder
         add(str(embedder.info.get("model_name") or embedder.config.model))
-    return json_response({"object": "list", "data": out})
+    return json_response(ModelList(object="list", data=out))
 
 
 async def chat_completions(request: Request, body: bytes) -> Response:
@@ -166,15 +188,18 @@ async def chat_completions(request: Request, body: bytes) -> Response:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await _stream(request, pipe, ask, ident, created, req.model, include_usage)
     answer = await (pipe.aask(ask) if state.config.batching else pipe.aask_now(ask))
-    usage = {"prompt_tokens": answer.prompt_tokens,
-             "completion_tokens": answer.completion_tokens,
-             "total_tokens": answer.prompt_tokens + answer.completion_tokens}
-    return json_response({
-        "id": ident, "object": "chat.completion", "created": created, "model": req.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                     "finish_reason": "stop"}],
-        "usage": usage,
-        "citations": answer.to_dict()["citations"]}, answer.timings_ms)
+    return json_response(ChatCompletion(
+        id=ident, object="chat.completion", created=created, model=req.model,
+        choices=[ChatChoice(index=0, message=ChatMessageOut(role="assistant",
+                                                            content=answer.text),
+                            finish_reason="stop")],
+        usage=_usage(answer.prompt_tokens, answer.completion_tokens),
+        citations=citations_of(answer)), answer.timings_ms)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> ChatUsage:
+    return ChatUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
 
 
 async def _stream(request: Request, pipe: Any, ask: Any, ident: str, created: int, model: str,
@@ -183,29 +208,29 @@ async def _stream(request: Request, pipe: Any, ask: Any, ident: str, created: in
     finish reason, [usage], then ``data: [DONE]``."""
     prompt_tokens = 0
 
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        body = {"id": ident, "object": "chat.completion.chunk", "created": created,
-                "model": model, "choices": choices, **extra}
-        return f"data: {json.dumps(body)}\n\n".encode()
+    def chunk(choices: list[ChunkChoice], **extra: Any) -> bytes:
+        body = ChatCompletionChunk(id=ident, object="chat.completion.chunk", created=created,
+                                   model=model, choices=choices, **extra)
+        return b"data: " + body.render() + b"\n\n"
 
-    def delta(content: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-        return chunk([{"index": 0, "delta": content, "finish_reason": finish}], **extra)
+    def delta(content: ChunkDelta, finish: str | None = None, **extra: Any) -> bytes:
+        return chunk([ChunkChoice(index=0, delta=content, finish_reason=finish)], **extra)
 
     def render(event: dict[str, Any]) -> list[bytes]:
         nonlocal prompt_tokens
         kind = event["event"]
         if kind == "citations":
             prompt_tokens = int(event.get("prompt_tokens", 0))
-            return [delta({"role": "assistant", "content": ""}, citations=event["citations"])]
+            return [delta(ChunkDelta(role="assistant", content=""),
+                          citations=[HitOut(**c) for c in event["citations"]])]
         if kind == "text":
-            return [delta({"content": event["text"]})]
+            return [delta(ChunkDelta(content=event["text"]))]
         if kind != "done":
             return []
-        out = [delta({}, "stop")]
+        out = [delta(ChunkDelta(), "stop")]
         if include_usage:
-            n = int(event.get("completion_tokens", 0))
-            out.append(chunk([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": n,
-                                        "total_tokens": prompt_tokens + n}))
+            out.append(chunk([], usage=_usage(prompt_tokens,
+                                              int(event.get("completion_tokens", 0)))))
         return [*out, b"data: [DONE]\n\n"]
 
     return await sse_response(request, pipe.astream(ask), render,

@@ -55,7 +55,8 @@ def openapi_document(cfg: ServeConfig) -> dict[str, Any]:
                                          schemas.WriteResponse, schemas.CollectionOut,
                                          schemas.CollectionList, schemas.CollectionDeleted,
                                          schemas.ModelList,
-                                         schemas.ChatCompletion, schemas.ErrorResponse,
+                                         schemas.ChatCompletion, schemas.ChatCompletionChunk,
+                                         schemas.ErrorResponse,
                                          schemas.Status]
     modes: list[tuple[type[BaseModel], JsonSchemaMode]] = [
         *((m, "validation") for m in requests), *((m, "serialization") for m in responses)]
@@ -121,7 +122,9 @@ def openapi_document(cfg: ServeConfig) -> dict[str, Any]:
                 schemas.ChatRequest, {
                     "description": "A chat completion with the cited passages in 'citations'",
                     "content": {"application/json": {"schema": _ref(schemas.ChatCompletion)},
-                                "text/event-stream": {"schema": {"type": "string"}}}}),
+                                "text/event-stream": {"schema": {
+                                    "type": "string", "description": "'data: ' + a "
+                                    "ChatCompletionChunk per event, then 'data: [DONE]'"}}}}),
             "/v1/documents": upsert,
             "/v1/documents/delete": delete,
             "/v1/collections": {

@@ -25,7 +25,7 @@ from dask_rag.rag.requests import (
 )
 
 __all__ = ["AskRequest", "ChatRequest", "CollectionCreate", "DeleteRequest",
-           "EmbeddingsRequest", "SearchRequest", "UpsertRequest", "parse_body",
+           "EmbeddingsRequest", "Out", "SearchRequest", "UpsertRequest", "parse_body",
            "parse_json_body"]
 
 
@@ -182,56 +182,97 @@ class CollectionCreate(BaseModel):
     shards: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
 
 
-# ---- responses (for the OpenAPI document; handlers build them as plain dicts) --------------
+# ---- responses: the handlers build these, and the OpenAPI document is generated from them ----
+#
+# Rendered with ``exclude_unset``: an optional field a handler does not set (a hit's ``n``
+# outside ``/v1/ask``, a streamed chunk's ``usage``) is absent from the JSON, not null.
 
 
-class HitOut(BaseModel):
+class Out(BaseModel):
+    """A response body (what :func:`~dask_rag.serve.guard.json_response` renders)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def render(self) -> bytes:
+        """The body's JSON: the fields the handler set, compact, UTF-8."""
+        return self.model_dump_json(exclude_unset=True).encode()
+
+
+class HitOut(Out):
     id: int
     score: float
     text: str
     source: str
     metadata: dict[str, Any]
+    #: the hit's citation number ``[n]`` (answers and chat completions only)
     n: int | None = None
 
+    @classmethod
+    def of(cls, hit: Any, n: int | None = None) -> HitOut:
+        """A :class:`~dask_rag.rag.hits.Hit` (``n``: its citation number)."""
+        return cls(**hit.to_dict()) if n is None else cls(**hit.to_dict(), n=n)
 
-class SearchResponse(BaseModel):
+
+def _timings(timings: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in timings.items()}
+
+
+class SearchResponse(Out):
     hits: list[HitOut]
     timings_ms: dict[str, float]
 
+    @classmethod
+    def of(cls, hits: Any, timings: dict[str, float]) -> SearchResponse:
+        return cls(hits=[HitOut.of(h) for h in hits], timings_ms=_timings(timings))
 
-class AskResponse(BaseModel):
+
+def citations_of(answer: Any) -> list[HitOut]:
+    """An answer's cited passages, numbered as the answer cites them (``[1]`` first)."""
+    return [HitOut.of(h, i + 1) for i, h in enumerate(answer.citations)]
+
+
+class AskResponse(Out):
     question: str
     answer: str
     citations: list[HitOut]
     prompt_tokens: int
+    completion_tokens: int
     timings_ms: dict[str, float]
 
+    @classmethod
+    def of(cls, answer: Any) -> AskResponse:
+        """A :class:`~dask_rag.rag.hits.Answer`."""
+        return cls(question=answer.question, answer=answer.text, citations=citations_of(answer),
+                   prompt_tokens=answer.prompt_tokens,
+                   completion_tokens=answer.completion_tokens,
+                   timings_ms=_timings(answer.timings_ms))
 
-class EmbeddingOut(BaseModel):
+
+class EmbeddingOut(Out):
     object: Literal["embedding"]
     index: int
     embedding: list[float]
 
 
-class Usage(BaseModel):
+class Usage(Out):
     prompt_tokens: int
     total_tokens: int
 
 
-class EmbedResponse(BaseModel):
+class EmbedResponse(Out):
     object: Literal["list"]
     model: str
     data: list[EmbeddingOut]
     usage: Usage
 
 
-class EmbeddingB64Out(BaseModel):
+class EmbeddingB64Out(Out):
     object: Literal["embedding"]
     index: int
     embedding: str
 
 
-class EmbedResponseB64(BaseModel):
+class EmbedResponseB64(Out):
     """With ``encoding_format="base64"``: each embedding is base64 of little-endian float32."""
 
     object: Literal["list"]
@@ -240,13 +281,13 @@ class EmbedResponseB64(BaseModel):
     usage: Usage
 
 
-class WriteResponse(BaseModel):
+class WriteResponse(Out):
     documents: int
     chunks: int | None = None
     chunks_removed: int
 
 
-class CollectionOut(BaseModel):
+class CollectionOut(Out):
     name: str
     default: bool
     chunks: int
@@ -256,47 +297,47 @@ class CollectionOut(BaseModel):
     model: str
 
 
-class CollectionList(BaseModel):
+class CollectionList(Out):
     collections: list[CollectionOut]
 
 
-class CollectionDeleted(BaseModel):
+class CollectionDeleted(Out):
     name: str
     deleted: bool
     #: chunks the collection held when it was deleted
     chunks: int
 
 
-class ModelOut(BaseModel):
+class ModelOut(Out):
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
 
 
-class ModelList(BaseModel):
+class ModelList(Out):
     object: Literal["list"]
     data: list[ModelOut]
 
 
-class ChatMessageOut(BaseModel):
+class ChatMessageOut(Out):
     role: Literal["assistant"]
     content: str
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(Out):
     index: int
     message: ChatMessageOut
     finish_reason: str
 
 
-class ChatUsage(BaseModel):
+class ChatUsage(Out):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class ChatCompletion(BaseModel):
+class ChatCompletion(Out):
     """A chat completion; ``citations`` (this server's extra field) are the passages the
     answer cites as ``[n]``, in order."""
 
@@ -309,15 +350,40 @@ class ChatCompletion(BaseModel):
     citations: list[HitOut]
 
 
-class ErrorBody(BaseModel):
+class ChunkDelta(Out):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(Out):
+    index: int
+    delta: ChunkDelta
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(Out):
+    """One streamed piece of a chat completion (``data:`` of an SSE event): the first carries
+    the role and this server's ``citations``; with ``stream_options.include_usage`` the last
+    one before ``[DONE]`` has no choices and the ``usage``."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    citations: list[HitOut] | None = None
+    usage: ChatUsage | None = None
+
+
+class ErrorBody(Out):
     type: str
     message: str
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(Out):
     error: ErrorBody
 
 
-class Status(BaseModel):
+class Status(Out):
     status: str
     detail: str | None = None
