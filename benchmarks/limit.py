@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""How close each serving path comes to the encoder-only ceiling of this machine (#30).
+
+The encoder is the one cost a query cannot avoid on CPU; everything a request adds on top
+(HTTP, the micro-batcher, Dask scheduling and transfers, BM25, merge, fusion, JSON) is
+overhead this project owns.  One run, in alternated rounds (this VM's speed drifts):
+
+* **ceiling**: the index's own encoder (the settings its manifest records) in as many
+  single-threaded processes as there are cores, no Dask, no HTTP, each encoding the same short
+  queries one at a time for ``--seconds``: the sum of their rates is the ceiling, and one
+  process's p50 is the encoder's latency;
+* **serving paths** of one ``dask-rag serve`` (2 local workers, the default micro-batcher):
+  ``POST /v1/embeddings``, ``/v1/search`` dense k 5, hybrid k 5, ``/v1/ask`` (extractive), each
+  at concurrency 1 (p50) and 64 closed-loop clients (q/s).
+
+The load comes from aiohttp clients in this process, separate from the server's processes;
+its CPU share during each cell is measured and reported (on 2 cores, the load generator's CPU
+comes out of the server's).  Writes ``benchmarks/results/limit.json`` with every round, the
+medians and each path's fraction of the ceiling.
+
+    python -m benchmarks.limit [--rounds 3] [--seconds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS_DIR, LatencyStats, write_result
+from benchmarks.http_load import closed_loop, ensure_index, queries, run_loop, start_server
+from dask_rag.serve.server import free_port, wait_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: (path name, route, request body for a query)
+PATHS = (
+    ("embeddings", "/v1/embeddings", lambda q: {"input": q}),
+    ("search_dense", "/v1/search", lambda q: {"query": q, "k": 5, "mode": "dense"}),
+    ("search_hybrid", "/v1/search", lambda q: {"query": q, "k": 5, "mode": "hybrid"}),
+    ("ask", "/v1/ask", lambda q: {"question": q, "k": 5}),
+)
+
+
+def _encode_loop(index: str, qs: list[str], seconds: float, start: Any, out: Any) -> None:
+    """One ceiling process: the index's encoder, one thread, one query at a time."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    from dask_rag.embed.encoder import SentenceEncoder, recorded_config
+    from dask_rag.index import store
+
+    enc = SentenceEncoder(recorded_config(store.read_manifest(index).embed or {}))
+    for q in qs[:16]:  # warm-up
+        enc.encode([q])
+    start.wait()
+    lat: list[float] = []
+    stop = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < stop:
+        t0 = time.perf_counter()
+        enc.encode([qs[i % len(qs)]])
+        lat.append(time.perf_counter() - t0)
+        i += 1
+    out.put(lat)
+
+
+def ceiling(index: Path, qs: list[str], procs: int, seconds: float) -> dict[str, Any]:
+    """``procs`` encoder processes at once: total q/s and the p50 of one encode."""
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(procs + 1), ctx.Queue()
+    ps = [ctx.Process(target=_encode_loop, args=(str(index), qs, seconds, start, out))
+          for _ in range(procs)]
+    for p in ps:
+        p.start()
+    start.wait()
+    lats = [out.get(timeout=600) for _ in ps]
+    for p in ps:
+        p.join()
+    every = [x for lat in lats for x in lat]
+    return {"qps": round(sum(len(lat) for lat in lats) / seconds, 1),
+            "p50_ms": round(statistics.median(every) * 1e3, 3), "processes": procs}
+
+
+async def serve_cells(url: str, qs: list[str], seconds: float, n1: int) -> dict[str, Any]:
+    """Every path at concurrency 1 (p50 of ``n1`` requests) and 64 (q/s), with the load
+    generator's CPU share of the machine during each cell."""
+    import aiohttp
+
+    cores = os.cpu_count() or 1
+    out: dict[str, Any] = {}
+    conn = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=conn,
+                                     timeout=aiohttp.ClientTimeout(total=120)) as http:
+        for name, route, body in PATHS:
+            async def send(q: str, route: str = route, body: Any = body) -> int:
+                async with http.post(url + route, json=body(q)) as r:
+                    await r.read()
+                    return r.status
+
+            for q in qs[:8]:
+                await send(q)
+            lat = []
+            for q in qs[:n1]:
+                t0 = time.perf_counter()
+                if await send(q) != 200:
+                    raise RuntimeError(f"{route} failed")
+                lat.append(time.perf_counter() - t0)
+            c1 = LatencyStats.from_samples(lat, items=len(lat), total_s=sum(lat))
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            row = await closed_loop(send, qs, 64, seconds)
+            share = (time.process_time() - cpu0) / ((time.perf_counter() - t0) * cores)
+            out[name] = {"c1_p50_ms": round(c1.p50_ms, 3), "c64_qps": round(row["qps"], 1),
+                         "c64_p50_ms": round(row["p50_ms"], 2), "errors": row["errors"],
+                         "load_generator_cpu_share": round(share, 3)}
+            print(f"    {name:>14}: c1 p50 {c1.p50_ms:7.2f} ms   c64 {row['qps']:7.1f} q/s  "
+                  f"(load generator {share:.0%} of the CPUs)", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--index", type=Path, default=ROOT / ".demo-index")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--n1", type=int, default=60, help="requests per concurrency-1 cell")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default="limit")
+    args = p.parse_args(argv)
+    index = ensure_index(args.index, args.workers)
+    qs = queries(300)
+    procs = os.cpu_count() or 1
+    port = free_port()
+    server = start_server(index, port, True, args.workers)
+    url = f"http://127.0.0.1:{port}"
+    rounds: list[dict[str, Any]] = []
+    try:
+        wait_ready(url, server, timeout=300)
+        for r in range(args.rounds):
+            print(f"round {r + 1}", flush=True)
+            row: dict[str, Any] = {}
+            first_ceiling = r % 2 == 0  # alternate which comes first
+            if first_ceiling:
+                row["ceiling"] = ceiling(index, qs, procs, args.seconds)
+                print(f"    ceiling: {row['ceiling']}", flush=True)
+            row["paths"] = run_loop(serve_cells(url, qs, args.seconds, args.n1))
+            if not first_ceiling:
+                row["ceiling"] = ceiling(index, qs, procs, args.seconds)
+                print(f"    ceiling: {row['ceiling']}", flush=True)
+            rounds.append(row)
+    finally:
+        server.terminate()
+        server.wait(60)
+    summary: dict[str, Any] = {}
+    ceil_qps = [x["ceiling"]["qps"] for x in rounds]
+    enc_p50 = [x["ceiling"]["p50_ms"] for x in rounds]
+    summary["ceiling"] = {"qps_median": statistics.median(ceil_qps), "qps_rounds": ceil_qps,
+                          "encoder_p50_ms_median": statistics.median(enc_p50)}
+    for name, _, _ in PATHS:
+        frac = [x["paths"][name]["c64_qps"] / x["ceiling"]["qps"] for x in rounds]
+        over = [x["paths"][name]["c1_p50_ms"] - x["ceiling"]["p50_ms"] for x in rounds]
+        summary[name] = {
+            "c64_qps_median": statistics.median(x["paths"][name]["c64_qps"] for x in rounds),
+            "fraction_of_ceiling_median": round(statistics.median(frac), 3),
+            "fraction_of_ceiling_rounds": [round(f, 3) for f in frac],
+            "c1_p50_ms_median": statistics.median(x["paths"][name]["c1_p50_ms"]
+                                                  for x in rounds),
+            "c1_p50_over_encoder_ms_median": round(statistics.median(over), 2),
+            "load_generator_cpu_share_median": statistics.median(
+                x["paths"][name]["load_generator_cpu_share"] for x in rounds)}
+    path = write_result(args.out, {"how": __doc__.split("\n\n")[1].replace("\n", " "),
+                                   "rounds": rounds, "summary": summary}, out_dir=RESULTS_DIR)
+    print(f"wrote {path}")
+    for name, row in summary.items():
+        print(f"{name:>14}: {row}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
