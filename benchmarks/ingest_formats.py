@@ -161,7 +161,7 @@ def index_content(path: Path) -> list[tuple[str, str, str, bytes]]:
     out = []
     for s in range(manifest["n_shards"]):
         shard = load_shard(ShardRef(str(path), s, manifest["index_uuid"]))
-        flat = shard._flat_view()
+        flat = shard.flat_view()
         vectors = dict(zip(flat.ids.tolist(), flat.vectors, strict=True))
         for rec in shard.records.to_pylist():
             meta = {k: v for k, v in json.loads(rec["metadata"]).items() if k != "format"}
