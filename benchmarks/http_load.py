@@ -140,11 +140,14 @@ def run_loop(coro: Any) -> Any:
 
 
 def start_server(index: Path, port: int, batching: bool, workers: int,
-                 tree: Path | None = None) -> subprocess.Popen[bytes]:
+                 tree: Path | None = None, extra: tuple[str, ...] = ()
+                 ) -> subprocess.Popen[bytes]:
     """``dask-rag serve`` in a process of its own; from ``tree`` (another checkout of
-    dask-rag, e.g. the commit before a change) instead of this one when given."""
+    dask-rag, e.g. the commit before a change) instead of this one when given; ``extra``:
+    more command-line options (``--generator ...``)."""
     cmd = [sys.executable, "-m", "dask_rag.cli", "serve", "--index", str(index), "--port",
-           str(port), "--workers", str(workers), "--dashboard", ":0", "--max-inflight", "4096"]
+           str(port), "--workers", str(workers), "--dashboard", ":0", "--max-inflight", "4096",
+           *extra]
     if not batching:
         cmd.append("--no-batching")
     env = dict(os.environ, PYTHONUNBUFFERED="1")

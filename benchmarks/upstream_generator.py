@@ -8,9 +8,10 @@ and answers (what a remote LLM looks like from here).  Measured, alternated over
 * ``generator``: the generator alone, 64 prompts at once (``OpenAIUpstream.complete_many``;
   a cold batch, then the warm one that is reported) — its ceiling is 64 / 0.2 s = 320
   answers/s;
-* ``ask_openai``: ``dask-rag serve --generator openai:...`` (2 workers) under 64 closed-loop
-  ``/v1/ask`` clients, and ``ask_extractive``: the same server with the extractive generator
-  (retrieval's own ceiling on this machine — an upstream cannot make /v1/ask faster).
+* ``ask_openai``: ``dask-rag serve --generator openai:...`` (2 workers, a process of its own)
+  under 64 closed-loop ``/v1/ask`` clients (aiohttp, in this process), and
+  ``ask_extractive``: the same server with the extractive generator (retrieval's own ceiling
+  on this machine — an upstream cannot make /v1/ask faster).  One server at a time.
 
     python -m benchmarks.upstream_generator [--rounds 3] [--seconds 8]
 """
@@ -58,26 +59,34 @@ def _upstream(port: int) -> None:
 
 
 async def _closed_loop(url: str, seconds: float) -> dict[str, Any]:
-    import httpx
+    # aiohttp in this process, the servers in their own: an httpx client in the server's own
+    # process (this benchmark's first form) cost ~8 ms of CPU per request and measured itself
+    import aiohttp
 
     done, failed, lat = 0, 0, []
     stop = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+    conn = aiohttp.TCPConnector(limit=CLIENTS + 8)
+    async with aiohttp.ClientSession(connector=conn,
+                                     timeout=aiohttp.ClientTimeout(total=60)) as http:
         async def client(i: int) -> None:
             nonlocal done, failed
             n = i
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                r = await http.post(f"{url}/v1/ask", json={
-                    "question": SERVE_QUESTIONS[n % len(SERVE_QUESTIONS)]})
+                async with http.post(f"{url}/v1/ask", json={
+                        "question": SERVE_QUESTIONS[n % len(SERVE_QUESTIONS)]}) as r:
+                    await r.read()
+                    ok = r.status == 200
                 lat.append(time.perf_counter() - t0)
-                if r.status_code == 200:
+                if ok:
                     done += 1
                 else:
                     failed += 1
                 n += CLIENTS
 
+        for q in SERVE_QUESTIONS:  # warm-up
+            async with http.post(f"{url}/v1/ask", json={"question": q}) as r:
+                await r.read()
         t0 = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(CLIENTS)))
         wall = time.perf_counter() - t0
@@ -106,15 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=Path, default=Path(".demo-index"))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--serve-args", default="",
+                   help="more 'dask-rag serve' options for both servers, e.g. '--max-batch 16'")
+    p.add_argument("--out", default="upstream_generator")
     args = p.parse_args(argv)
     require_demo_index(args.index)
-    from distributed import Client
-
-    from dask_rag.cluster import start_local_cluster
-    from dask_rag.config import RagConfig
-    from dask_rag.pipeline import RagPipeline
-    from dask_rag.serve import ServerThread, create_app
-    from dask_rag.serve.server import free_port
+    from benchmarks.http_load import start_server
+    from dask_rag.serve.server import free_port, wait_ready
 
     port = free_port()
     proc = multiprocessing.get_context("spawn").Process(target=_upstream, args=(port,),
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     proc.start()
     upstream_url = f"http://127.0.0.1:{port}"
     rounds: list[dict[str, Any]] = []
+    arms = {"ask_openai": ("--generator", f"openai:{upstream_url}/v1#m"),
+            "ask_extractive": ()}
     try:
         import httpx
 
@@ -131,37 +140,35 @@ def main(argv: list[str] | None = None) -> int:
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        with start_local_cluster(2, dashboard_address=None) as cluster, Client(cluster) as c:
-            pipes = {"ask_openai": RagPipeline.from_index_dir(
-                         c, args.index, RagConfig(generator=f"openai:{upstream_url}/v1#m")),
-                     "ask_extractive": RagPipeline.from_index_dir(c, args.index)}
-            servers = {name: ServerThread(create_app(pipe)).start()
-                       for name, pipe in pipes.items()}
-            try:
-                for r in range(args.rounds):
-                    row: dict[str, Any] = {"round": r,
-                                           "generator": asyncio.run(
-                                               _generator_round(upstream_url))}
-                    order = list(servers) if r % 2 == 0 else list(servers)[::-1]
-                    for name in order:
-                        row[name] = asyncio.run(_closed_loop(servers[name].url, args.seconds))
-                    rounds.append(row)
-                    print(json.dumps(row), file=sys.stderr)
-            finally:
-                for server in servers.values():
-                    server.stop()
-                for pipe in pipes.values():
-                    pipe.close()
+        for r in range(args.rounds):
+            row: dict[str, Any] = {"round": r,
+                                   "generator": asyncio.run(_generator_round(upstream_url))}
+            order = list(arms) if r % 2 == 0 else list(arms)[::-1]
+            for name in order:
+                # one dask-rag server at a time, in a process of its own (2 local workers)
+                sport = free_port()
+                server = start_server(args.index, sport, True, 2,
+                                      extra=(*arms[name], *args.serve_args.split()))
+                try:
+                    wait_ready(f"http://127.0.0.1:{sport}", server, timeout=300)
+                    row[name] = asyncio.run(_closed_loop(f"http://127.0.0.1:{sport}",
+                                                         args.seconds))
+                finally:
+                    server.terminate()
+                    server.wait(60)
+            rounds.append(row)
+            print(json.dumps(row), file=sys.stderr)
     finally:
         proc.terminate()
     med = {key: statistics.median(r[key]["qps"] for r in rounds)
            for key in ("generator", "ask_openai", "ask_extractive")}
     ceiling = CLIENTS / DELAY_S
     payload = {"machine": machine_info(), "clients": CLIENTS, "upstream_delay_s": DELAY_S,
-               "upstream_ceiling_qps": ceiling, "rounds": rounds, "median_qps": med,
+               "upstream_ceiling_qps": ceiling, "serve_args": args.serve_args, "rounds": rounds,
+               "median_qps": med,
                "generator_vs_ceiling": round(med["generator"] / ceiling, 3),
                "ask_openai_vs_extractive": round(med["ask_openai"] / med["ask_extractive"], 3)}
-    path = write_result("upstream_generator", payload, out_dir=RESULTS_DIR)
+    path = write_result(args.out, payload, out_dir=RESULTS_DIR)
     print(json.dumps({k: payload[k] for k in ("median_qps", "generator_vs_ceiling",
                                               "ask_openai_vs_extractive")}))
     print(f"wrote {path}")

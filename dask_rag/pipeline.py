@@ -127,8 +127,11 @@ class RagPipeline:
 
             resolve_reranker_path(self.config.rerank_model)
         self._write_lock = threading.Lock()
-        self._ask_batcher: MicroBatcher[AskRequest, Answer] = MicroBatcher(
-            self._ask_batch, batch or BatchConfig(max_batch=64), name="ask")
+        # with an upstream generator the ask batcher batches retrieval and prompts only (see
+        # aask): an answer (an Answer) or a prompt (the graph's fields) per request
+        self._ask_batcher: MicroBatcher[AskRequest, Any] = MicroBatcher(
+            self._ask_batch if self._upstream is None else self._prompt_batch,
+            batch or BatchConfig(max_batch=64), name="ask")
         self._search_batcher: MicroBatcher[SearchRequest, tuple[list[Hit], dict[str, float]]] \
             = MicroBatcher(self._search_batch, batch or BatchConfig(max_batch=128),
                            name="search")
@@ -298,8 +301,19 @@ class RagPipeline:
         if self._upstream is None:
             results: list[dict[str, Any]] = await wait(lambda: self.submit_ask(reqs))
             return results
+        return await self._complete(reqs, await self._prompts(reqs, wait))
+
+    async def _prompts(self, reqs: Sequence[AskRequest],
+                       wait: Callable[[Callable[[], Future]], Awaitable[Any]]
+                       ) -> list[dict[str, Any]]:
+        """The prompts (and citations) of one ask graph under the upstream's budget."""
         config = await self._upstream_config(reqs[0].sampling(self.config.stream_chunk_tokens))
-        return await self._complete(reqs, await wait(lambda: self.submit_ask(reqs, config)))
+        results: list[dict[str, Any]] = await wait(lambda: self.submit_ask(reqs, config))
+        return results
+
+    def _await_hedged(self, submit: Callable[[], Future]) -> Awaitable[Any]:
+        """Run a batch's graph, hedged against a lost replica and retried once."""
+        return aretry_once(lambda: await_hedged(submit, self.index.hedge_trigger(), None))
 
     async def _complete(self, reqs: Sequence[AskRequest], results: list[dict[str, Any]]
                         ) -> list[dict[str, Any]]:
@@ -419,7 +433,16 @@ class RagPipeline:
         """Answer one question; concurrent calls are batched into one graph."""
         req = question if isinstance(question, AskRequest) else self.ask_request(
             question, k, filter, params, mode)
-        return await self._ask_batcher.submit(req)
+        if self._upstream is None:
+            answer: Answer = await self._ask_batcher.submit(req)
+            return answer
+        # an upstream generator: the batch builds the prompts, then each request waits for
+        # its own completion — the batch's slot is free again while the upstream answers
+        # (holding it for an LLM's 200+ ms left 64 clients at 2 batches per round trip:
+        # 135 q/s against the upstream's 320, benchmarks/upstream_generator.py)
+        t0 = time.perf_counter()
+        result = await self._ask_batcher.submit(req)
+        return _answers([req], await self._complete([req], [result]), t0)[0]
 
     async def asearch_now(self, req: SearchRequest) -> tuple[list[Hit], dict[str, float]]:
         """One graph for this request alone, no micro-batching (the naive baseline)."""
@@ -453,11 +476,18 @@ class RagPipeline:
 
         return await _by_options(reqs, one_group)
 
+    async def _prompt_batch(self, reqs: list[AskRequest]) -> list[dict[str, Any]]:
+        """The ask batcher's work with an upstream generator: each group's prompts (under the
+        upstream's budget) and citations, one graph per group (see :meth:`aask`)."""
+        async def one_group(group: list[AskRequest]) -> list[dict[str, Any]]:
+            return await self._prompts(group, self._await_hedged)
+
+        return await _by_options(reqs, one_group)
+
     async def _ask_batch(self, reqs: list[AskRequest]) -> list[Answer]:
         async def one_group(group: list[AskRequest]) -> list[Answer]:
             t0 = time.perf_counter()
-            results = await self._ask_results(group, lambda submit: aretry_once(
-                lambda: await_hedged(submit, self.index.hedge_trigger(), None)))
+            results = await self._ask_results(group, self._await_hedged)
             return _answers(group, results, t0)
 
         return await _by_options(reqs, one_group)

@@ -19,8 +19,9 @@ from distributed import Client, Future
 
 from dask_rag.errors import DaskRagError, ShardUnavailable
 
-__all__ = ["TRANSIENT_ERRORS", "aretry_once", "await_future", "await_futures", "await_hedged",
-           "gather_direct", "gather_hedged", "is_transient", "release_placement", "retry_once"]
+__all__ = ["TRANSIENT_ERRORS", "actor_on", "aretry_once", "await_actor_calls", "await_future",
+           "await_futures", "await_hedged", "gather_direct", "gather_hedged", "is_transient",
+           "release_placement", "retry_once"]
 
 T = TypeVar("T")
 
@@ -64,6 +65,35 @@ def release_placement(client: Client, futures: list[Future]) -> None:
                 ts.loose_restrictions = False
 
     client.run_on_scheduler(release)
+
+
+def actor_on(client: Client, cls: type, worker: str, key: str) -> Any:
+    """An actor of ``cls`` on ``worker``, its proxy bound to ``client``.
+
+    ``future.result()`` would bind the actor's proxy to whatever client is current in the
+    process (the last one created), and calls through another cluster's scheduler never
+    return; so the proxy is made here, with this client current."""
+    from distributed import wait
+    from distributed.actor import Actor
+
+    fut = client.submit(cls, actor=True, workers=[worker], allow_other_workers=False,
+                        pure=False, key=key)
+    wait(fut, timeout=60)
+    if fut.status != "finished":
+        raise ShardUnavailable(f"no {cls.__name__} actor on {worker}: {fut.status}")
+    with client.as_current():
+        return Actor(cls, worker, fut.key)
+
+
+async def await_actor_calls(client: Client, calls: list[Any], timeout: float) -> list[Any]:
+    """The results of actor calls (``ActorFuture``s of ``client``'s actors), awaited on the
+    client's own event loop; only the outcome comes back to this one."""
+    async def all_of() -> list[Any]:
+        return [await c for c in calls]
+
+    loop = client.loop.asyncio_loop  # type: ignore[union-attr]
+    done = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(all_of(), loop))
+    return await asyncio.wait_for(done, timeout)
 
 
 async def await_future(fut: Future) -> Any:

@@ -11,14 +11,13 @@ same bits; the direct path is an optimisation that falls back to the graph.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Coroutine
 from typing import Any
 
-from distributed import Client, Future, wait
+from distributed import Client, Future
 
-from dask_rag.errors import DaskRagError, InvalidInput, ShardUnavailable
+from dask_rag.cluster.futures import actor_on, await_actor_calls
+from dask_rag.errors import DaskRagError, InvalidInput
 from dask_rag.index.query import IndexQuery, ShardResult, check_vectors
 from dask_rag.index.replicas import ReplicaSet
 from dask_rag.index.routing import Router
@@ -142,21 +141,9 @@ class DirectSearch:
         return calls
 
     def _new_actor(self, worker: str) -> Any:
-        """A :class:`ShardSearcher` actor on ``worker``, bound to this index's client.
-
-        ``future.result()`` would bind the actor's proxy to whatever client is current in
-        the process (the last one created), and calls through another cluster's scheduler
-        never return; so the proxy is made here, with this client current."""
-        from distributed.actor import Actor
-
-        fut = self.client.submit(ShardSearcher, actor=True, workers=[worker],
-                                 allow_other_workers=False, pure=False,
-                                 key=f"dask-rag-searcher-{self.replicas.token}-{worker}")
-        wait(fut, timeout=60)
-        if fut.status != "finished":
-            raise ShardUnavailable(f"no searcher on {worker}: {fut.status}")
-        with self.client.as_current():
-            return Actor(ShardSearcher, worker, fut.key)
+        """A :class:`ShardSearcher` actor on ``worker``, bound to this index's client."""
+        return actor_on(self.client, ShardSearcher, worker,
+                        f"dask-rag-searcher-{self.replicas.token}-{worker}")
 
     def forget(self) -> None:
         """Drop the actors' proxies (and ask where shards are) before the next call."""
@@ -188,21 +175,10 @@ class DirectSearch:
         event loop, and only the outcome comes back to this one."""
         try:
             calls = self._calls(query, vectors)
-            results = None if calls is None else await asyncio.wait_for(
-                _on_loop(self.client, _all_of(calls)), DIRECT_TIMEOUT_S)
+            results = None if calls is None else await await_actor_calls(
+                self.client, calls, DIRECT_TIMEOUT_S)
         except DaskRagError:
             raise
         except Exception:
             results = None
         return self._outcome(results)
-
-
-async def _all_of(calls: list[Any]) -> list[Any]:
-    return [await c for c in calls]
-
-
-def _on_loop(client: Client, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
-    """``coro`` run on ``client``'s event loop, awaitable from this one."""
-    loop = client.loop.asyncio_loop  # type: ignore[union-attr]
-    return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
-

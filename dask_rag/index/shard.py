@@ -136,7 +136,7 @@ class _RWLock:
 class Shard:
     """A searchable, mutable shard.  Created by :func:`load_shard` on a worker.
 
-    Why ~35 methods in one class: the faiss index, the records table, the deleted ids and
+    Why ~30 methods in one class: the faiss index, the records table, the deleted ids and
     the applied log position change together under one read-write lock (searches, writes,
     catch-up, saves must each see one consistent state).  How it searches (faiss / ScaNN /
     torch, flat / IVF / HNSW) is a strategy picked once at load (:mod:`dask_rag.index.kinds`).
