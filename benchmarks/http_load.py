@@ -81,6 +81,19 @@ async def closed_loop(send: Any, qs: list[str], concurrency: int, seconds: float
     return {**stats.to_dict(), "errors": errors}
 
 
+async def one_at_a_time(send: Any, qs: list[str]) -> LatencyStats:
+    """Latency of ``send`` for each of ``qs`` in turn (concurrency 1); any status but 200
+    stops the run."""
+    latencies = []
+    for q in qs:
+        t0 = time.perf_counter()
+        status = await send(q)
+        if status != 200:
+            raise RuntimeError(f"a request answered {status}")
+        latencies.append(time.perf_counter() - t0)
+    return LatencyStats.from_samples(latencies, items=len(latencies), total_s=sum(latencies))
+
+
 def http_sender(http: Any, url: str) -> Any:
     async def send(q: str) -> int:
         async with http.post(f"{url}/v1/search", json={"query": q, "k": 5}) as r:

@@ -31,8 +31,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, LatencyStats, write_result
-from benchmarks.http_load import closed_loop, ensure_index, queries, run_loop, start_server
+from benchmarks.common import RESULTS_DIR, write_result
+from benchmarks.http_load import (
+    closed_loop,
+    ensure_index,
+    one_at_a_time,
+    queries,
+    run_loop,
+    start_server,
+)
 from dask_rag.serve.server import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,13 +112,7 @@ async def serve_cells(url: str, qs: list[str], seconds: float, n1: int) -> dict[
 
             for q in qs[:8]:
                 await send(q)
-            lat = []
-            for q in qs[:n1]:
-                t0 = time.perf_counter()
-                if await send(q) != 200:
-                    raise RuntimeError(f"{route} failed")
-                lat.append(time.perf_counter() - t0)
-            c1 = LatencyStats.from_samples(lat, items=len(lat), total_s=sum(lat))
+            c1 = await one_at_a_time(send, qs[:n1])
             cpu0, t0 = time.process_time(), time.perf_counter()
             row = await closed_loop(send, qs, 64, seconds)
             share = (time.process_time() - cpu0) / ((time.perf_counter() - t0) * cores)

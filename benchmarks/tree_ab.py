@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, LatencyStats, write_result
-from benchmarks.http_load import closed_loop, queries, run_loop, start_server
+from benchmarks.common import RESULTS_DIR, write_result
+from benchmarks.http_load import closed_loop, one_at_a_time, queries, run_loop, start_server
 from dask_rag.serve.server import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,15 +56,10 @@ async def measure_arm(url: str, qs: list[str], n: int, seconds: float) -> dict[s
             for q in qs[:8]:
                 await post(path, body(q))
         for name, path, body in CONCURRENCY_1:
-            lat = []
-            for q in qs[:n]:
-                t0 = time.perf_counter()
-                status = await post(path, body(q))
-                if status != 200:
-                    raise RuntimeError(f"{path} answered {status}")
-                lat.append(time.perf_counter() - t0)
-            out[f"{name}_c1_p50_ms"] = LatencyStats.from_samples(
-                lat, items=len(lat), total_s=sum(lat)).p50_ms
+            async def send(q: str, path: str = path, body: Any = body) -> int:
+                return await post(path, body(q))
+
+            out[f"{name}_c1_p50_ms"] = (await one_at_a_time(send, qs[:n])).p50_ms
 
         async def hybrid(q: str) -> int:
             return await post("/v1/search", {"query": q, "k": 5, "mode": "hybrid"})

@@ -63,35 +63,21 @@ async def _closed_loop(url: str, seconds: float) -> dict[str, Any]:
     # process (this benchmark's first form) cost ~8 ms of CPU per request and measured itself
     import aiohttp
 
-    done, failed, lat = 0, 0, []
-    stop = time.perf_counter() + seconds
+    from benchmarks.http_load import closed_loop
+
     conn = aiohttp.TCPConnector(limit=CLIENTS + 8)
     async with aiohttp.ClientSession(connector=conn,
                                      timeout=aiohttp.ClientTimeout(total=60)) as http:
-        async def client(i: int) -> None:
-            nonlocal done, failed
-            n = i
-            while time.perf_counter() < stop:
-                t0 = time.perf_counter()
-                async with http.post(f"{url}/v1/ask", json={
-                        "question": SERVE_QUESTIONS[n % len(SERVE_QUESTIONS)]}) as r:
-                    await r.read()
-                    ok = r.status == 200
-                lat.append(time.perf_counter() - t0)
-                if ok:
-                    done += 1
-                else:
-                    failed += 1
-                n += CLIENTS
+        async def ask(question: str) -> int:
+            async with http.post(f"{url}/v1/ask", json={"question": question}) as r:
+                await r.read()
+                return r.status
 
         for q in SERVE_QUESTIONS:  # warm-up
-            async with http.post(f"{url}/v1/ask", json={"question": q}) as r:
-                await r.read()
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(i) for i in range(CLIENTS)))
-        wall = time.perf_counter() - t0
-    return {"qps": round(done / wall, 2), "failed": failed,
-            "p50_ms": round(statistics.median(lat) * 1e3, 1) if lat else None}
+            await ask(q)
+        row = await closed_loop(ask, SERVE_QUESTIONS, CLIENTS, seconds)
+    return {"qps": round(row["qps"], 2), "failed": sum(row["errors"].values()),
+            "p50_ms": round(row["p50_ms"], 1) if row["n"] else None}
 
 
 async def _generator_round(url: str) -> dict[str, Any]:

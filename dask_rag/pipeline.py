@@ -437,9 +437,9 @@ class RagPipeline:
             answer: Answer = await self._ask_batcher.submit(req)
             return answer
         # an upstream generator: the batch builds the prompts, then each request waits for
-        # its own completion — the batch's slot is free again while the upstream answers
-        # (holding it for an LLM's 200+ ms left 64 clients at 2 batches per round trip:
-        # 135 q/s against the upstream's 320, benchmarks/upstream_generator.py)
+        # its own completion, so no batch slot is held while the upstream answers (on 2
+        # cores this alone did not move benchmarks/upstream_generator.py: retrieval of a
+        # 64-question wave bounds it, see the README)
         t0 = time.perf_counter()
         result = await self._ask_batcher.submit(req)
         return _answers([req], await self._complete([req], [result]), t0)[0]

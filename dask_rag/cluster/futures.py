@@ -19,9 +19,9 @@ from distributed import Client, Future
 
 from dask_rag.errors import DaskRagError, ShardUnavailable
 
-__all__ = ["TRANSIENT_ERRORS", "actor_on", "aretry_once", "await_actor_calls", "await_future",
-           "await_futures", "await_hedged", "gather_direct", "gather_hedged", "is_transient",
-           "release_placement", "retry_once"]
+__all__ = ["DIRECT_TIMEOUT_S", "TRANSIENT_ERRORS", "actor_on", "aretry_once",
+           "await_actor_calls", "await_future", "await_futures", "await_hedged", "gather_direct",
+           "gather_hedged", "is_transient", "release_placement", "retry_once"]
 
 T = TypeVar("T")
 
@@ -65,6 +65,10 @@ def release_placement(client: Client, futures: list[Future]) -> None:
                 ts.loose_restrictions = False
 
     client.run_on_scheduler(release)
+
+
+#: a direct (actor) call that has not answered by then is given up for the task-graph path
+DIRECT_TIMEOUT_S = 30.0
 
 
 def actor_on(client: Client, cls: type, worker: str, key: str) -> Any:

@@ -29,7 +29,13 @@ import numpy.typing as npt
 from distributed import Client, Future
 
 from dask_rag.batching import MicroBatcher
-from dask_rag.cluster.futures import actor_on, await_actor_calls, await_future, gather_direct
+from dask_rag.cluster.futures import (
+    DIRECT_TIMEOUT_S,
+    actor_on,
+    await_actor_calls,
+    await_future,
+    gather_direct,
+)
 from dask_rag.cluster.plugins import ensure_model_cache, worker_model_cache
 from dask_rag.config import BatchConfig, EmbedConfig
 from dask_rag.embed.encoder import (
@@ -131,10 +137,6 @@ class EncoderActor:
 
     def embed(self, config: EmbedConfig, texts: list[str]) -> npt.NDArray[np.float32]:
         return embed_texts_task(config, texts)
-
-
-#: how long a direct embedding call may take before the graph is used instead
-DIRECT_TIMEOUT_S = 30.0
 
 
 def encoder_info_task(config: EmbedConfig, with_canaries: bool = False) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from distributed import Client, Future
 
-from dask_rag.cluster.futures import actor_on, await_actor_calls
+from dask_rag.cluster.futures import DIRECT_TIMEOUT_S, actor_on, await_actor_calls
 from dask_rag.errors import DaskRagError, InvalidInput
 from dask_rag.index.query import IndexQuery, ShardResult, check_vectors
 from dask_rag.index.replicas import ReplicaSet
@@ -31,13 +31,10 @@ from dask_rag.index.vectors import (
     QueryVectors,
 )
 
-__all__ = ["DIRECT_TIMEOUT_S", "MERGE_FAN_IN", "DirectSearch", "SearchGraph"]
+__all__ = ["MERGE_FAN_IN", "DirectSearch", "SearchGraph"]
 
 #: merge tasks take at most this many parts; submit returns at most this many
 MERGE_FAN_IN = 4
-#: a direct (actor) search that has not answered by then is given up for the graph path
-DIRECT_TIMEOUT_S = 30.0
-
 
 class SearchGraph:
     """Submits one batch's graph: [route], one search task per shard to visit (on the replica

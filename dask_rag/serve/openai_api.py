@@ -44,7 +44,6 @@ from dask_rag.serve.schemas import (
     ModelList,
     ModelOut,
     Usage,
-    citations_of,
     parse_body,
 )
 
@@ -194,7 +193,7 @@ async def chat_completions(request: Request, body: bytes) -> Response:
                                                             content=answer.text),
                             finish_reason="stop")],
         usage=_usage(answer.prompt_tokens, answer.completion_tokens),
-        citations=citations_of(answer)), answer.timings_ms)
+        citations=answer.to_dict()["citations"]), answer.timings_ms)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> ChatUsage:

@@ -208,13 +208,9 @@ class HitOut(Out):
     n: int | None = None
 
     @classmethod
-    def of(cls, hit: Any, n: int | None = None) -> HitOut:
-        """A :class:`~dask_rag.rag.hits.Hit` (``n``: its citation number)."""
-        return cls(**hit.to_dict()) if n is None else cls(**hit.to_dict(), n=n)
-
-
-def _timings(timings: dict[str, float]) -> dict[str, float]:
-    return {k: round(v, 3) for k, v in timings.items()}
+    def of(cls, hit: Any) -> HitOut:
+        """A :class:`~dask_rag.rag.hits.Hit`."""
+        return cls(**hit.to_dict())
 
 
 class SearchResponse(Out):
@@ -223,12 +219,8 @@ class SearchResponse(Out):
 
     @classmethod
     def of(cls, hits: Any, timings: dict[str, float]) -> SearchResponse:
-        return cls(hits=[HitOut.of(h) for h in hits], timings_ms=_timings(timings))
-
-
-def citations_of(answer: Any) -> list[HitOut]:
-    """An answer's cited passages, numbered as the answer cites them (``[1]`` first)."""
-    return [HitOut.of(h, i + 1) for i, h in enumerate(answer.citations)]
+        return cls(hits=[HitOut.of(h) for h in hits],
+                   timings_ms={k: round(v, 3) for k, v in timings.items()})
 
 
 class AskResponse(Out):
@@ -241,11 +233,8 @@ class AskResponse(Out):
 
     @classmethod
     def of(cls, answer: Any) -> AskResponse:
-        """A :class:`~dask_rag.rag.hits.Answer`."""
-        return cls(question=answer.question, answer=answer.text, citations=citations_of(answer),
-                   prompt_tokens=answer.prompt_tokens,
-                   completion_tokens=answer.completion_tokens,
-                   timings_ms=_timings(answer.timings_ms))
+        """A :class:`~dask_rag.rag.hits.Answer` (its JSON form, :meth:`Answer.to_dict`)."""
+        return cls(**answer.to_dict())
 
 
 class EmbeddingOut(Out):
