@@ -276,7 +276,8 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
                      "failed_outside_recovery_window": sum(
                          1 for r in failed if not window[0] <= r["t"] <= window[1]),
                      "wrong_answers": sum(1 for r in requests if r.get("wrong"))},
-        "retries_by_server": "retry-once on transient errors (dask_rag.cluster.futures.retry_once)",
+        "retries_by_server": "retry-once on transient errors "
+                             "(dask_rag.cluster.futures.aretry_once)",
         "writes": {"acknowledged": len(acked), "lost": lost,
                    "lost_after_reload": lost_after_reload,
                    "failed_unacknowledged": sum(1 for r in log if r["kind"] == "write"),

@@ -432,6 +432,13 @@ class BatchConfig:
         _check_int(self, "max_queue", 1)
         _check_int(self, "max_concurrent_batches", 1, 1024)
 
+    @classmethod
+    def one_at_a_time(cls) -> BatchConfig:
+        """No batching — the naive baseline (``dask-rag serve --no-batching``): each request is
+        a batch of its own, sent at once, up to 1024 in flight.  The same batcher and code
+        path as batched serving, so the A/B compares batching and nothing else."""
+        return cls(max_batch=1, max_wait_ms=0.0, busy_wait_ms=0.0, max_concurrent_batches=1024)
+
 
 @dataclass(frozen=True)
 class ChunkConfig:
@@ -506,6 +513,7 @@ class ServeConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
+    #: False: every request its own graph (``batch`` becomes BatchConfig.one_at_a_time())
     batching: bool = True
     batch: BatchConfig = field(default_factory=BatchConfig)
     max_inflight: int = 512
@@ -518,6 +526,8 @@ class ServeConfig:
     max_write_body_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
+        if not self.batching:
+            object.__setattr__(self, "batch", BatchConfig.one_at_a_time())
         _check_int(self, "port", 0, 65535)
         _check_int(self, "max_inflight", 1)
         if self.rate_limit_per_s is not None:

@@ -16,9 +16,9 @@ it.  Requests are validated once, where they enter (:mod:`dask_rag.rag.requests`
 through the micro-batchers (``asearch``/``aask``: concurrent callers share graphs, two batches
 in flight).  Every answer carries per-stage timings in milliseconds.
 
-Why one module of ~550 lines: :class:`RagPipeline` is where the query path is assembled (sync
-and async entry points, the micro-batchers, HTTP writes); its methods are thin and the work
-lives in ``rag/`` and ``index/``.
+Why one module of ~700 lines: :class:`RagPipeline` is where the query path is assembled (the
+entry points, the micro-batchers, HTTP writes); its methods are thin and the work lives in
+``rag/`` and ``index/``.
 """
 
 from __future__ import annotations
@@ -38,14 +38,8 @@ from pydantic import BaseModel
 
 from dask_rag.batching import MicroBatcher
 from dask_rag.cluster import resource_request
-from dask_rag.cluster.futures import (
-    aretry_once,
-    await_future,
-    await_hedged,
-    gather_direct,
-    gather_hedged,
-    retry_once,
-)
+from dask_rag.cluster.futures import aretry_once, await_future, await_hedged
+from dask_rag.cluster.sync import run_sync, synchronous
 from dask_rag.config import BatchConfig, EmbedConfig, RagConfig
 from dask_rag.embed.encoder import recorded_config
 from dask_rag.embed.service import EmbeddingService
@@ -92,11 +86,13 @@ Req = TypeVar("Req", SearchRequest, AskRequest)
 class RagPipeline:
     """Embedder + sharded index + generator wired together on one Dask client.
 
-    Why ~45 methods: this is the user's entry point, with the sync, async and streaming forms
-    of search and ask, the naive one-graph-per-request forms the benchmark's baseline uses,
-    writes and lifecycle; each is a few lines over the graph builders here and the tasks in
-    ``rag/`` and ``index/``.  Deriving the sync forms from the async ones (as distributed
-    does) would halve it; not done yet.
+    Each operation is written once, as a coroutine (``asearch_many``, ``aask_many``, the
+    micro-batched ``asearch``/``aask``, ``astream``, the writes); the blocking forms are
+    derived from them (:func:`~dask_rag.cluster.sync.synchronous`), and the naive baseline is
+    the same batchers with batches of one (:meth:`~dask_rag.config.BatchConfig.one_at_a_time`).
+    Why ~45 methods: this is the user's entry point — request validation, the graph builders,
+    the batchers' work, writes and lifecycle; each is a few lines over the tasks in ``rag/``
+    and ``index/``.
     """
 
     def __init__(self, client: Client, index: DistributedIndex, embedder: EmbeddingService,
@@ -330,71 +326,47 @@ class RagPipeline:
                 r["prompt_tokens"] = c.prompt_tokens
         return results
 
-    # ---- synchronous API ----------------------------------------------------------------------
+    # ---- the async core: each operation once; the blocking forms are derived from it ----------
 
-    def search_many(self, queries: Sequence[str], k: int | None = None, filter: Any = None,
-                    mode: str | None = None, timings: dict[str, float] | None = None,
-                    fusion: Fusion | dict[str, Any] | None = None) -> list[list[Hit]]:
-        """Hits for a batch of queries: one graph."""
+    async def asearch_many(self, queries: Sequence[str], k: int | None = None,
+                           filter: Any = None, mode: str | None = None,
+                           timings: dict[str, float] | None = None,
+                           fusion: Fusion | dict[str, Any] | None = None) -> list[list[Hit]]:
+        """Hits for a batch of queries: one graph (a small batch: the searcher actors)."""
         reqs = self._requests(queries, lambda q: self.search_request(q, k, filter, mode,
                                                                      fusion))
         t0 = time.perf_counter()
-        hits, stage = retry_once(lambda: self._search_now(reqs))
+        hits, stage = await self._search(reqs)
         if timings is not None:
             timings.update(stage, total=(time.perf_counter() - t0) * 1e3)
         return hits
 
-    def _search_now(self, reqs: Sequence[SearchRequest]) -> Retrieved:
-        if self._small(reqs):
-            # a small batch: the workers' searcher actors answer directly, and the shards'
-            # answers are merged and fused here (see SMALL_BATCH); a graph if that fails
-            query, plan = self._plan(reqs, self._k(reqs[0]))
-            parts = self.index.search_direct(query, self._vectors(reqs, plan))
-            if parts is not None:
-                return retrieve(plan, parts)
-        result: Retrieved = gather_hedged(self.client, lambda: self.submit_search(reqs),
-                                          self.index.hedge_trigger(), HEDGE_AFTER_S)
-        return result
+    async def arerank_many(self, queries: Sequence[str], k: int | None = None,
+                           filter: Any = None, mode: str | None = None) -> list[list[Hit]]:
+        """:meth:`asearch_many` then the cross-encoder over ``rerank_top_n`` candidates."""
+        if not self.config.rerank_model:
+            raise InvalidInput("no rerank model configured (RagConfig.rerank_model)")
+        reqs = self._requests(queries, lambda q: self.search_request(q, k, filter, mode))
+        hits, _ = await aretry_once(lambda: await_future(self.submit_search(reqs, rerank=True)))
+        return list(hits)
+
+    async def aask_many(self, questions: Sequence[str], k: int | None = None,
+                        filter: Any = None, params: SamplingParams | None = None,
+                        mode: str | None = None, fusion: Fusion | dict[str, Any] | None = None
+                        ) -> list[Answer]:
+        """Answer a batch of questions with one graph (see the module docstring)."""
+        return await self._answer(self._requests(
+            questions, lambda q: self.ask_request(q, k, filter, params, mode, fusion)))
+
+    search_many = synchronous(asearch_many)
+    rerank_many = synchronous(arerank_many)
+    ask_many = synchronous(aask_many)
 
     def search(self, query: str, k: int | None = None, filter: Any = None,
                mode: str | None = None, fusion: Fusion | dict[str, Any] | None = None
                ) -> list[Hit]:
         """Hits for one query (see :meth:`search_many`)."""
         return self.search_many([query], k, filter, mode, fusion=fusion)[0]
-
-    def rerank_many(self, queries: Sequence[str], k: int | None = None, filter: Any = None,
-                    mode: str | None = None) -> list[list[Hit]]:
-        """:meth:`search_many` then the cross-encoder over ``rerank_top_n`` candidates."""
-        if not self.config.rerank_model:
-            raise InvalidInput("no rerank model configured (RagConfig.rerank_model)")
-        reqs = self._requests(queries, lambda q: self.search_request(q, k, filter, mode))
-        hits, _ = retry_once(lambda: gather_direct(self.client,
-                                                   self.submit_search(reqs, rerank=True)))
-        return hits
-
-    def ask_many(self, questions: Sequence[str], k: int | None = None, filter: Any = None,
-                 params: SamplingParams | None = None, mode: str | None = None,
-                 fusion: Fusion | dict[str, Any] | None = None) -> list[Answer]:
-        """Answer a batch of questions with one graph (see the module docstring)."""
-        reqs = self._requests(questions, lambda q: self.ask_request(q, k, filter, params, mode,
-                                                                    fusion))
-        t0 = time.perf_counter()
-        if self._upstream is not None:  # prompts from the graph, answers from the server
-            return _run_coroutine(self._ask_upstream(reqs, t0))
-        results = retry_once(lambda: gather_hedged(
-            self.client, lambda: self.submit_ask(reqs), self.index.hedge_trigger(), None))
-        return _answers(reqs, results, t0)
-
-    async def _ask_upstream(self, reqs: Sequence[AskRequest], t0: float) -> list[Answer]:
-        """:meth:`ask_many` with an upstream generator, on an event loop of its own."""
-        assert self._upstream is not None
-        try:
-            results = await self._ask_results(reqs, lambda submit: asyncio.to_thread(
-                lambda: retry_once(lambda: gather_hedged(
-                    self.client, submit, self.index.hedge_trigger(), None))))
-            return _answers(reqs, results, t0)
-        finally:
-            await self._upstream.close_loop()  # this loop ends here
 
     def ask(self, question: str, k: int | None = None, filter: Any = None,
             params: SamplingParams | None = None, mode: str | None = None,
@@ -411,7 +383,28 @@ class RagPipeline:
             raise InvalidInput("no queries given")
         return reqs
 
-    # ---- asyncio: micro-batched entry points (the HTTP shim uses these) ----------------------
+    async def _search(self, reqs: Sequence[SearchRequest]) -> Retrieved:
+        """One batch of search requests sharing options, retried once on a lost worker: a
+        small batch through the workers' searcher actors (merged and fused here, see
+        SMALL_BATCH), else — or if that path fails — one graph, hedged."""
+        async def once() -> Retrieved:
+            if self._small(reqs):
+                query, plan = self._plan(reqs, self._k(reqs[0]))
+                parts = await self.index.asearch_direct(query, self._vectors(reqs, plan))
+                if parts is not None:
+                    return retrieve(plan, parts)
+            result: Retrieved = await await_hedged(lambda: self.submit_search(reqs),
+                                                   self.index.hedge_trigger(), HEDGE_AFTER_S)
+            return result
+
+        return await aretry_once(once)
+
+    async def _answer(self, reqs: Sequence[AskRequest]) -> list[Answer]:
+        """The answers of one batch of ask requests sharing options (one graph)."""
+        t0 = time.perf_counter()
+        return _answers(reqs, await self._ask_results(reqs, self._await_hedged), t0)
+
+    # ---- micro-batched entry points (the HTTP shim uses these) -------------------------------
 
     async def asearch(self, query: str | SearchRequest, k: int | None = None,
                       filter: Any = None, mode: str | None = None) -> list[Hit]:
@@ -444,34 +437,11 @@ class RagPipeline:
         result = await self._ask_batcher.submit(req)
         return _answers([req], await self._complete([req], [result]), t0)[0]
 
-    async def asearch_now(self, req: SearchRequest) -> tuple[list[Hit], dict[str, float]]:
-        """One graph for this request alone, no micro-batching (the naive baseline)."""
-        t0 = time.perf_counter()
-        hits, timings = await aretry_once(lambda: self._asearch_graph([req]))
-        return hits[0], {**timings, "total": (time.perf_counter() - t0) * 1e3}
-
-    async def aask_now(self, req: AskRequest) -> Answer:
-        """One graph for this question alone, no micro-batching (the naive baseline)."""
-        t0 = time.perf_counter()
-        results = await self._ask_results(
-            [req], lambda submit: aretry_once(lambda: await_future(submit())))
-        return _answers([req], results, t0)[0]
-
-    async def _asearch_graph(self, reqs: list[SearchRequest]) -> Retrieved:
-        if self._small(reqs):
-            query, plan = self._plan(reqs, self._k(reqs[0]))
-            parts = await self.index.asearch_direct(query, self._vectors(reqs, plan))
-            if parts is not None:
-                return retrieve(plan, parts)
-        result: Retrieved = await await_hedged(lambda: self.submit_search(reqs),
-                                               self.index.hedge_trigger(), HEDGE_AFTER_S)
-        return result
-
     async def _search_batch(self, reqs: list[SearchRequest]
                             ) -> list[tuple[list[Hit], dict[str, float]]]:
         async def one_group(group: list[SearchRequest]) -> list[tuple[list[Hit],
                                                                       dict[str, float]]]:
-            hits, timings = await aretry_once(lambda: self._asearch_graph(group))
+            hits, timings = await self._search(group)
             return [(h, timings) for h in hits]
 
         return await _by_options(reqs, one_group)
@@ -485,12 +455,7 @@ class RagPipeline:
         return await _by_options(reqs, one_group)
 
     async def _ask_batch(self, reqs: list[AskRequest]) -> list[Answer]:
-        async def one_group(group: list[AskRequest]) -> list[Answer]:
-            t0 = time.perf_counter()
-            results = await self._ask_results(group, self._await_hedged)
-            return _answers(group, results, t0)
-
-        return await _by_options(reqs, one_group)
+        return await _by_options(reqs, self._answer)
 
     async def astream(self, question: str | AskRequest, k: int | None = None,
                       filter: Any = None, params: SamplingParams | None = None,
@@ -659,8 +624,12 @@ class RagPipeline:
     async def aclose(self) -> None:
         await self.adrain()
         await self.embedder.aclose()
+        if self._upstream is not None:
+            await self._upstream.close_loop()
 
     def close(self) -> None:
+        if self._upstream is not None:  # the blocking API's connections to it
+            run_sync(self._upstream.close_loop())
         self.index.close()
 
     def __enter__(self) -> RagPipeline:
@@ -702,19 +671,6 @@ async def _by_options(reqs: list[Req], run: Callable[[list[Req]], Any]) -> list[
 
     await asyncio.gather(*(one(idx) for idx in groups.values()))
     return out
-
-
-def _run_coroutine(coro: Any) -> Any:
-    """Run ``coro`` to its end from synchronous code — in a thread of its own when this one
-    already runs an event loop (a notebook), where ``asyncio.run`` may not be called."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
 
 
 def _history(req: AskRequest) -> tuple[tuple[str, str], ...]:

@@ -195,26 +195,31 @@ def test_micro_batched_service_on_cluster(client, texts):
         assert sum(1 for k in keys if k[0] == "encoder" and k[1].precision == "fp32") == 1
 
 
-def test_async_embedding_goes_to_the_workers_actors_and_falls_back_to_tasks(client, texts):
+def test_embedding_goes_to_the_workers_actors_and_falls_back_to_tasks(client, texts):
     """``aembed_now`` calls the workers' encoder actors directly (no scheduler trip); when
     that path fails (here: proxies that cannot be called) it embeds as tasks instead — the
-    same vectors either way, equal to ``embed_now``'s (tasks) bit for bit."""
+    same vectors either way, bit for bit.  ``embed_now`` is its blocking form (one code
+    path, see dask_rag.cluster.sync): it gives the same bits, from a running event loop too."""
     service = EmbeddingService(client, EmbedConfig())
     batch = [t[:300] for t in texts[:24]]
-    by_tasks = service.embed_now(batch)
 
     async def direct():
         return await service.aembed_now(batch), await service.aembed_now(batch[:1])
 
     many, one = asyncio.run(direct())
     assert set(service._actors) == set(client.scheduler_info()["workers"])
-    np.testing.assert_array_equal(many, by_tasks)
-    np.testing.assert_array_equal(one, by_tasks[:1])
-    calls0, _ = service.counters()
+    np.testing.assert_array_equal(one, many[:1])
+    np.testing.assert_array_equal(service.embed_now(batch), many)
+
+    async def blocking_inside_a_loop():  # a notebook cell: the blocking API still works
+        return service.embed_now(batch[:1])
+
+    np.testing.assert_array_equal(asyncio.run(blocking_inside_a_loop()), many[:1])
     service._actors = {w: object() for w in service._actors}  # the direct path breaks
-    again = asyncio.run(service.aembed_now(batch))
-    np.testing.assert_array_equal(again, by_tasks)
-    assert service.counters()[0] > calls0 and service._actors == {}  # tasks ran; proxies reset
+    calls1, _ = service.counters()
+    by_tasks = asyncio.run(service.aembed_now(batch))
+    np.testing.assert_array_equal(by_tasks, many)
+    assert service.counters()[0] > calls1 and service._actors == {}  # tasks ran; proxies reset
 
 
 def test_length_buckets_and_balanced_split():

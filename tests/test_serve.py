@@ -159,6 +159,30 @@ def test_overload_burst_gets_429_and_recovers(pipe):
         assert after.status_code == 200
 
 
+def test_no_batching_is_the_same_path_with_batches_of_one(pipe):
+    """``serve --no-batching`` (the naive baseline) runs the batched code path with batches of
+    one: concurrent requests are never merged, and they get what the batched path gives."""
+    queries = [f"{Q} ({i})" for i in range(8)]
+    expected = [[h.id for h in hits] for hits in pipe.search_many(queries, k=3)]
+    before = {name: len(b.stats.batch_sizes) for name, b in pipe.batchers().items()}
+    configs = {name: b.config for name, b in pipe.batchers().items()}
+    with _fresh(pipe, batching=False) as srv:
+        async def burst():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
+                return await asyncio.gather(
+                    *(http.post("/v1/search", json={"query": q, "k": 3}) for q in queries),
+                    *(http.post("/v1/ask", json={"question": q}) for q in queries[:4]),
+                    http.post("/v1/embeddings", json={"input": queries[:3]}))
+
+        responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * len(responses)
+    assert [[h["id"] for h in r.json()["hits"]] for r in responses[:8]] == expected
+    sizes = {name: b.stats.batch_sizes[before[name]:] for name, b in pipe.batchers().items()}
+    assert len(sizes["search"]) == 8 and len(sizes["ask"]) == 4 and len(sizes["embed"]) == 3
+    assert {n for s in sizes.values() for n in s} == {1}
+    assert {name: b.config for name, b in pipe.batchers().items()} == configs  # restored
+
+
 def test_rate_limit_and_timeout(pipe):
     with _fresh(pipe, rate_limit_per_s=0.5, rate_limit_burst=2) as srv:
         codes = [httpx.post(srv.url + "/v1/search", json={"query": "x"}, timeout=30).status_code

@@ -3,10 +3,13 @@
 * :func:`gather_direct` — results straight from the workers holding them;
 * :func:`await_future` — await a (synchronous client's) future from any asyncio loop;
 * :data:`TRANSIENT_ERRORS` — the one table of failures that a retry can fix (a worker or a
-  connection lost mid-request), :func:`retry_once` / :func:`aretry_once` — the one retry
-  policy: run again once, then report :class:`~dask_rag.errors.ShardUnavailable` (HTTP 503);
-* :func:`gather_hedged` / :func:`await_hedged` — a second copy of a request when a worker is
-  lost under it (or it is slow), the first copy to finish wins.
+  connection lost mid-request), :func:`aretry_once` — the one retry policy: run again once,
+  then report :class:`~dask_rag.errors.ShardUnavailable` (HTTP 503);
+* :func:`await_hedged` — a second copy of a request when a worker is lost under it (or it is
+  slow), the first copy to finish wins.
+
+Each is written once, for asyncio; the blocking API runs them on its own loop
+(:mod:`dask_rag.cluster.sync`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dask_rag.errors import DaskRagError, ShardUnavailable
 
 __all__ = ["DIRECT_TIMEOUT_S", "TRANSIENT_ERRORS", "actor_on", "aretry_once",
            "await_actor_calls", "await_future", "await_futures", "await_hedged", "gather_direct",
-           "gather_hedged", "is_transient", "release_placement", "retry_once"]
+           "is_transient", "release_placement"]
 
 T = TypeVar("T")
 
@@ -171,25 +174,9 @@ def _gave_up(first: BaseException, second: BaseException) -> ShardUnavailable:
                             f"{type(first).__name__}, then {type(second).__name__}: {second}")
 
 
-def retry_once(fn: Callable[[], T]) -> T:
-    """Run ``fn``; if a worker or connection was lost under it, run it once more, then report
-    :class:`~dask_rag.errors.ShardUnavailable` (HTTP 503)."""
-    try:
-        return fn()
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        first = exc
-    try:
-        return fn()
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        raise _gave_up(first, exc) from exc
-
-
 async def aretry_once(fn: Callable[[], Awaitable[T]]) -> T:
-    """:func:`retry_once` for a coroutine function."""
+    """Run ``fn()``; if a worker or connection was lost under it, run it once more, then
+    report :class:`~dask_rag.errors.ShardUnavailable` (HTTP 503)."""
     try:
         return await fn()
     except Exception as exc:
@@ -214,52 +201,6 @@ def _flat(futures: Any) -> list[Future]:
     return list(futures) if isinstance(futures, (list, tuple)) else [futures]
 
 
-def gather_hedged(client: Client, submit: Callable[[], Any], losses: Callable[[], int] | None,
-                  hedge_after_s: float | None = None) -> Any:
-    """Submit a request (``submit()``: a future or a list of futures) and gather it; if a
-    worker is lost before its result is here (``losses()`` changes: the cluster's membership
-    counter) — or, with ``hedge_after_s``, it is still not here after that long — submit it
-    a second time and return whichever copy's result arrives first.
-
-    Why: a search whose replica dies waits for the scheduler to reload that replica (seconds,
-    a download from an object store) although another replica is live; and a search whose
-    finished result sat on the worker that died is *rescheduled* by the gather — the same
-    reload.  ``submit`` picks live, least-loaded replicas, so the second copy runs on the
-    survivors; the results are the same bits whichever copy answers.  ``losses=None``: no
-    hedging (one replica: the second copy would wait for the same reload).  A delay-based
-    hedge doubles the work of every request slower than the delay — under overload, all of
-    them — so callers here hedge on loss only.  The gather runs on the client's event loop
-    and this thread waits for it, looking at the loss counter every :data:`HEDGE_POLL_S`.
-    """
-    if losses is None:
-        return gather_direct(client, submit())
-    import concurrent.futures
-    import time
-
-    seen = losses()
-    first = _gather_on_loop(client, submit())
-    give_up = None if hedge_after_s is None else time.monotonic() + hedge_after_s
-    while True:
-        try:
-            return first.result(timeout=HEDGE_POLL_S)
-        except concurrent.futures.TimeoutError:
-            pass
-        if losses() != seen or (give_up is not None and time.monotonic() > give_up):
-            break
-    pending = {first, _gather_on_loop(client, submit())}
-    while True:
-        done, pending = concurrent.futures.wait(pending,
-                                                return_when=concurrent.futures.FIRST_COMPLETED)
-        for copy in done:
-            exc = copy.exception()
-            if exc is None:
-                for other in pending:
-                    other.cancel()
-                return copy.result()
-            if not pending or not is_transient(exc):
-                raise exc
-
-
 def _gather_on_loop(client: Client, futures: Any) -> Any:
     """``gather_direct(client, futures)`` running on the client's event loop: a
     ``concurrent.futures.Future`` of the result, which the caller may stop waiting for."""
@@ -275,8 +216,22 @@ async def _awaited(awaitable: Any) -> Any:
 
 async def await_hedged(submit: Callable[[], Any], losses: Callable[[], int] | None,
                        hedge_after_s: float | None = None) -> Any:
-    """:func:`gather_hedged` from an asyncio loop (any loop: the gathers run on the client's
-    and only their outcomes come here)."""
+    """Submit a request (``submit()``: a future or a list of futures) and gather it; if a
+    worker is lost before its result is here (``losses()`` changes: the cluster's membership
+    counter) — or, with ``hedge_after_s``, it is still not here after that long — submit it
+    a second time and return whichever copy's result arrives first.
+
+    Why: a search whose replica dies waits for the scheduler to reload that replica (seconds,
+    a download from an object store) although another replica is live; and a search whose
+    finished result sat on the worker that died is *rescheduled* by the gather — the same
+    reload.  ``submit`` picks live, least-loaded replicas, so the second copy runs on the
+    survivors; the results are the same bits whichever copy answers.  ``losses=None``: no
+    hedging (one replica: the second copy would wait for the same reload).  A delay-based
+    hedge doubles the work of every request slower than the delay — under overload, all of
+    them — so callers here hedge on loss only.  Works from any event loop: the gathers run
+    on the client's, only their outcomes come here; the loss counter is read every
+    :data:`HEDGE_POLL_S`.
+    """
     import time
 
     def start(copy: Any) -> asyncio.Future[Any]:

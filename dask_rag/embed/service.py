@@ -34,9 +34,9 @@ from dask_rag.cluster.futures import (
     actor_on,
     await_actor_calls,
     await_future,
-    gather_direct,
 )
 from dask_rag.cluster.plugins import ensure_model_cache, worker_model_cache
+from dask_rag.cluster.sync import synchronous
 from dask_rag.config import BatchConfig, EmbedConfig
 from dask_rag.embed.encoder import (
     CanaryVerdict,
@@ -383,15 +383,9 @@ class EmbeddingService:
             out[r] = part
         return out
 
-    def embed_now(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """Embed a batch on the cluster and wait (the parts run in parallel)."""
-        pieces = self.submit(texts)
-        return self._assemble(len(texts), gather_direct(self.client, [f for f, _ in pieces]),
-                              [r for _, r in pieces])
-
     async def aembed_now(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """:meth:`embed_now` for asyncio code: through the workers' encoder actors, or as
-        tasks when that path fails."""
+        """Embed a batch on the cluster: through the workers' encoder actors (no scheduler
+        trip; the parts run in parallel), or as tasks when that path fails."""
         texts = _check_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -401,6 +395,8 @@ class EmbeddingService:
         pieces = self.submit(texts)
         parts = await asyncio.gather(*(await_future(f) for f, _ in pieces))
         return self._assemble(len(texts), parts, [r for _, r in pieces])
+
+    embed_now = synchronous(aembed_now)
 
     async def aembed(self, text: str) -> npt.NDArray[np.float32]:
         if not isinstance(text, str):

@@ -36,12 +36,9 @@ import numpy as np
 import numpy.typing as npt
 from distributed import Client, Future
 
-from dask_rag.cluster.futures import (
-    await_hedged,
-    gather_hedged,
-    is_transient,
-)
+from dask_rag.cluster.futures import await_hedged, is_transient
 from dask_rag.cluster.plugins import tune_comms
+from dask_rag.cluster.sync import synchronous
 from dask_rag.config import CommConfig, IndexSpec
 from dask_rag.errors import CorruptIndex, DaskRagError, InvalidInput, ShardUnavailable
 from dask_rag.faults import fault_point
@@ -344,7 +341,7 @@ class DistributedIndex:
                           sparse_k=sparse_k or k, dense=dense)
 
     def hedge_trigger(self) -> Callable[[], int] | None:
-        """For :func:`~dask_rag.cluster.futures.gather_hedged`: the counter of lost workers,
+        """For :func:`~dask_rag.cluster.futures.await_hedged`: the counter of lost workers,
         or None with one replica per shard."""
         return self.replica_set.hedge_trigger()
 
@@ -365,41 +362,21 @@ class DistributedIndex:
         nq = None if query.texts is None else len(query.texts)
         return self.graph.submit(self.writer.stamp(query), as_query_vectors(vectors, nq))
 
-    def search_direct(self, query: IndexQuery, vectors: QueryVectors
-                      ) -> list[ShardResult] | None:
-        """The shards' answers to a small batch through the per-worker searcher actors (no
-        scheduler); None if that path failed — run :meth:`submit_search` instead."""
-        return self.direct.search(self.writer.stamp(query), vectors)
-
     async def asearch_direct(self, query: IndexQuery, vectors: QueryVectors
                              ) -> list[ShardResult] | None:
-        """:meth:`search_direct` for asyncio code."""
+        """The shards' answers to a small batch through the per-worker searcher actors (no
+        scheduler); None if that path failed — run :meth:`submit_search` instead."""
         return await self.direct.asearch(self.writer.stamp(query), vectors)
-
-    def search(self, xq: Any, k: int = 10, nprobe: int | None = None, *,
-               ef_search: int | None = None, filter: SearchFilter | dict[str, Any] | None = None
-               ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """Search a batch of query vectors: ``(D, I)`` of shape ``(nq, k)``.
-
-        The last (<= 4-way) merge runs here rather than in a task: the parts come straight
-        from the workers, which saves one scheduling round trip per batch.
-        """
-        query = self.query(k, nprobe, ef_search=ef_search, filter=filter)
-        xq = QueryMatrix(check_vectors(xq, self.dim, "xq"))
-        try:
-            results = gather_hedged(self.client, lambda: self.submit_search(query, xq),
-                                    self.hedge_trigger(), HEDGE_AFTER_S)
-        except Exception as exc:
-            _raise_shard_error(exc)
-            raise
-        return _full_rows(merge_results(xq.nq, query.k, self.metric, results),
-                          xq.nq, query.k, self.metric)
 
     async def asearch(self, xq: Any, k: int = 10, nprobe: int | None = None, *,
                       ef_search: int | None = None,
                       filter: SearchFilter | dict[str, Any] | None = None
                       ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-        """:meth:`search` for asyncio code (never blocks the event loop)."""
+        """Search a batch of query vectors: ``(D, I)`` of shape ``(nq, k)``.
+
+        The last (<= 4-way) merge runs here rather than in a task: the parts come straight
+        from the workers, which saves one scheduling round trip per batch.
+        """
         query = self.query(k, nprobe, ef_search=ef_search, filter=filter)
         xq = QueryMatrix(check_vectors(xq, self.dim, "xq"))
         try:
@@ -410,6 +387,8 @@ class DistributedIndex:
             raise
         return _full_rows(merge_results(xq.nq, query.k, self.metric, list(results)),
                           xq.nq, query.k, self.metric)
+
+    search = synchronous(asearch)
 
     # ---- reads of stored records ----------------------------------------------------------------
 

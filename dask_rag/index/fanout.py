@@ -153,23 +153,11 @@ class DirectSearch:
             return None
         return [part for r in results for part in r]
 
-    def search(self, query: IndexQuery, vectors: QueryVectors) -> list[ShardResult] | None:
-        """The shards' answers, or None if this path failed (a worker or its actor is gone,
-        or shards moved) — submit the graph instead."""
-        try:
-            calls = self._calls(query, vectors)
-            results = None if calls is None else [c.result(timeout=DIRECT_TIMEOUT_S)
-                                                  for c in calls]
-        except DaskRagError:
-            raise
-        except Exception:
-            results = None
-        return self._outcome(results)
-
     async def asearch(self, query: IndexQuery, vectors: QueryVectors
                       ) -> list[ShardResult] | None:
-        """:meth:`search` for asyncio code: the actor futures are awaited on the client's own
-        event loop, and only the outcome comes back to this one."""
+        """The shards' answers, or None if this path failed (a worker or its actor is gone,
+        or shards moved) — submit the graph instead.  The actor futures are awaited on the
+        client's own event loop, and only the outcome comes back to this one."""
         try:
             calls = self._calls(query, vectors)
             results = None if calls is None else await await_actor_calls(

@@ -135,7 +135,7 @@ class ReplicaSet:
         part.add_done_callback(done)
 
     def hedge_trigger(self) -> Callable[[], int] | None:
-        """For :func:`~dask_rag.cluster.futures.gather_hedged`: the counter of lost workers,
+        """For :func:`~dask_rag.cluster.futures.await_hedged`: the counter of lost workers,
         or None with one replica per shard (a second copy of a search would wait for the same
         reload)."""
         if self.replicas < 2:

@@ -71,26 +71,18 @@ def _collection(request: Request) -> str | None:
 
 
 async def search(request: Request, body: bytes) -> Response:
-    state = request.app.state
     req = parse_body(SearchRequest, body)
     pipe = pipeline_for(request, _collection(request))
-    if state.config.batching:
-        hits, timings = await pipe.asearch_timed(req)
-    else:  # naive mode: one graph per request (the benchmark's baseline)
-        hits, timings = await pipe.asearch_now(req)
+    hits, timings = await pipe.asearch_timed(req)
     return json_response(SearchResponse.of(hits, timings), timings)
 
 
 async def ask(request: Request, body: bytes) -> Response:
-    state = request.app.state
     req = parse_body(AskRequest, body)
     pipe = pipeline_for(request, _collection(request))
     if req.stream:
         return await _ask_stream(request, pipe, req)
-    if state.config.batching:
-        answer = await pipe.aask(req)
-    else:
-        answer = await pipe.aask_now(req)
+    answer = await pipe.aask(req)
     return json_response(AskResponse.of(answer), answer.timings_ms)
 
 
@@ -151,6 +143,8 @@ async def create_collection(request: Request, body: bytes) -> Response:
     for bname, batcher in pipe.batchers().items():
         if batcher.observer is None:
             batcher.observer = state.telemetry.batch_observer(f"{req.name}/{bname}")
+        if not state.config.batching:
+            batcher.config = state.config.batch
     return json_response(CollectionOut(**collections.describe(req.name)))
 
 
@@ -222,8 +216,11 @@ def create_app(pipeline: Any, config: ServeConfig | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        configured = {}
         for name, batcher in collections.batchers().items():
             batcher.reopen()
+            if not config.batching:  # the naive baseline: batches of one (see BatchConfig)
+                configured[name], batcher.config = batcher.config, config.batch
             batcher.observer = telemetry.batch_observer(name)
         default = collections.default
         logger.info("dask-rag serving %s (%d collections); Dask dashboard: %s",
@@ -233,6 +230,8 @@ def create_app(pipeline: Any, config: ServeConfig | None = None,
         # graceful shutdown: uvicorn has stopped accepting and drained the open requests;
         # finish whatever is still queued in the batchers
         await collections.aclose()
+        for name, batcher in collections.batchers().items():  # as they were before serving
+            batcher.config = configured.get(name, batcher.config)
 
     embeddings = guarded("embeddings", openai_api.embeddings, large_body=True)
     routes = [

@@ -130,10 +130,7 @@ async def embeddings(request: Request, body: bytes) -> Response:
     texts: list[str] = (decode_token_ids(items) if not isinstance(items[0], str)
                         else items)
     t0 = time.perf_counter()
-    if state.config.batching:
-        vectors = list(await asyncio.gather(*(embedder.aembed(t) for t in texts)))
-    else:
-        vectors = list(await embedder.aembed_now(texts))
+    vectors = list(await asyncio.gather(*(embedder.aembed(t) for t in texts)))
     timings = {"embed": (time.perf_counter() - t0) * 1e3}
     timings["total"] = timings["embed"]
     count = embedder.count_tokens
@@ -178,7 +175,6 @@ async def models(request: Request, body: bytes) -> Response:
 
 async def chat_completions(request: Request, body: bytes) -> Response:
     """The RAG answer to the last user message as a chat completion (or a stream of chunks)."""
-    state = request.app.state
     req = parse_body(ChatRequest, body)
     pipe = _pipe_for(request, req.model, embedding=False)
     ask = req.ask()
@@ -186,7 +182,7 @@ async def chat_completions(request: Request, body: bytes) -> Response:
     if ask.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await _stream(request, pipe, ask, ident, created, req.model, include_usage)
-    answer = await (pipe.aask(ask) if state.config.batching else pipe.aask_now(ask))
+    answer = await pipe.aask(ask)
     return json_response(ChatCompletion(
         id=ident, object="chat.completion", created=created, model=req.model,
         choices=[ChatChoice(index=0, message=ChatMessageOut(role="assistant",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -58,10 +59,13 @@ class OpenAIUpstream:
         self.model = model or "default"
         self.timeout_s = timeout_s if timeout_s is not None else float(
             os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-        # one bound and one connection pool per event loop (the sync API runs its own loop;
-        # both are loop-bound).  aiohttp, not httpx: 64 concurrent requests to a 200 ms
-        # server took 2.0-2.2 s over httpx's reused connections, 0.24 s over aiohttp's
-        self._loop_state: dict[int, tuple[asyncio.Semaphore, Any]] = {}
+        # one bound and one connection pool per event loop (the blocking API runs on a loop
+        # of its own, the server on uvicorn's; both are loop-bound).  aiohttp, not httpx: 64
+        # concurrent requests to a 200 ms server took 2.0-2.2 s over httpx's reused
+        # connections, 0.24 s over aiohttp's
+        self._loop_state: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[asyncio.Semaphore, Any]] = \
+            weakref.WeakKeyDictionary()
         self._max_concurrency = max_concurrency
         self._context: int | bool | None = False  # False: not asked yet
 
@@ -76,17 +80,17 @@ class OpenAIUpstream:
     def _state(self) -> tuple[asyncio.Semaphore, Any]:
         import aiohttp
 
-        loop = id(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
         if loop not in self._loop_state:
             session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=5.0),
                 connector=aiohttp.TCPConnector(limit=self._max_concurrency))
-            self._loop_state = {loop: (asyncio.Semaphore(self._max_concurrency), session)}
+            self._loop_state[loop] = (asyncio.Semaphore(self._max_concurrency), session)
         return self._loop_state[loop]
 
     async def close_loop(self) -> None:
-        """Close this event loop's connection pool (a loop about to end: the sync API's)."""
-        state = self._loop_state.pop(id(asyncio.get_running_loop()), None)
+        """Close this event loop's connection pool (the pipeline is closing)."""
+        state = self._loop_state.pop(asyncio.get_running_loop(), None)
         if state is not None:
             await state[1].close()
 
