@@ -13,6 +13,11 @@ overhead this project owns.  One run, in alternated rounds (this VM's speed drif
   ``POST /v1/embeddings``, ``/v1/search`` dense k 5, hybrid k 5, ``/v1/ask`` (extractive), each
   at concurrency 1 (p50) and 64 closed-loop clients (q/s).
 
+* **peers** (``benchmarks/peer_server.py``): the same job written the obvious way — one
+  Starlette process with the index's encoder and ``faiss.IndexFlatIP`` — without and with a
+  simple asyncio micro-batcher; ``/v1/embeddings`` and dense ``/v1/search`` the same way.
+
+The servers take turns within a round, in an order that alternates between rounds.
 The load comes from aiohttp clients in this process, separate from the server's processes;
 its CPU share during each cell is measured and reported (on 2 cores, the load generator's CPU
 comes out of the server's).  Writes ``benchmarks/results/limit.json`` with every round, the
@@ -94,17 +99,41 @@ def ceiling(index: Path, qs: list[str], procs: int, seconds: float) -> dict[str,
             "p50_ms": round(statistics.median(every) * 1e3, 3), "processes": procs}
 
 
-async def serve_cells(url: str, qs: list[str], seconds: float, n1: int) -> dict[str, Any]:
+#: the peers (name, --batch) and the paths they serve
+PEERS = (("peer", "off"), ("peer_batched", "on"))
+PEER_PATHS = PATHS[:2]
+
+
+def start_peer(index: Path, port: int, batch: str) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.peer_server", "--index",
+                             str(index), "--port", str(port), "--batch", batch], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def serve_cells(url: str, qs: list[str], seconds: float, n1: int,
+                      paths: tuple[Any, ...] = PATHS, pid: int | None = None
+                      ) -> dict[str, Any]:
     """Every path at concurrency 1 (p50 of ``n1`` requests) and 64 (q/s), with the load
-    generator's CPU share of the machine during each cell."""
+    generator's CPU share of the machine during each cell, and (``pid``: the server's
+    process) the serving tree's CPU per request at 64 clients by role: the server process
+    (HTTP, request models, batchers, Dask client, final fusion), the scheduler, the nannies,
+    the worker processes (embedding, search, BM25, records)."""
     import aiohttp
+    import psutil
+
+    from benchmarks.server_cpu import tree_cpu
+
+    root = psutil.Process(pid) if pid is not None else None
 
     cores = os.cpu_count() or 1
     out: dict[str, Any] = {}
     conn = aiohttp.TCPConnector(limit=256)
     async with aiohttp.ClientSession(connector=conn,
                                      timeout=aiohttp.ClientTimeout(total=120)) as http:
-        for name, route, body in PATHS:
+        for name, route, body in paths:
             async def send(q: str, route: str = route, body: Any = body) -> int:
                 async with http.post(url + route, json=body(q)) as r:
                     await r.read()
@@ -113,14 +142,19 @@ async def serve_cells(url: str, qs: list[str], seconds: float, n1: int) -> dict[
             for q in qs[:8]:
                 await send(q)
             c1 = await one_at_a_time(send, qs[:n1])
+            tree0 = tree_cpu(root) if root is not None else {}
             cpu0, t0 = time.process_time(), time.perf_counter()
             row = await closed_loop(send, qs, 64, seconds)
             share = (time.process_time() - cpu0) / ((time.perf_counter() - t0) * cores)
+            tree1 = tree_cpu(root) if root is not None else {}
+            per = {k: round(1e3 * (tree1[k] - tree0[k]) / max(1, row["n"]), 3) for k in tree0}
             out[name] = {"c1_p50_ms": round(c1.p50_ms, 3), "c64_qps": round(row["qps"], 1),
                          "c64_p50_ms": round(row["p50_ms"], 2), "errors": row["errors"],
-                         "load_generator_cpu_share": round(share, 3)}
+                         "load_generator_cpu_share": round(share, 3),
+                         "c64_cpu_ms_per_request": per}
             print(f"    {name:>14}: c1 p50 {c1.p50_ms:7.2f} ms   c64 {row['qps']:7.1f} q/s  "
-                  f"(load generator {share:.0%} of the CPUs)", flush=True)
+                  f"(load generator {share:.0%} of the CPUs; CPU ms/request {per})",
+                  flush=True)
     return out
 
 
@@ -132,36 +166,54 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n1", type=int, default=60, help="requests per concurrency-1 cell")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="limit")
+    p.add_argument("--no-peers", action="store_true", help="dask-rag and the ceiling only")
     args = p.parse_args(argv)
     index = ensure_index(args.index, args.workers)
     qs = queries(300)
     procs = os.cpu_count() or 1
     port = free_port()
-    server = start_server(index, port, True, args.workers)
-    url = f"http://127.0.0.1:{port}"
+    servers: dict[str, tuple[Any, int, tuple[Any, ...]]] = {
+        "dask-rag": (start_server(index, port, True, args.workers), port, PATHS)}
+    if not args.no_peers:
+        for name, batch in PEERS:
+            peer_port = free_port()
+            servers[name] = (start_peer(index, peer_port, batch), peer_port, PEER_PATHS)
     rounds: list[dict[str, Any]] = []
     try:
-        wait_ready(url, server, timeout=300)
+        for proc, p_port, _ in servers.values():
+            wait_ready(f"http://127.0.0.1:{p_port}", proc, timeout=300)
         for r in range(args.rounds):
             print(f"round {r + 1}", flush=True)
             row: dict[str, Any] = {}
-            first_ceiling = r % 2 == 0  # alternate which comes first
-            if first_ceiling:
-                row["ceiling"] = ceiling(index, qs, procs, args.seconds)
-                print(f"    ceiling: {row['ceiling']}", flush=True)
-            row["paths"] = run_loop(serve_cells(url, qs, args.seconds, args.n1))
-            if not first_ceiling:
-                row["ceiling"] = ceiling(index, qs, procs, args.seconds)
-                print(f"    ceiling: {row['ceiling']}", flush=True)
+            # alternate the order: the ceiling first, then the servers, and reversed
+            order = ["ceiling", *servers] if r % 2 == 0 else [*reversed(servers), "ceiling"]
+            for what in order:
+                if what == "ceiling":
+                    row["ceiling"] = ceiling(index, qs, procs, args.seconds)
+                    print(f"    ceiling: {row['ceiling']}", flush=True)
+                    continue
+                proc, p_port, paths = servers[what]
+                print(f"  {what}", flush=True)
+                cells = run_loop(serve_cells(f"http://127.0.0.1:{p_port}", qs, args.seconds,
+                                             args.n1, paths, proc.pid))
+                if what == "dask-rag":
+                    row["paths"] = cells
+                else:
+                    row.setdefault("peers", {})[what] = cells
             rounds.append(row)
     finally:
-        server.terminate()
-        server.wait(60)
+        for proc, _, _ in servers.values():
+            proc.terminate()
+            proc.wait(60)
     summary: dict[str, Any] = {}
     ceil_qps = [x["ceiling"]["qps"] for x in rounds]
     enc_p50 = [x["ceiling"]["p50_ms"] for x in rounds]
     summary["ceiling"] = {"qps_median": statistics.median(ceil_qps), "qps_rounds": ceil_qps,
-                          "encoder_p50_ms_median": statistics.median(enc_p50)}
+                          "encoder_p50_ms_median": statistics.median(enc_p50),
+                          # each ceiling process runs flat out: its CPU per query
+                          "cpu_ms_per_query_median": round(statistics.median(
+                              1e3 * x["ceiling"]["processes"] / x["ceiling"]["qps"]
+                              for x in rounds), 3)}
     for name, _, _ in PATHS:
         frac = [x["paths"][name]["c64_qps"] / x["ceiling"]["qps"] for x in rounds]
         over = [x["paths"][name]["c1_p50_ms"] - x["ceiling"]["p50_ms"] for x in rounds]
@@ -173,7 +225,24 @@ def main(argv: list[str] | None = None) -> int:
                                                   for x in rounds),
             "c1_p50_over_encoder_ms_median": round(statistics.median(over), 2),
             "load_generator_cpu_share_median": statistics.median(
-                x["paths"][name]["load_generator_cpu_share"] for x in rounds)}
+                x["paths"][name]["load_generator_cpu_share"] for x in rounds),
+            "c64_cpu_ms_per_request_median": {
+                role: statistics.median(x["paths"][name]["c64_cpu_ms_per_request"][role]
+                                        for x in rounds)
+                for role in rounds[0]["paths"][name]["c64_cpu_ms_per_request"]}}
+    for peer, _ in PEERS if not args.no_peers else ():
+        for name, _, _ in PEER_PATHS:
+            cell = [x["peers"][peer][name] for x in rounds]
+            ahead = [x["paths"][name]["c64_qps"] / x["peers"][peer][name]["c64_qps"]
+                     for x in rounds]
+            behind = [x["paths"][name]["c1_p50_ms"] - x["peers"][peer][name]["c1_p50_ms"]
+                      for x in rounds]
+            summary[f"{peer}/{name}"] = {
+                "c64_qps_median": statistics.median(c["c64_qps"] for c in cell),
+                "c1_p50_ms_median": statistics.median(c["c1_p50_ms"] for c in cell),
+                "dask_rag_c64_qps_over_peer_median": round(statistics.median(ahead), 3),
+                "dask_rag_c64_qps_over_peer_rounds": [round(a, 3) for a in ahead],
+                "dask_rag_c1_p50_minus_peer_ms_median": round(statistics.median(behind), 2)}
     path = write_result(args.out, {"how": __doc__.split("\n\n")[1].replace("\n", " "),
                                    "rounds": rounds, "summary": summary}, out_dir=RESULTS_DIR)
     print(f"wrote {path}")

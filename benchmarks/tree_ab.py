@@ -10,7 +10,10 @@ during the run falls on both arms alike.  Each round measures, on the same index
 
 * concurrency 1: p50 of ``POST /v1/search`` dense k 5, hybrid k 5 and ``/v1/ask``
   (one request at a time, the same questions);
-* 64 closed-loop clients: q/s of ``POST /v1/search`` hybrid k 5.
+* 64 closed-loop clients: q/s of ``POST /v1/search`` hybrid k 5;
+* with ``--in-process``: p50 of the blocking Python API that ``latency.py`` measures
+  (``RagPipeline.search`` dense and hybrid k 10, ``ask``; one call at a time) in a process of
+  its own started from the arm's tree, on its own LocalCluster of 2 worker processes.
 
 The report gives each round's per-arm figures and the per-round ratios (``new / before`` for
 q/s, ``before / new`` for latency: above 1 means the new tree is faster), and their medians.
@@ -88,6 +91,51 @@ def run_arm(tree: Path | None, index: Path, workers: int, qs: list[str], n: int,
         time.sleep(2)  # the cluster's processes gone before the next arm starts
 
 
+#: the in-process arm: run by ``python -c`` with the arm's tree first on the path, so it may use
+#: only what both trees have (start_local_cluster, RagPipeline.search/ask)
+IN_PROCESS = """
+import json, statistics, sys, time
+from distributed import Client
+from dask_rag.cluster import start_local_cluster
+from dask_rag.config import RagConfig
+from dask_rag.pipeline import RagPipeline
+index, qs = sys.argv[1], json.loads(sys.argv[2])
+with start_local_cluster(2, dashboard_address=None) as cluster, Client(cluster) as client, \\
+        RagPipeline.from_index_dir(client, index, RagConfig(k=10)) as pipe:
+    pipe.warmup()
+    arms = {"py_dense": lambda q: pipe.search(q, k=10, mode="dense"),
+            "py_hybrid": lambda q: pipe.search(q, k=10, mode="hybrid"),
+            "py_ask": lambda q: pipe.ask(q)}
+    out = {}
+    for name, fn in arms.items():
+        for q in qs[:8]:
+            fn(q)
+        ms = []
+        for q in qs:
+            t0 = time.perf_counter()
+            fn(q)
+            ms.append((time.perf_counter() - t0) * 1e3)
+        out[name + "_c1_p50_ms"] = statistics.median(ms)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def run_in_process(tree: Path | None, index: Path, qs: list[str]) -> dict[str, Any]:
+    """The blocking API's p50s from ``tree`` (None: this checkout), see :data:`IN_PROCESS`."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str((tree or ROOT).resolve()))
+    done = subprocess.run([sys.executable, "-c", IN_PROCESS, str(index), json.dumps(qs)],
+                          cwd=tree or ROOT, env=env, capture_output=True, text=True,
+                          timeout=900, check=True)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--before", type=Path, required=True, help="the other checkout")
@@ -97,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="per 64-client measurement")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="tree_ab")
+    p.add_argument("--in-process", action="store_true",
+                   help="also the blocking Python API (latency.py's dense/hybrid/ask arms)")
     args = p.parse_args(argv)
     qs = queries(256)
     rounds: list[dict[str, Any]] = []
@@ -104,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         order = ("new", "before") if r % 2 == 0 else ("before", "new")
         row: dict[str, Any] = {"order": list(order)}
         for arm in order:
-            row[arm] = run_arm(None if arm == "new" else args.before, args.index,
-                               args.workers, qs, args.n, args.seconds)
+            tree = None if arm == "new" else args.before
+            row[arm] = run_arm(tree, args.index, args.workers, qs, args.n, args.seconds)
+            if args.in_process:
+                row[arm].update(run_in_process(tree, args.index, qs[:args.n]))
             print(f"round {r + 1} {arm:>6}: {row[arm]}", flush=True)
         rounds.append(row)
     metrics = [k for k in rounds[0]["new"] if k != "errors"]
