@@ -13,6 +13,8 @@ overhead this project owns.  One run, in alternated rounds (this VM's speed drif
   ``POST /v1/embeddings``, ``/v1/search`` dense k 5, hybrid k 5, ``/v1/ask`` (extractive), each
   at concurrency 1 (p50) and 64 closed-loop clients (q/s).
 
+* with ``--before TREE``: the same serving paths of a ``dask-rag serve`` started from another
+  checkout (the commit before a change), and the per-round ratios;
 * **peers** (``benchmarks/peer_server.py``): the same job written the obvious way — one
   Starlette process with the index's encoder and ``faiss.IndexFlatIP`` — without and with a
   simple asyncio micro-batcher; ``/v1/embeddings`` and dense ``/v1/search`` the same way.
@@ -167,13 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="limit")
     p.add_argument("--no-peers", action="store_true", help="dask-rag and the ceiling only")
+    p.add_argument("--serve-args", default="", help="more options of dask-rag serve")
+    p.add_argument("--before", type=Path, default=None,
+                   help="also serve from this checkout (the commit before a change), measured "
+                        "in the same rounds as 'dask-rag-before'")
     args = p.parse_args(argv)
     index = ensure_index(args.index, args.workers)
     qs = queries(300)
     procs = os.cpu_count() or 1
     port = free_port()
     servers: dict[str, tuple[Any, int, tuple[Any, ...]]] = {
-        "dask-rag": (start_server(index, port, True, args.workers), port, PATHS)}
+        "dask-rag": (start_server(index, port, True, args.workers,
+                                  extra=tuple(args.serve_args.split())), port, PATHS)}
+    if args.before is not None:
+        before_port = free_port()
+        servers["dask-rag-before"] = (start_server(index, before_port, True, args.workers,
+                                                   tree=args.before), before_port, PATHS)
     if not args.no_peers:
         for name, batch in PEERS:
             peer_port = free_port()
@@ -198,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                                              args.n1, paths, proc.pid))
                 if what == "dask-rag":
                     row["paths"] = cells
+                elif what == "dask-rag-before":
+                    row["before"] = cells
                 else:
                     row.setdefault("peers", {})[what] = cells
             rounds.append(row)
@@ -243,6 +256,15 @@ def main(argv: list[str] | None = None) -> int:
                 "dask_rag_c64_qps_over_peer_median": round(statistics.median(ahead), 3),
                 "dask_rag_c64_qps_over_peer_rounds": [round(a, 3) for a in ahead],
                 "dask_rag_c1_p50_minus_peer_ms_median": round(statistics.median(behind), 2)}
+    if args.before is not None:
+        for name, _, _ in PATHS:
+            qps = [x["paths"][name]["c64_qps"] / x["before"][name]["c64_qps"] for x in rounds]
+            c1 = [x["before"][name]["c1_p50_ms"] / x["paths"][name]["c1_p50_ms"] for x in rounds]
+            summary[f"vs_before/{name}"] = {
+                "c64_qps_ratio_median": round(statistics.median(qps), 3),
+                "c64_qps_ratio_rounds": [round(v, 3) for v in qps],
+                "c1_p50_ratio_median_faster_above_1": round(statistics.median(c1), 3),
+                "c1_p50_ratio_rounds": [round(v, 3) for v in c1]}
     path = write_result(args.out, {"how": __doc__.split("\n\n")[1].replace("\n", " "),
                                    "rounds": rounds, "summary": summary}, out_dir=RESULTS_DIR)
     print(f"wrote {path}")

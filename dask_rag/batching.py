@@ -139,7 +139,8 @@ class MicroBatcher(Generic[T, R]):
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._recent_batch_s = 0.05
-        #: callers answered since the last flush: how many may be about to come back
+        #: callers answered since the last flush (the second half of a wave split in two:
+        #: since the flush before): how many may be about to come back
         self._answered = 0
         #: queue length at which the runner wants waking (a full batch, or the answered ones)
         self._target = self.config.max_batch
@@ -237,12 +238,18 @@ class MicroBatcher(Generic[T, R]):
             # back: a lone caller goes at once, the wave of a finished batch goes together)
             self._target = self.config.max_batch
             wait = busy_wait
+            coming = min(self.config.max_batch, self._answered)
+            halved = False
             if not self._inflight:
-                coming = min(self.config.max_batch, self._answered)
+                split = self.config.split_wave_min
+                if 0 < split <= coming and self.config.max_concurrent_batches > 1:
+                    coming, halved = (coming + 1) // 2, True  # see BatchConfig.split_wave_min
                 if len(self._queue) < coming:
                     self._target = coming
                 else:
                     wait = max_wait
+            elif coming:  # the rest of a returning wave: it goes once it is back
+                self._target = coming
             deadline = self._queue[0].enqueued + wait
             while len(self._queue) < self._target and not self._closing:
                 remaining = deadline - self.clock.now()
@@ -253,7 +260,10 @@ class MicroBatcher(Generic[T, R]):
             self._target = self.config.max_batch
             await self._slots.acquire()
             batch = self._take_batch()
-            self._answered = 0
+            # the second half of a split wave is expected next — if the first half did come
+            # back (not a timeout: those callers left); otherwise a new count starts
+            self._answered = (self._answered - len(batch)
+                              if halved and len(batch) >= coming else 0)
             if not batch:
                 self._slots.release()
                 continue

@@ -46,7 +46,13 @@ from dask_rag.embed.service import EmbeddingService
 from dask_rag.errors import InvalidInput
 from dask_rag.index.distributed import HEDGE_AFTER_S, DistributedIndex
 from dask_rag.index.query import IndexQuery
-from dask_rag.index.vectors import EmbeddedPieces, EmbedInTask, NoVectors, QueryVectors
+from dask_rag.index.vectors import (
+    EmbeddedPieces,
+    EmbedInTask,
+    NoVectors,
+    QueryMatrix,
+    QueryVectors,
+)
 from dask_rag.rag.fusion import Fusion, default_fusion
 from dask_rag.rag.generate.base import SamplingParams, parse_generator_spec
 from dask_rag.rag.generate.openai_upstream import OpenAIUpstream
@@ -72,12 +78,13 @@ from dask_rag.rag.tasks import (
 
 __all__ = ["SMALL_BATCH", "Answer", "Hit", "RagPipeline"]
 
-#: batches of at most this many requests are embedded on every shard's worker (not in tasks of
-#: their own) and, for search, go to the workers' searcher actors directly and are merged and
-#: fused in the client (dask_rag.index.searcher): a trip through the scheduler costs ~4-7 ms
-#: here, most of a lone request's latency, while repeating a few short texts' embedding on each
-#: worker costs a few milliseconds of parallel compute.  Bigger batches embed once, split
-#: across the workers, in one graph.
+#: batches of at most this many requests are embedded on every shard's worker (by each searcher
+#: actor for a search, in each search task for an ask): a trip through the scheduler or a
+#: second actor call costs ~4-7 ms here, most of a lone request's latency, while repeating a
+#: few short texts' embedding on each worker costs a few milliseconds of parallel compute.
+#: Bigger batches are embedded once, split across the workers (by the encoder actors for a
+#: search, by embedding tasks in an ask's graph).  Searches of any size go to the workers'
+#: searcher actors directly and are merged and fused in the client (dask_rag.index.searcher).
 SMALL_BATCH = 4
 
 Req = TypeVar("Req", SearchRequest, AskRequest)
@@ -125,9 +132,13 @@ class RagPipeline:
         self._write_lock = threading.Lock()
         # with an upstream generator the ask batcher batches retrieval and prompts only (see
         # aask): an answer (an Answer) or a prompt (the graph's fields) per request
+        # an ask batch is still one Dask graph (its last task generates on a worker): a wave
+        # split in two (BatchConfig.split_wave_min) doubles the scheduler's work for little
+        # overlap — 0.98x at 64 clients (benchmarks/results/limit_ab_direct_split.json)
         self._ask_batcher: MicroBatcher[AskRequest, Any] = MicroBatcher(
             self._ask_batch if self._upstream is None else self._prompt_batch,
-            batch or BatchConfig(max_batch=64), name="ask")
+            dataclasses.replace(batch or BatchConfig(max_batch=64), split_wave_min=0),
+            name="ask")
         self._search_batcher: MicroBatcher[SearchRequest, tuple[list[Hit], dict[str, float]]] \
             = MicroBatcher(self._search_batch, batch or BatchConfig(max_batch=128),
                            name="search")
@@ -228,6 +239,14 @@ class RagPipeline:
         if self._small(reqs):
             return EmbedInTask(self.embedder.here(texts), len(texts))
         return EmbeddedPieces(self.embedder.submit(texts))
+
+    async def _direct_vectors(self, reqs: Sequence[SearchRequest | AskRequest],
+                              plan: RetrievalPlan) -> QueryVectors:
+        """The query vectors of a direct (actor) search: none (BM25 only), the texts for each
+        searcher actor to embed (a small batch), or the matrix the encoder actors made."""
+        if plan.mode == "sparse" or self._small(reqs):
+            return self._vectors(reqs, plan)
+        return QueryMatrix(await self.embedder.aembed_now(list(plan.texts)))
 
     def _small(self, reqs: Sequence[SearchRequest | AskRequest]) -> bool:
         """Whether a batch is embedded in the shards' own tasks (see SMALL_BATCH): only while
@@ -384,15 +403,16 @@ class RagPipeline:
         return reqs
 
     async def _search(self, reqs: Sequence[SearchRequest]) -> Retrieved:
-        """One batch of search requests sharing options, retried once on a lost worker: a
-        small batch through the workers' searcher actors (merged and fused here, see
-        SMALL_BATCH), else — or if that path fails — one graph, hedged."""
+        """One batch of search requests sharing options, retried once on a lost worker:
+        through the workers' actors (no scheduler) — a small batch embedded by each searcher
+        actor (see SMALL_BATCH), a bigger one by the encoder actors first, split across the
+        workers — and merged and fused here; one graph, hedged, if that path fails."""
         async def once() -> Retrieved:
-            if self._small(reqs):
-                query, plan = self._plan(reqs, self._k(reqs[0]))
-                parts = await self.index.asearch_direct(query, self._vectors(reqs, plan))
-                if parts is not None:
-                    return retrieve(plan, parts)
+            query, plan = self._plan(reqs, self._k(reqs[0]))
+            parts = await self.index.asearch_direct(query, await self._direct_vectors(
+                reqs, plan))
+            if parts is not None:
+                return retrieve(plan, parts)
             result: Retrieved = await await_hedged(lambda: self.submit_search(reqs),
                                                    self.index.hedge_trigger(), HEDGE_AFTER_S)
             return result

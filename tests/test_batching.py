@@ -337,3 +337,47 @@ def test_callers_of_a_finished_batch_coming_back_form_one_batch():
         await b.close()
 
     run(main())
+
+
+def test_a_big_returning_wave_goes_as_two_batches():
+    """With nothing in flight, a returning wave of >= split_wave_min callers goes as two
+    batches: the first half as soon as it is back (it computes while the others return), the
+    rest as soon as it is back too — no busy_wait, no clock advance here.  split_wave_min 0:
+    one batch per wave, as before."""
+
+    async def main(split):
+        calls: list[int] = []
+        hold = asyncio.Event()
+        hold.set()
+
+        async def process(items):
+            calls.append(len(items))
+            await hold.wait()
+            return items
+
+        b = MicroBatcher(process, BatchConfig(max_batch=64, max_wait_ms=0, busy_wait_ms=80,
+                                              split_wave_min=split), clock=ManualClock())
+        assert await asyncio.gather(*(b.submit(i) for i in range(32))) == list(range(32))
+        hold.clear()  # the second wave's batches stay in flight until every caller is back
+        back = []
+        for i in range(32):
+            back.append(asyncio.ensure_future(b.submit(i)))
+            await settle()
+        wave = calls[1:]
+        hold.set()
+        assert await asyncio.wait_for(asyncio.gather(*back), 5) == list(range(32))
+        # the wave does not come back (the clients left): one lone caller waits busy_wait
+        # once, then callers go at once again, split or not
+        lone = asyncio.ensure_future(b.submit("lone"))
+        await settle()
+        b.clock.advance(0.08)
+        await settle()
+        assert await lone == "lone"
+        for i in range(3):
+            assert await asyncio.wait_for(b.submit(i), 5) == i
+        await b.close()
+        return calls[0], wave
+
+    assert run(main(16)) == (32, [16, 16])
+    assert run(main(0)) == (32, [32])
+    assert run(main(33)) == (32, [32])  # a smaller wave than split_wave_min is not split

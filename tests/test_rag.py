@@ -229,6 +229,29 @@ def pipe(client, demo_index):
         yield p
 
 
+def test_searches_of_every_size_go_to_the_actors_with_the_graphs_results(pipe, client):
+    """Searches of any batch size go to the workers' actors — a small batch embedded by each
+    searcher actor, a bigger one by the encoder actors first — with no task through the
+    scheduler, and give the graph's hits bit for bit (dense, hybrid and BM25 only)."""
+    queries = [f"How do I {verb} a {noun}?" for verb in ("read", "write", "parse", "sort")
+               for noun in ("file", "string", "list")]
+
+    def transitions():
+        return client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+
+    for mode in ("dense", "hybrid", "sparse"):
+        for n in (1, 4, 12):
+            reqs = [pipe.search_request(q, k=5, mode=mode) for q in queries[:n]]
+            by_graph, _ = client.gather(pipe.submit_search(reqs))
+            for _ in range(2):  # the actors exist after these (calls rotate over the workers)
+                pipe.search_many(queries[:n], k=5, mode=mode)
+            before = transitions()
+            direct = pipe.search_many(queries[:n], k=5, mode=mode)
+            assert transitions() == before, (mode, n)  # nothing went through the scheduler
+            assert [[(h.id, h.score) for h in row] for row in direct] == \
+                [[(h.id, h.score) for h in row] for row in by_graph], (mode, n)
+
+
 def test_filtered_pipeline_search(pipe):
     hits = pipe.search("parse a string", k=8, filter={"source_prefix": "json."})
     assert len(hits) == 8 and all(h.source.startswith("json.") for h in hits)

@@ -364,8 +364,11 @@ class DistributedIndex:
 
     async def asearch_direct(self, query: IndexQuery, vectors: QueryVectors
                              ) -> list[ShardResult] | None:
-        """The shards' answers to a small batch through the per-worker searcher actors (no
-        scheduler); None if that path failed — run :meth:`submit_search` instead."""
+        """The shards' answers through the per-worker searcher actors (no scheduler): for a
+        query matrix (validated here), texts each actor embeds (a small batch) or none;
+        None if that path failed — run :meth:`submit_search` instead."""
+        if isinstance(vectors, QueryMatrix):
+            vectors = QueryMatrix(check_vectors(vectors.xq, self.dim, "xq"))
         return await self.direct.asearch(self.writer.stamp(query), vectors)
 
     async def asearch(self, xq: Any, k: int = 10, nprobe: int | None = None, *,

@@ -122,9 +122,9 @@ class DirectSearch:
         """One actor call per worker holding shards, or None when the shards' places are not
         known (then the caller submits a graph)."""
         self.replicas.check_open()
-        if not isinstance(vectors, (EmbedInTask, NoVectors)):
-            raise InvalidInput("direct searches take texts to embed in the task "
-                               "(EmbedInTask), or none for BM25 only")
+        if not isinstance(vectors, (QueryMatrix, EmbedInTask, NoVectors)):
+            raise InvalidInput("direct searches take a query matrix, texts to embed in the "
+                               "task (EmbedInTask), or none for BM25 only")
         plan = self.replicas.where_searchable()
         if plan is None:
             return None

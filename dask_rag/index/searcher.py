@@ -27,7 +27,7 @@ from dask_rag.index.query import IndexQuery, ShardResult
 from dask_rag.index.routing import RoutedBatch, Router
 from dask_rag.index.shard import Shard
 from dask_rag.index.tasks import route_batch, search_shard_task
-from dask_rag.index.vectors import EmbedInTask, NoVectors
+from dask_rag.index.vectors import EmbedInTask, NoVectors, QueryMatrix
 
 __all__ = ["ShardSearcher"]
 
@@ -38,7 +38,8 @@ class ShardSearcher:
     def __init__(self) -> None:
         self._routers: dict[tuple[str, str], Router] = {}
 
-    def search(self, keys: list[Any], source: EmbedInTask | NoVectors, query: IndexQuery,
+    def search(self, keys: list[Any], source: QueryMatrix | EmbedInTask | NoVectors,
+               query: IndexQuery,
                nq: int, index: tuple[str, str] | None) -> list[ShardResult] | None:
         """Search the shards with future keys ``keys`` held by this worker; None when one of
         them is not here (moved, being reloaded).  ``index`` is (directory, uuid) when the

@@ -43,6 +43,9 @@ class QueryMatrix(NamedTuple):
     def nq(self) -> int:
         return int(self.xq.shape[0])
 
+    def matrix(self) -> npt.NDArray[np.float32]:
+        return self.xq
+
 
 class EmbeddedPieces(NamedTuple):
     """Embedding tasks' output: ``(vectors, rows)`` pieces, each holding the batch rows
