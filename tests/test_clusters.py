@@ -90,6 +90,28 @@ def test_worker_malloc_settings_keep_the_users_own():
         assert dask.config.get(key) == env == {**WORKER_MALLOC_ENV, "OMP_NUM_THREADS": 1}
 
 
+def test_clusters_dask_rag_starts_are_quiet_unless_told(client, monkeypatch):
+    """Workers of start_local_cluster run without the statistical profiler and with slow
+    ticks and memory polls (QUIET_DASK_CONFIG); a value the user set in the environment
+    wins."""
+    import os
+
+    import dask
+
+    from dask_rag.cluster.workers import quiet_dask_config
+
+    got = client.run(lambda dask_worker: {k: v.callback_time
+                                          for k, v in dask_worker.periodic_callbacks.items()})
+    for callbacks in got.values():
+        assert "profile" not in callbacks
+        assert callbacks["tick"] == 500 and callbacks["memory_monitor"] == 500
+    monkeypatch.setenv("DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL", "50ms")
+    with dask.config.set({"distributed.admin.tick.interval": "50ms"}):
+        quiet_dask_config()
+        assert os.environ["DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL"] == "50ms"
+        assert dask.config.get("distributed.admin.tick.interval") == "50ms"
+
+
 @pytest.mark.parametrize("data,match", [
     ({"kind": "cloud"}, "'kind' must be one of"),
     ({"kind": "local", "wokers": 2}, "unknown key 'wokers'"),
