@@ -351,7 +351,8 @@ class RagPipeline:
                            filter: Any = None, mode: str | None = None,
                            timings: dict[str, float] | None = None,
                            fusion: Fusion | dict[str, Any] | None = None) -> list[list[Hit]]:
-        """Hits for a batch of queries: one graph (a small batch: the searcher actors)."""
+        """Hits for a batch of queries: one call to each worker's searcher actor (a graph if
+        that path fails), see :meth:`_search`."""
         reqs = self._requests(queries, lambda q: self.search_request(q, k, filter, mode,
                                                                      fusion))
         t0 = time.perf_counter()

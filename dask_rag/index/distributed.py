@@ -20,7 +20,7 @@ The index is a facade over three parts with one job each: a
 :class:`~dask_rag.index.replicas.ReplicaSet` (where shard replicas live: placement, epochs,
 the holder map, rebalance), an :class:`~dask_rag.index.writes.IndexWriter` (the log, applying
 to every replica, the manifest, the read token) and the search paths of
-:mod:`dask_rag.index.fanout` (the task graph; direct actor calls for small batches).  This
+:mod:`dask_rag.index.fanout` (direct actor calls; the task graph).  This
 module builds and opens indexes and wires the parts together.
 """
 

@@ -107,7 +107,7 @@ class SearchGraph:
 
 
 class DirectSearch:
-    """Small batches without the scheduler: one call per worker holding shards to its
+    """Searches without the scheduler: one call per worker holding shards to its
     :class:`~dask_rag.index.searcher.ShardSearcher` actor (see that module for why)."""
 
     def __init__(self, client: Client, replicas: ReplicaSet, location: str, index_uuid: str,

@@ -1,14 +1,17 @@
-"""Small searches without the scheduler: a :class:`ShardSearcher` actor on each worker that the
+"""Searches without the scheduler: a :class:`ShardSearcher` actor on each worker that the
 client calls directly.
 
 A Dask graph, however small, costs a trip through the scheduler: measured here on a 2-worker
 LocalCluster, ~4-7 ms from submitting a task until it starts and ~9 ms end to end for two
 trivial tasks, against ~3 ms for a direct call to an actor on each of the two workers.  For a
-lone query that trip was most of its latency (``benchmarks/latency.py``).  So a small batch
+lone query that trip was most of its latency (``benchmarks/latency.py``); under load, a
+graph's five tasks per batch cost the scheduler and the workers CPU the encoder needs
+(``benchmarks/limit.py``: dense search at 64 clients 1.15x through the actors).  So a batch
 calls, on every worker holding shards, the worker's ``ShardSearcher`` — a Dask actor — with
-the keys of the shard futures in that worker's memory; the actor embeds the batch once
-(the callable source), routes it (IVF: with a router it loads from the index directory once),
-and runs :func:`~dask_rag.index.tasks.search_shard_task` on each of its shards.
+the keys of the shard futures in that worker's memory and the query vectors: the matrix the
+encoder actors made, or (a batch of a few texts) the texts, which the actor embeds once; it
+routes the batch (IVF: with a router it loads from the index directory once) and runs
+:func:`~dask_rag.index.tasks.search_shard_task` on each of its shards.
 
 It is an optimisation only, never the source of truth: shards stay persisted futures (the
 scheduler recomputes them from disk after a failure), an actor that does not hold a shard it is
