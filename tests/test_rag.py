@@ -252,6 +252,29 @@ def test_searches_of_every_size_go_to_the_actors_with_the_graphs_results(pipe, c
                 [[(h.id, h.score) for h in row] for row in by_graph], (mode, n)
 
 
+def test_a_worker_lost_under_the_actor_path_sends_the_batch_to_tasks(pipe, monkeypatch):
+    """A worker lost under the direct path — here no actor can start on it (actor_on raises
+    ShardUnavailable, as it does for a worker that just died) — sends the embedding to tasks
+    and the search to the graph: the same hits, no error (a CI run of
+    test_worker_killed_while_serving_answers_stay_right once lost 8 of 12 batches to it)."""
+    from dask_rag.errors import ShardUnavailable
+
+    queries = [f"How do I {verb} a file?" for verb in ("read", "write", "copy", "move",
+                                                     "delete", "lock", "open", "close")]
+    want = [[(h.id, h.score) for h in row] for row in pipe.search_many(queries, k=5)]
+
+    def refuse(*args, **kwargs):
+        raise ShardUnavailable("no actor: the worker is gone")
+
+    monkeypatch.setattr("dask_rag.embed.service.actor_on", refuse)
+    monkeypatch.setattr("dask_rag.index.fanout.actor_on", refuse)
+    pipe.embedder._actors = {}
+    pipe.index.direct.forget()
+    for batch in (queries, queries[:2]):  # encoder actors + searcher actors; searchers only
+        got = pipe.search_many(batch, k=5)
+        assert [[(h.id, h.score) for h in row] for row in got] == want[:len(batch)]
+
+
 def test_filtered_pipeline_search(pipe):
     hits = pipe.search("parse a string", k=8, filter={"source_prefix": "json."})
     assert len(hits) == 8 and all(h.source.startswith("json.") for h in hits)

@@ -34,6 +34,7 @@ from dask_rag.cluster.futures import (
     actor_on,
     await_actor_calls,
     await_future,
+    is_transient,
 )
 from dask_rag.cluster.plugins import ensure_model_cache, worker_model_cache
 from dask_rag.cluster.sync import synchronous
@@ -365,9 +366,11 @@ class EmbeddingService:
                         self.client, EncoderActor, worker, f"{self._actor_key}-{worker}")
                 calls.append(actor.embed(self.config, [texts[j] for j in r]))
             parts = await await_actor_calls(self.client, calls, DIRECT_TIMEOUT_S)
-        except DaskRagError:
-            raise
-        except Exception:
+        except Exception as exc:
+            # bad input or a mismatched encoder is the caller's answer; a worker lost under
+            # the call (an actor that cannot start on it included) sends the texts to tasks
+            if isinstance(exc, DaskRagError) and not is_transient(exc):
+                raise
             self._actors = {}
             return None
         return self._assemble(len(texts), parts, rows)

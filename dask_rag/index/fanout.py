@@ -16,7 +16,12 @@ from typing import Any
 
 from distributed import Client, Future
 
-from dask_rag.cluster.futures import DIRECT_TIMEOUT_S, actor_on, await_actor_calls
+from dask_rag.cluster.futures import (
+    DIRECT_TIMEOUT_S,
+    actor_on,
+    await_actor_calls,
+    is_transient,
+)
 from dask_rag.errors import DaskRagError, InvalidInput
 from dask_rag.index.query import IndexQuery, ShardResult, check_vectors
 from dask_rag.index.replicas import ReplicaSet
@@ -162,8 +167,10 @@ class DirectSearch:
             calls = self._calls(query, vectors)
             results = None if calls is None else await await_actor_calls(
                 self.client, calls, DIRECT_TIMEOUT_S)
-        except DaskRagError:
-            raise
-        except Exception:
+        except Exception as exc:
+            # bad input is the caller's answer; a worker lost under the call (an actor that
+            # cannot start on it included) sends the search to the graph
+            if isinstance(exc, DaskRagError) and not is_transient(exc):
+                raise
             results = None
         return self._outcome(results)
