@@ -131,10 +131,10 @@ class RagPipeline:
             resolve_reranker_path(self.config.rerank_model)
         self._write_lock = threading.Lock()
         # with an upstream generator the ask batcher batches retrieval and prompts only (see
-        # aask): an answer (an Answer) or a prompt (the graph's fields) per request
-        # an ask batch is still one Dask graph (its last task generates on a worker): a wave
-        # split in two (BatchConfig.split_wave_min) doubles the scheduler's work for little
-        # overlap — 0.98x at 64 clients (benchmarks/results/limit_ab_direct_split.json)
+        # aask): an answer (an Answer) or a prompt (the graph's fields) per request.  An ask
+        # batch is one Dask graph (its last task generates on a worker): a wave split in two
+        # (BatchConfig.split_wave_min) doubles the scheduler's work for little overlap —
+        # 0.98x at 64 clients (benchmarks/results/limit_ab_direct_split.json)
         self._ask_batcher: MicroBatcher[AskRequest, Any] = MicroBatcher(
             self._ask_batch if self._upstream is None else self._prompt_batch,
             dataclasses.replace(batch or BatchConfig(max_batch=64), split_wave_min=0),
@@ -229,29 +229,28 @@ class RagPipeline:
                              texts=tuple(texts), idf_sums=sums)
         return query, plan
 
-    def _vectors(self, reqs: Sequence[SearchRequest | AskRequest], plan: RetrievalPlan
-                 ) -> QueryVectors:
-        """The query vectors: none (BM25 only), the texts to embed in the search tasks (a
-        small batch), or embedding tasks' pieces (see SMALL_BATCH)."""
+    def _vectors(self, plan: RetrievalPlan, small: bool) -> QueryVectors:
+        """The query vectors of a graph: none (BM25 only), the texts to embed in the search
+        tasks (``small``, see :meth:`_small`), or embedding tasks' pieces."""
         if plan.mode == "sparse":
             return NoVectors(plan.nq)
-        texts = [r.query if isinstance(r, SearchRequest) else r.question for r in reqs]
-        if self._small(reqs):
-            return EmbedInTask(self.embedder.here(texts), len(texts))
-        return EmbeddedPieces(self.embedder.submit(texts))
+        if small:
+            return EmbedInTask(self.embedder.here(plan.texts), plan.nq)
+        return EmbeddedPieces(self.embedder.submit(plan.texts))
 
-    async def _direct_vectors(self, reqs: Sequence[SearchRequest | AskRequest],
-                              plan: RetrievalPlan) -> QueryVectors:
+    async def _direct_vectors(self, plan: RetrievalPlan) -> QueryVectors:
         """The query vectors of a direct (actor) search: none (BM25 only), the texts for each
         searcher actor to embed (a small batch), or the matrix the encoder actors made."""
-        if plan.mode == "sparse" or self._small(reqs):
-            return self._vectors(reqs, plan)
-        return QueryMatrix(await self.embedder.aembed_now(list(plan.texts)))
+        small = self._small(plan.nq)  # decided once: the canaries' verdicts may change
+        if plan.mode == "sparse" or small:
+            return self._vectors(plan, small)
+        return QueryMatrix(await self.embedder.aembed_now(plan.texts))
 
-    def _small(self, reqs: Sequence[SearchRequest | AskRequest]) -> bool:
-        """Whether a batch is embedded in the shards' own tasks (see SMALL_BATCH): only while
-        every worker's encoder matches the index's canaries, since shards live anywhere."""
-        return len(reqs) <= SMALL_BATCH and self.embedder.embeds_everywhere()
+    def _small(self, nq: int) -> bool:
+        """Whether a batch of ``nq`` queries is embedded where its shards are (see
+        SMALL_BATCH): only while every worker's encoder matches the index's canaries, since
+        shards live anywhere."""
+        return nq <= SMALL_BATCH and self.embedder.embeds_everywhere()
 
     def _search_parts(self, reqs: Sequence[SearchRequest | AskRequest], keep: int
                       ) -> tuple[list[Future], RetrievalPlan, str]:
@@ -259,7 +258,7 @@ class RagPipeline:
         own tasks, or in each shard's task for a small batch), [route], shard searches, merge
         tree; returns the <= 4 partial results' futures and the plan of the final merge."""
         query, plan = self._plan(reqs, keep)
-        parts = self.index.submit_search(query, self._vectors(reqs, plan))
+        parts = self.index.submit_search(query, self._vectors(plan, self._small(plan.nq)))
         return parts, plan, uuid.uuid4().hex
 
     def _rerank_plan(self, questions: list[str], k: int) -> RerankPlan | None:
@@ -410,8 +409,7 @@ class RagPipeline:
         workers — and merged and fused here; one graph, hedged, if that path fails."""
         async def once() -> Retrieved:
             query, plan = self._plan(reqs, self._k(reqs[0]))
-            parts = await self.index.asearch_direct(query, await self._direct_vectors(
-                reqs, plan))
+            parts = await self.index.asearch_direct(query, await self._direct_vectors(plan))
             if parts is not None:
                 return retrieve(plan, parts)
             result: Retrieved = await await_hedged(lambda: self.submit_search(reqs),
