@@ -247,6 +247,74 @@ def test_length_buckets_and_balanced_split():
     assert length_buckets(np.array([5] * 10), 4) == [(0, 4), (4, 8), (8, 10)]
 
 
+def test_water_fill_and_weighted_split():
+    """New work fills the least loaded workers to one level (all finish together), never
+    hands a worker less than the minimum share, and the cut of a batch follows the shares."""
+    from dask_rag.embed.service import split_weighted, text_costs, water_fill
+
+    assert water_fill([0, 0], 100, 10) == [50, 50]
+    assert water_fill([50, 0], 100, 10) == [25, 75]
+    assert water_fill([200, 0], 100, 10) == [0, 100]  # the busy one gets nothing
+    assert water_fill([95, 0], 100, 10) == [0, 100]  # 2.5 would be under the minimum
+    assert water_fill([0, 0], 5, 10) == [5, 0]  # too little to split: one worker
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        loads = rng.uniform(0, 100, int(rng.integers(1, 6))).tolist()
+        total, least = float(rng.uniform(1, 300)), float(rng.uniform(0, 30))
+        shares = water_fill(loads, total, least)
+        assert sum(shares) == pytest.approx(total)
+        used = [i for i, x in enumerate(shares) if x > 0]
+        assert int(np.argmin(loads)) in used
+        assert len(used) == 1 or min(shares[i] for i in used) >= least - 1e-9
+        ends = [loads[i] + shares[i] for i in used]
+        assert max(ends) - min(ends) < 1e-6  # one finishing level
+        # those left out are the most loaded
+        assert all(loads[i] >= max(loads[j] for j in used) for i in range(len(loads))
+                   if i not in used)
+        costs = np.sort(rng.uniform(60, 400, int(rng.integers(1, 60))))[::-1]
+        runs = split_weighted(costs, [shares[i] for i in used])
+        assert len(runs) == min(len(used), len(costs)) and runs[-1][1] == len(costs)
+        assert all(b > a for a, b in runs) and runs[0][0] == 0
+        if len(runs) == len(used):
+            for (a, b), i in zip(runs, used, strict=True):
+                wanted = costs.sum() * shares[i] / total
+                assert abs(costs[a:b].sum() - wanted) <= len(runs) * costs.max()
+    # a short query costs mostly the encoder's fixed part, not its length
+    assert text_costs(["ab", "a" * 62]).tolist() == [62, 122]
+
+
+def test_direct_embedding_goes_to_the_least_loaded_worker(client, texts):
+    """The direct path books each part against its worker until answered: a batch avoids a
+    worker that still has work, idle workers share a batch by cost, lone texts alternate,
+    and nothing stays booked afterwards."""
+    service = EmbeddingService(client, EmbedConfig())
+    workers = sorted(client.scheduler_info()["workers"])
+    batch = [t[:120] for t in texts[:12]]
+    service._refresh_workers(wait=True)
+    service._load = {workers[0]: 1e6}  # worker 0 is busy with an earlier batch
+    parts = service._assign(batch)
+    assert [w for w, _, _ in parts] == [workers[1]]
+    assert sorted(np.concatenate([r for _, r, _ in parts]).tolist()) == list(range(12))
+    for w, _, cost in parts:
+        service._unload(w, cost)
+    service._load = {}
+    parts = service._assign(batch)  # both idle: both encode, about equal work
+    assert {w for w, _, _ in parts} == set(workers)
+    costs = [c for _, _, c in parts]
+    assert max(costs) - min(costs) <= 2 * max(60 + len(t) for t in batch)
+    for w, _, cost in parts:
+        service._unload(w, cost)
+    lone = []
+    for _ in range(2):
+        [(w, _, cost)] = service._assign(batch[:1])
+        lone.append(w)
+        service._unload(w, cost)
+    assert sorted(lone) == workers  # idle workers take lone texts in turn
+    vectors = asyncio.run(service.aembed_now(batch))
+    assert vectors.shape == (12, service.dim)
+    assert all(v == 0 for v in service._load.values())
+
+
 def test_concurrent_quantization_of_one_cache_entry(tmp_path):
     """Workers that load the same model at once quantize the same cached graph at once: none
     may read another's half-written file (ORT's quantizer writes a shape-inferred copy next to

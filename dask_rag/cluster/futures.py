@@ -92,11 +92,23 @@ def actor_on(client: Client, cls: type, worker: str, key: str) -> Any:
         return Actor(cls, worker, fut.key)
 
 
-async def await_actor_calls(client: Client, calls: list[Any], timeout: float) -> list[Any]:
+async def await_actor_calls(client: Client, calls: list[Any], timeout: float,
+                            on_done: Callable[[int], None] | None = None) -> list[Any]:
     """The results of actor calls (``ActorFuture``s of ``client``'s actors), awaited on the
-    client's own event loop; only the outcome comes back to this one."""
+    client's own event loop; only the outcome comes back to this one.  ``on_done(i)`` is
+    called (on the client's loop) as soon as call ``i`` has finished, failed or not — e.g. to
+    stop counting its work against its worker while the other calls still run."""
+    async def one(i: int, call: Any) -> Any:
+        try:
+            return await call
+        finally:
+            if on_done is not None:
+                on_done(i)
+
     async def all_of() -> list[Any]:
-        return [await c for c in calls]
+        if on_done is None:
+            return [await c for c in calls]
+        return list(await asyncio.gather(*(one(i, c) for i, c in enumerate(calls))))
 
     loop = client.loop.asyncio_loop  # type: ignore[union-attr]
     done = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(all_of(), loop))
