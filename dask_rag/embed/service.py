@@ -330,8 +330,8 @@ class EmbeddingService:
         A batch is split across the workers so that all of them encode at once: on CPU the
         encoder is compute-bound, and one task would leave the other workers idle.  The batch
         is sorted by cost (:func:`text_costs`) and cut into contiguous runs of about equal
-        cost, so the workers finish together.  (Vectors do not depend on the split: the default encoder is
-        batch-invariant.)
+        cost, so the workers finish together.  (Vectors do not depend on the split: the
+        default encoder is batch-invariant.)
         """
         _, restrict, rows = self._split(texts)
         # one map call: one update_graph message for all the parts
