@@ -69,7 +69,10 @@ from dask_rag.rag.tasks import (
     RerankPlan,
     RetrievalPlan,
     Retrieved,
+    answer_batch,
     answer_task,
+    local_generator,
+    prompt_batch,
     prompt_task,
     retrieve,
     retrieve_task,
@@ -79,12 +82,15 @@ from dask_rag.rag.tasks import (
 __all__ = ["SMALL_BATCH", "Answer", "Hit", "RagPipeline"]
 
 #: batches of at most this many requests are embedded on every shard's worker (by each searcher
-#: actor for a search, in each search task for an ask): a trip through the scheduler or a
-#: second actor call costs ~4-7 ms here, most of a lone request's latency, while repeating a
-#: few short texts' embedding on each worker costs a few milliseconds of parallel compute.
-#: Bigger batches are embedded once, split across the workers (by the encoder actors for a
-#: search, by embedding tasks in an ask's graph).  Searches of any size go to the workers'
-#: searcher actors directly and are merged and fused in the client (dask_rag.index.searcher).
+#: actor, or in each search task of a graph) while no other search or ask is running: a
+#: second actor call costs ~1-2 ms here, a trip through the scheduler ~4-7 ms, most of a lone
+#: request's latency, while repeating a few short texts' embedding on each idle worker costs
+#: a few milliseconds of parallel compute.  Under load that repetition is work taken from
+#: other requests (6 % of the workers' time at 64 clients), so small batches are then
+#: embedded once, like bigger ones: by the encoder actors, split across the workers (by
+#: embedding tasks in a graph).  Searches and asks of any size go to the workers' searcher
+#: actors directly and are merged, fused (and answered, by a generator that needs no model)
+#: in the client (dask_rag.index.searcher).
 SMALL_BATCH = 4
 
 Req = TypeVar("Req", SearchRequest, AskRequest)
@@ -130,14 +136,22 @@ class RagPipeline:
 
             resolve_reranker_path(self.config.rerank_model)
         self._write_lock = threading.Lock()
+        #: searches and asks running now (see SMALL_BATCH)
+        self._running = 0
+        #: the generator when it needs no model: asks are then answered here, after a direct
+        #: search, instead of by a graph's last task
+        self._local_generator = (None if self.config.rerank_model else local_generator(
+            self.generator_spec, self.config.max_answer_sentences))
         # with an upstream generator the ask batcher batches retrieval and prompts only (see
         # aask): an answer (an Answer) or a prompt (the graph's fields) per request.  An ask
-        # batch is one Dask graph (its last task generates on a worker): a wave split in two
-        # (BatchConfig.split_wave_min) doubles the scheduler's work for little overlap —
-        # 0.98x at 64 clients (benchmarks/results/limit_ab_direct_split.json)
+        # batch that is one Dask graph (its last task generates on a worker) is not split in
+        # waves (BatchConfig.split_wave_min): that doubles the scheduler's work for little
+        # overlap — 0.98x at 64 clients (benchmarks/results/limit_ab_direct_split.json)
+        ask_batch = batch or BatchConfig(max_batch=64)
+        if self._local_generator is None:
+            ask_batch = dataclasses.replace(ask_batch, split_wave_min=0)
         self._ask_batcher: MicroBatcher[AskRequest, Any] = MicroBatcher(
-            self._ask_batch if self._upstream is None else self._prompt_batch,
-            dataclasses.replace(batch or BatchConfig(max_batch=64), split_wave_min=0),
+            self._ask_batch if self._upstream is None else self._prompt_batch, ask_batch,
             name="ask")
         self._search_batcher: MicroBatcher[SearchRequest, tuple[list[Hit], dict[str, float]]] \
             = MicroBatcher(self._search_batch, batch or BatchConfig(max_batch=128),
@@ -248,9 +262,10 @@ class RagPipeline:
 
     def _small(self, nq: int) -> bool:
         """Whether a batch of ``nq`` queries is embedded where its shards are (see
-        SMALL_BATCH): only while every worker's encoder matches the index's canaries, since
-        shards live anywhere."""
-        return nq <= SMALL_BATCH and self.embedder.embeds_everywhere()
+        SMALL_BATCH): only while nothing else runs, and every worker's encoder matches the
+        index's canaries, since shards live anywhere."""
+        return (nq <= SMALL_BATCH and self._running <= 1 and not self.embedder.busy()
+                and self.embedder.embeds_everywhere())
 
     def _search_parts(self, reqs: Sequence[SearchRequest | AskRequest], keep: int
                       ) -> tuple[list[Future], RetrievalPlan, str]:
@@ -287,13 +302,50 @@ class RagPipeline:
         k = self._k(reqs[0])
         parts, plan, token = self._search_parts(reqs, self._rerank_depth(k))
         questions = [r.question for r in reqs]
-        gen = GenerationPlan(self.generator_spec, config or self.config,
-                             reqs[0].sampling(self.config.stream_chunk_tokens),
-                             tuple(questions), k, _history(reqs[0]))
+        gen = self._generation_plan(reqs, config)
         last = prompt_task if self._upstream is not None else answer_task
         return self.client.submit(last, plan, self._rerank_plan(questions, k), gen,
                                   *parts, key=f"dask-rag-generate-{token}", pure=False,
                                   priority=10, resources=self._generator_resources)
+
+    def _generation_plan(self, reqs: Sequence[AskRequest], config: RagConfig | None
+                         ) -> GenerationPlan:
+        return GenerationPlan(self.generator_spec, config or self.config,
+                              reqs[0].sampling(self.config.stream_chunk_tokens),
+                              tuple(r.question for r in reqs), self._k(reqs[0]),
+                              _history(reqs[0]))
+
+    async def _ask_direct(self, reqs: Sequence[AskRequest], config: RagConfig
+                          ) -> list[dict[str, Any]] | None:
+        """A batch of asks answered here: searched through the workers' actors (as
+        :meth:`_search`), then merged, fused and answered (or its prompts built, for an
+        upstream) by the generator that needs no model — what the graph's last task does,
+        without the graph.  None when the generator needs a worker (a model, or a rerank
+        model) or the direct search failed: the caller runs the graph."""
+        if self._local_generator is None:
+            return None
+        query, plan = self._plan(reqs, self._rerank_depth(self._k(reqs[0])))
+        parts = await self.index.asearch_direct(query, await self._direct_vectors(plan))
+        if parts is None:
+            return None
+        last = prompt_batch if self._upstream is not None else answer_batch
+        return last(plan, None, self._generation_plan(reqs, config), parts,
+                    self._local_generator)
+
+    async def _asked(self, reqs: Sequence[AskRequest], config: RagConfig,
+                     wait: Callable[[Callable[[], Future]], Awaitable[Any]]
+                     ) -> list[dict[str, Any]]:
+        """The answers' (or prompts') fields of one batch of asks: directly, else by a graph
+        that ``wait`` runs (with its retry and hedging)."""
+        self._running += 1
+        try:
+            direct = await self._ask_direct(reqs, config)
+        finally:
+            self._running -= 1
+        if direct is not None:
+            return direct
+        results: list[dict[str, Any]] = await wait(lambda: self.submit_ask(reqs, config))
+        return results
 
     async def _upstream_config(self, params: SamplingParams) -> RagConfig:
         """The prompt budget for an upstream generator: from the model's context length when
@@ -313,8 +365,7 @@ class RagPipeline:
         hedging); with an upstream generator the graph builds the prompts under the
         upstream's budget and the upstream answers them."""
         if self._upstream is None:
-            results: list[dict[str, Any]] = await wait(lambda: self.submit_ask(reqs))
-            return results
+            return await self._asked(reqs, self.config, wait)
         return await self._complete(reqs, await self._prompts(reqs, wait))
 
     async def _prompts(self, reqs: Sequence[AskRequest],
@@ -322,8 +373,7 @@ class RagPipeline:
                        ) -> list[dict[str, Any]]:
         """The prompts (and citations) of one ask graph under the upstream's budget."""
         config = await self._upstream_config(reqs[0].sampling(self.config.stream_chunk_tokens))
-        results: list[dict[str, Any]] = await wait(lambda: self.submit_ask(reqs, config))
-        return results
+        return await self._asked(reqs, config, wait)
 
     def _await_hedged(self, submit: Callable[[], Future]) -> Awaitable[Any]:
         """Run a batch's graph, hedged against a lost replica and retried once."""
@@ -409,7 +459,12 @@ class RagPipeline:
         workers — and merged and fused here; one graph, hedged, if that path fails."""
         async def once() -> Retrieved:
             query, plan = self._plan(reqs, self._k(reqs[0]))
-            parts = await self.index.asearch_direct(query, await self._direct_vectors(plan))
+            self._running += 1
+            try:
+                parts = await self.index.asearch_direct(query,
+                                                        await self._direct_vectors(plan))
+            finally:
+                self._running -= 1
             if parts is not None:
                 return retrieve(plan, parts)
             result: Retrieved = await await_hedged(lambda: self.submit_search(reqs),

@@ -252,6 +252,55 @@ def test_searches_of_every_size_go_to_the_actors_with_the_graphs_results(pipe, c
                 [[(h.id, h.score) for h in row] for row in by_graph], (mode, n)
 
 
+def test_asks_go_to_the_actors_and_answer_like_the_graph(pipe, client):
+    """Asks with the extractive generator (no model) are searched through the actors and
+    answered in the client — no task through the scheduler — with the graph's answers:
+    the same text, citations, hits and scores."""
+    questions = [f"How do I {verb} a {noun}?" for verb in ("read", "write", "parse", "sort")
+                 for noun in ("file", "string", "list")]
+
+    def transitions():
+        return client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+
+    def fields(text, citations, hits, prompt_tokens):
+        return (text, [c.id for c in citations], [(h.id, h.score) for h in hits],
+                prompt_tokens)
+
+    for n in (1, 4, 12):
+        reqs = [pipe.ask_request(q) for q in questions[:n]]
+        by_graph = client.gather(pipe.submit_ask(reqs))
+        pipe.ask_many(questions[:n])  # the actors exist after this
+        before = transitions()
+        direct = pipe.ask_many(questions[:n])
+        assert transitions() == before, n  # nothing went through the scheduler
+        assert [fields(a.text, a.citations, a.hits, a.prompt_tokens) for a in direct] == [
+            fields(r["text"], r["citations"], r["hits"], r["prompt_tokens"])
+            for r in by_graph], n
+
+
+def test_a_small_batch_is_embedded_once_while_others_run(pipe):
+    """A lone query on an idle cluster is embedded by each shard's searcher (no second call);
+    while another search runs, the same query is embedded once, by an encoder actor — the
+    workers' time goes to other requests — with the same hits."""
+    holders = {w for ws in pipe.index.replica_set.locations().values() for w in ws}
+    assert len(holders) > 1
+    query = "How do I copy a directory tree?"
+    want = [(h.id, h.score) for h in pipe.search(query, k=5)]
+
+    def texts_encoded():
+        before = pipe.embedder.counters()[1]
+        got = [(h.id, h.score) for h in pipe.search(query, k=5)]
+        assert got == want
+        return pipe.embedder.counters()[1] - before
+
+    assert texts_encoded() > 1  # idle: every shard's worker embeds it
+    pipe._running += 1  # as if another search were in flight
+    try:
+        assert texts_encoded() == 1
+    finally:
+        pipe._running -= 1
+
+
 def test_a_worker_lost_under_the_actor_path_sends_the_batch_to_tasks(pipe, monkeypatch):
     """A worker lost under the direct path — here no actor can start on it (actor_on raises
     ShardUnavailable, as it does for a worker that just died) — sends the embedding to tasks

@@ -396,6 +396,10 @@ class EmbeddingService:
                 out.append((workers[i], order[a:b], cost))
         return out
 
+    def busy(self) -> bool:
+        """Whether the encoder actors have work sent and not answered yet."""
+        return any(v > 0 for v in self._load.values())
+
     def _unload(self, worker: str, cost: float) -> None:
         with self._load_lock:
             if worker in self._load:

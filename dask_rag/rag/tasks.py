@@ -33,8 +33,11 @@ __all__ = [
     "RerankPlan",
     "RetrievalPlan",
     "Retrieved",
+    "answer_batch",
     "answer_task",
     "fused_candidates",
+    "local_generator",
+    "prompt_batch",
     "prompt_task",
     "rerank",
     "retrieve",
@@ -151,18 +154,28 @@ def retrieve_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, *parts: S
     return retrieved if rerank_plan is None else rerank(rerank_plan, retrieved)
 
 
-def worker_generator(spec: GeneratorSpec, max_sentences: int) -> Any:
-    """The generator ``spec`` names, loaded once per worker (an ``openai:`` upstream is
-    called from the client: here only its prompts are built, counted in words and marks —
-    the upstream's tokenizer is not here, and a budget under its context length leaves
-    room for the difference)."""
-    if spec.kind == "openai":
-        from dask_rag.rag.generate.extractive import ExtractiveGenerator
+def local_generator(spec: GeneratorSpec, max_sentences: int) -> Any | None:
+    """The generator ``spec`` names if it needs no model, so that any process may run it —
+    the extractive one (term scoring), or an ``openai:`` upstream's prompt side (the
+    upstream is called from the client: here only its prompts are built, counted in words
+    and marks — the upstream's tokenizer is not here, and a budget under its context length
+    leaves room for the difference); None for a model (``hf:`` / ``vllm:``)."""
+    from dask_rag.rag.generate.extractive import ExtractiveGenerator
 
+    if spec.kind == "openai":
         return ExtractiveGenerator()
-    opts = {"max_sentences": max_sentences} if spec.kind == "extractive" else {}
+    if spec.kind == "extractive":
+        return ExtractiveGenerator(max_sentences=max_sentences)
+    return None
+
+
+def worker_generator(spec: GeneratorSpec, max_sentences: int) -> Any:
+    """The generator ``spec`` names, loaded once per worker."""
+    local = local_generator(spec, max_sentences)
+    if local is not None:
+        return local
     return worker_model_cache().get(("generator", str(spec), max_sentences),
-                                    lambda: load_generator(spec, **opts))
+                                    lambda: load_generator(spec))
 
 
 def _prompts(gen: Any, cfg: RagConfig, questions: list[str], cands: list[list[Hit]],
@@ -188,17 +201,16 @@ class GenerationPlan:
 
 
 def _prepare(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: GenerationPlan,
-             parts: Sequence[ShardResult]
-             ) -> tuple[Any, list[list[Hit]], list[Any], dict[str, float], float]:
+             parts: Sequence[ShardResult], generator: Any
+             ) -> tuple[list[list[Hit]], list[Any], dict[str, float], float]:
     """Merge, fuse, [rerank], keep ``gen.k`` passages per question and build the prompts
-    under the budget: the generator (which counts their tokens), the passages, the prompts,
-    the retrieval's stage timings and the milliseconds the prompts took."""
+    under the budget (``generator`` counts their tokens): the passages, the prompts, the
+    retrieval's stage timings and the milliseconds the prompts took."""
     cands, timings = retrieve_task(plan, rerank_plan, *parts)
     t0 = time.perf_counter()
     cands = [c[:gen.k] for c in cands]
-    generator = worker_generator(gen.spec, gen.config.max_answer_sentences)
     prompts = _prompts(generator, gen.config, list(gen.questions), cands, gen.history)
-    return generator, cands, prompts, timings, (time.perf_counter() - t0) * 1e3
+    return cands, prompts, timings, (time.perf_counter() - t0) * 1e3
 
 
 def _fields(hits: list[Hit], prompt: Any, timings: dict[str, float]) -> dict[str, Any]:
@@ -213,7 +225,15 @@ def answer_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: Genera
     """The last task of an ask graph: merge, fuse, [rerank], build the prompts under the token
     budget and generate the batch, on the worker holding the generator — one task, so a
     question costs one scheduling round trip after the shards answer."""
-    generator, cands, prompts, timings, prompt_ms = _prepare(plan, rerank_plan, gen, parts)
+    generator = worker_generator(gen.spec, gen.config.max_answer_sentences)
+    return answer_batch(plan, rerank_plan, gen, parts, generator)
+
+
+def answer_batch(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: GenerationPlan,
+                 parts: Sequence[ShardResult], generator: Any) -> list[dict[str, Any]]:
+    """What :func:`answer_task` does, with ``generator`` — on a worker, or in the client for
+    a generator that needs no model (:func:`local_generator`): the same answers."""
+    cands, prompts, timings, prompt_ms = _prepare(plan, rerank_plan, gen, parts, generator)
     t0 = time.perf_counter()
     texts = generator.generate([p.text for p in prompts], gen.params)
     gen_ms = prompt_ms + (time.perf_counter() - t0) * 1e3  # prompts and generation
@@ -227,7 +247,14 @@ def prompt_task(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: Genera
                 *parts: ShardResult) -> list[dict[str, Any]]:
     """The last task of an ask graph whose generator is an upstream server: merge, fuse,
     [rerank] and build the prompts; the client sends them (``openai:`` generators)."""
-    _, cands, prompts, timings, _ = _prepare(plan, rerank_plan, gen, parts)
+    return prompt_batch(plan, rerank_plan, gen, parts,
+                        worker_generator(gen.spec, gen.config.max_answer_sentences))
+
+
+def prompt_batch(plan: RetrievalPlan, rerank_plan: RerankPlan | None, gen: GenerationPlan,
+                 parts: Sequence[ShardResult], generator: Any) -> list[dict[str, Any]]:
+    """What :func:`prompt_task` does, with ``generator`` (see :func:`answer_batch`)."""
+    cands, prompts, timings, _ = _prepare(plan, rerank_plan, gen, parts, generator)
     return [{**_fields(c, p, dict(timings)), "prompt": p.text}
             for c, p in zip(cands, prompts, strict=True)]
 
