@@ -213,9 +213,9 @@ class MicroBatcher(Generic[T, R]):
         self._slots = asyncio.Semaphore(self.config.max_concurrent_batches)
         self._runner = loop.create_task(self._run(), name=f"{self.name}-runner")
 
-    def _take_batch(self) -> list[_Pending[T, R]]:
+    def _take_batch(self, limit: int) -> list[_Pending[T, R]]:
         batch: list[_Pending[T, R]] = []
-        while self._queue and len(batch) < self.config.max_batch:
+        while self._queue and len(batch) < limit:
             p = self._queue.popleft()
             if p.future.done():  # cancelled caller: drop it
                 continue
@@ -259,7 +259,10 @@ class MicroBatcher(Generic[T, R]):
                 await self.clock.wait(self._wakeup, remaining)
             self._target = self.config.max_batch
             await self._slots.acquire()
-            batch = self._take_batch()
+            # the first half of a split wave goes alone even when the whole wave is already
+            # back (callers that return together: an upstream generator answers a batch's
+            # requests at the same moment) — else such waves never spread out
+            batch = self._take_batch(coming if halved else self.config.max_batch)
             # the second half of a split wave is expected next — if the first half did come
             # back (not a timeout: those callers left); otherwise a new count starts
             self._answered = (self._answered - len(batch)

@@ -381,3 +381,25 @@ def test_a_big_returning_wave_goes_as_two_batches():
     assert run(main(16)) == (32, [16, 16])
     assert run(main(0)) == (32, [32])
     assert run(main(33)) == (32, [32])  # a smaller wave than split_wave_min is not split
+
+
+def test_a_wave_that_comes_back_at_once_is_split_too():
+    """Callers that return together (an upstream LLM answers a batch's requests at the same
+    moment, so they all come back at once) still go as two batches: otherwise such a wave
+    stays one wave forever, and the workers idle while it waits for the upstream."""
+
+    async def main():
+        calls: list[int] = []
+
+        async def process(items):
+            calls.append(len(items))
+            return items
+
+        b = MicroBatcher(process, BatchConfig(max_batch=64, max_wait_ms=0, busy_wait_ms=80,
+                                              split_wave_min=16), clock=ManualClock())
+        assert await asyncio.gather(*(b.submit(i) for i in range(32))) == list(range(32))
+        assert await asyncio.gather(*(b.submit(i) for i in range(32))) == list(range(32))
+        await b.close()
+        return calls
+
+    assert run(main()) == [32, 16, 16]
