@@ -23,8 +23,8 @@ from distributed import Client, Future
 from dask_rag.errors import DaskRagError, ShardUnavailable
 
 __all__ = ["DIRECT_TIMEOUT_S", "TRANSIENT_ERRORS", "actor_on", "aretry_once",
-           "await_actor_calls", "await_future", "await_futures", "await_hedged", "gather_direct",
-           "is_transient", "release_placement"]
+           "await_actor_calls", "await_future", "await_futures", "await_hedged", "falls_back",
+           "gather_direct", "is_transient", "release_placement"]
 
 T = TypeVar("T")
 
@@ -179,6 +179,14 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, DaskRagError):
         return False  # bad input, overload, ...: retrying would not help
     return type(exc).__name__ in TRANSIENT_ERRORS
+
+
+def falls_back(exc: BaseException) -> bool:
+    """The rule of every direct (actor) path: whether ``exc`` sends the work to tasks or a
+    graph instead — a worker lost under the call, an actor that cannot start on it, anything
+    not the project's own verdict — rather than being the caller's answer (bad input, a
+    mismatched encoder: the same on any path)."""
+    return not isinstance(exc, DaskRagError) or is_transient(exc)
 
 
 def _gave_up(first: BaseException, second: BaseException) -> ShardUnavailable:

@@ -34,7 +34,7 @@ from dask_rag.cluster.futures import (
     actor_on,
     await_actor_calls,
     await_future,
-    is_transient,
+    falls_back,
 )
 from dask_rag.cluster.plugins import ensure_model_cache, worker_model_cache
 from dask_rag.cluster.sync import synchronous
@@ -46,7 +46,7 @@ from dask_rag.embed.encoder import (
     resolve_config,
     resolve_model_path,
 )
-from dask_rag.errors import DaskRagError, EncoderMismatch, InvalidInput
+from dask_rag.errors import EncoderMismatch, InvalidInput
 from dask_rag.faults import fault_point
 
 __all__ = ["TEXT_FIXED_COST", "EmbedHere", "EmbeddingService", "canary_check_task",
@@ -414,10 +414,12 @@ class EmbeddingService:
             return None
         done = [False] * len(parts)
 
-        def unload(i: int) -> None:
-            if not done[i]:
+        def unload(i: int) -> None:  # once per part: on the client's loop or on this one
+            with self._load_lock:
+                if done[i]:
+                    return
                 done[i] = True
-                self._unload(parts[i][0], parts[i][2])
+            self._unload(parts[i][0], parts[i][2])
 
         try:
             calls = []
@@ -429,9 +431,7 @@ class EmbeddingService:
                 calls.append(actor.embed(self.config, [texts[j] for j in rows]))
             vectors = await await_actor_calls(self.client, calls, DIRECT_TIMEOUT_S, unload)
         except Exception as exc:
-            # bad input or a mismatched encoder is the caller's answer; a worker lost under
-            # the call (an actor that cannot start on it included) sends the texts to tasks
-            if isinstance(exc, DaskRagError) and not is_transient(exc):
+            if not falls_back(exc):  # (else the texts go to tasks)
                 raise
             self._actors = {}
             return None

@@ -20,9 +20,9 @@ from dask_rag.cluster.futures import (
     DIRECT_TIMEOUT_S,
     actor_on,
     await_actor_calls,
-    is_transient,
+    falls_back,
 )
-from dask_rag.errors import DaskRagError, InvalidInput
+from dask_rag.errors import InvalidInput
 from dask_rag.index.query import IndexQuery, ShardResult, check_vectors
 from dask_rag.index.replicas import ReplicaSet
 from dask_rag.index.routing import Router
@@ -168,9 +168,7 @@ class DirectSearch:
             results = None if calls is None else await await_actor_calls(
                 self.client, calls, DIRECT_TIMEOUT_S)
         except Exception as exc:
-            # bad input is the caller's answer; a worker lost under the call (an actor that
-            # cannot start on it included) sends the search to the graph
-            if isinstance(exc, DaskRagError) and not is_transient(exc):
+            if not falls_back(exc):  # (else the search goes to the graph)
                 raise
             results = None
         return self._outcome(results)
