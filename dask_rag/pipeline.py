@@ -45,7 +45,7 @@ from dask_rag.embed.encoder import recorded_config
 from dask_rag.embed.service import EmbeddingService
 from dask_rag.errors import InvalidInput
 from dask_rag.index.distributed import HEDGE_AFTER_S, DistributedIndex
-from dask_rag.index.query import IndexQuery
+from dask_rag.index.query import IndexQuery, ShardResult
 from dask_rag.index.vectors import (
     EmbeddedPieces,
     EmbedInTask,
@@ -260,6 +260,16 @@ class RagPipeline:
             return self._vectors(plan, small)
         return QueryMatrix(await self.embedder.aembed_now(plan.texts))
 
+    async def _asearch_direct(self, query: IndexQuery, plan: RetrievalPlan
+                              ) -> list[ShardResult] | None:
+        """One batch's direct (actor) search, its embedding included — counted in
+        ``_running`` while it runs (see :meth:`_small`); None when that path failed."""
+        self._running += 1
+        try:
+            return await self.index.asearch_direct(query, await self._direct_vectors(plan))
+        finally:
+            self._running -= 1
+
     def _small(self, nq: int) -> bool:
         """Whether a batch of ``nq`` queries is embedded where its shards are (see
         SMALL_BATCH): only while nothing else runs, and every worker's encoder matches the
@@ -325,7 +335,7 @@ class RagPipeline:
         if self._local_generator is None:
             return None
         query, plan = self._plan(reqs, self._rerank_depth(self._k(reqs[0])))
-        parts = await self.index.asearch_direct(query, await self._direct_vectors(plan))
+        parts = await self._asearch_direct(query, plan)
         if parts is None:
             return None
         last = prompt_batch if self._upstream is not None else answer_batch
@@ -337,11 +347,7 @@ class RagPipeline:
                      ) -> list[dict[str, Any]]:
         """The answers' (or prompts') fields of one batch of asks: directly, else by a graph
         that ``wait`` runs (with its retry and hedging)."""
-        self._running += 1
-        try:
-            direct = await self._ask_direct(reqs, config)
-        finally:
-            self._running -= 1
+        direct = await self._ask_direct(reqs, config)
         if direct is not None:
             return direct
         results: list[dict[str, Any]] = await wait(lambda: self.submit_ask(reqs, config))
@@ -459,12 +465,7 @@ class RagPipeline:
         workers — and merged and fused here; one graph, hedged, if that path fails."""
         async def once() -> Retrieved:
             query, plan = self._plan(reqs, self._k(reqs[0]))
-            self._running += 1
-            try:
-                parts = await self.index.asearch_direct(query,
-                                                        await self._direct_vectors(plan))
-            finally:
-                self._running -= 1
+            parts = await self._asearch_direct(query, plan)
             if parts is not None:
                 return retrieve(plan, parts)
             result: Retrieved = await await_hedged(lambda: self.submit_search(reqs),
