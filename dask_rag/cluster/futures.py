@@ -106,8 +106,6 @@ async def await_actor_calls(client: Client, calls: list[Any], timeout: float,
                 on_done(i)
 
     async def all_of() -> list[Any]:
-        if on_done is None:
-            return [await c for c in calls]
         return list(await asyncio.gather(*(one(i, c) for i, c in enumerate(calls))))
 
     loop = client.loop.asyncio_loop  # type: ignore[union-attr]
