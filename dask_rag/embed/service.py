@@ -398,7 +398,8 @@ class EmbeddingService:
 
     def busy(self) -> bool:
         """Whether the encoder actors have work sent and not answered yet."""
-        return any(v > 0 for v in self._load.values())
+        with self._load_lock:  # (another thread's _assign may add or drop a worker)
+            return any(v > 0 for v in self._load.values())
 
     def _unload(self, worker: str, cost: float) -> None:
         with self._load_lock:
@@ -412,13 +413,13 @@ class EmbeddingService:
         parts = self._assign(texts)
         if not parts:
             return None
-        done = [False] * len(parts)
+        booked = set(range(len(parts)))
 
         def unload(i: int) -> None:  # once per part: on the client's loop or on this one
-            with self._load_lock:
-                if done[i]:
-                    return
-                done[i] = True
+            try:
+                booked.remove(i)  # (atomic: only one of the two threads gets past it)
+            except KeyError:
+                return
             self._unload(parts[i][0], parts[i][2])
 
         try:
