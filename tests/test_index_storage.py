@@ -388,3 +388,43 @@ def test_a_replacing_add_is_one_acknowledged_write(client, tmp_path, data, monke
     again = reloaded.add(xb[:2] + 9.0, [10**6, 10**6 + 1], replace=new_ids[:2])
     assert again == 2 and reloaded.ntotal == len(expected_ids)
     reloaded.close()
+
+
+@pytest.mark.parametrize("factory", ["HNSW16", "Flat"])
+def test_a_replaced_or_readded_id_has_only_its_new_vector(client, tmp_path, data, factory):
+    """An HNSW graph cannot drop a node, so a removal is a tombstone until the next save.
+    Writing the same id again (an upsert, or a remove then an add) must not bring the old
+    node back: the id is found at its new vector only, once, before and after a save and a
+    reload (the save compacts the graph), and the count stays right."""
+    xb, _, _ = data
+    xb = xb[:600]
+    path = tmp_path / "idx"
+    spec = IndexSpec(factory=factory, n_shards=2, ef_search=256)
+    index = DistributedIndex.build(client, xb, spec=spec, path=path,
+                                   records=[{"text": f"chunk {i}"} for i in range(len(xb))])
+    old = xb[[7, 8]].copy()
+    new = -old  # far from the old vectors (cosine -1)
+    index.add(new[:1], np.array([7]), [{"text": "seven again"}],
+              replace=np.array([7]))  # upsert
+    index.remove(np.array([8]))
+    index.add(new[1:], np.array([8]), [{"text": "eight again"}])  # remove, then add
+
+    def check(ix: DistributedIndex) -> None:
+        assert ix.ntotal == len(xb)
+        D, I = ix.search(old, k=20)
+        for row in range(2):
+            assert len(set(I[row].tolist())) == 20  # no id twice
+            assert 7 + row not in I[row][:10].tolist()  # the old vector is gone
+        D, I = ix.search(new, k=20)
+        assert I[:, 0].tolist() == [7, 8]
+        np.testing.assert_allclose(D[:, 0], (new * new).sum(axis=1), rtol=1e-4)
+        assert all(len(set(r.tolist())) == 20 for r in I)
+        assert [r["text"] for r in ix.fetch(np.array([7, 8]))] == ["seven again", "eight again"]
+
+    check(index)
+    index.close()
+    check(reloaded := DistributedIndex.load(client, path))  # from the write-ahead log
+    reloaded.save()  # compacts the HNSW graph
+    reloaded.close()
+    check(again := DistributedIndex.load(client, path))
+    again.close()

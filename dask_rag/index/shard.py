@@ -463,16 +463,39 @@ class Shard:
         if len(ids) == 0:
             return 0
         with self._lock.write():
+            if self.deleted:
+                self._bury(ids)
             add_to_index(self.index, xb, ids, lists)
             if self.refine is not None:
                 self.refine.add_with_ids(xb, ids)
-            # an id removed earlier and added again is alive again (tombstoned kinds)
-            self.deleted.difference_update(int(i) for i in ids)
             self.records = pa.concat_tables(
                 [self._drop_records(ids), make_records_table(ids, records)]).sort_by("id")
             self._prepare()
             self._sparse = None
         return len(ids)
+
+    def _bury(self, ids: npt.NDArray[np.int64]) -> None:
+        """Before tombstoned ``ids`` are added again: their old graph nodes get labels of
+        their own, tombstoned in their place, so that only the new nodes answer to the ids.
+
+        Why: an HNSW graph cannot drop a node, and faiss's id map labels a node by the id it
+        was added with — an upsert left the old node (the old vector) answering to the id
+        beside the new one, in searches and after the next save's compaction.  The labels
+        are negative (-2 - the node's position), which no user id can be (ids are >= 0 and
+        -1 marks a missing hit); the save's compaction drops them with the other tombstones.
+        """
+        import faiss
+
+        back = [int(i) for i in ids if int(i) in self.deleted]
+        if not back:
+            return
+        labels = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        nodes = np.flatnonzero(np.isin(labels, np.asarray(back, dtype=np.int64)))
+        labels[nodes] = -2 - nodes
+        faiss.copy_array_to_vector(labels, self.index.id_map)
+        self.index.construct_rev_map()
+        self.deleted.difference_update(back)
+        self.deleted.update(int(x) for x in labels[nodes])
 
     def _drop_records(self, ids: npt.NDArray[np.int64]) -> Any:
         import pyarrow.compute as pc
