@@ -195,6 +195,24 @@ def test_micro_batched_service_on_cluster(client, texts):
         assert sum(1 for k in keys if k[0] == "encoder" and k[1].precision == "fp32") == 1
 
 
+def _count_relayed_calls(dask_scheduler):
+    """Count the actor calls the scheduler relays to a worker (its ``proxy`` handler)."""
+    relay = dask_scheduler.handlers["proxy"]
+    relay = getattr(relay, "__wrapped_relay__", relay)
+    dask_scheduler.relayed_calls = 0
+
+    async def counted(*args, **kwargs):
+        dask_scheduler.relayed_calls += 1
+        return await relay(*args, **kwargs)
+
+    counted.__wrapped_relay__ = relay
+    dask_scheduler.handlers["proxy"] = counted
+
+
+def _relayed_calls(dask_scheduler):
+    return dask_scheduler.relayed_calls
+
+
 def test_embedding_goes_to_the_workers_actors_and_falls_back_to_tasks(client, texts):
     """``aembed_now`` calls the workers' encoder actors directly (no scheduler trip); when
     that path fails (here: proxies that cannot be called) it embeds as tasks instead — the
@@ -215,6 +233,17 @@ def test_embedding_goes_to_the_workers_actors_and_falls_back_to_tasks(client, te
         return service.embed_now(batch[:1])
 
     np.testing.assert_array_equal(asyncio.run(blocking_inside_a_loop()), many[:1])
+    # the calls go straight to the workers, not relayed by the scheduler (as gathers: unless
+    # the client says direct_to_workers=False)
+    client.run_on_scheduler(_count_relayed_calls)
+    np.testing.assert_array_equal(asyncio.run(service.aembed_now(batch)), many)
+    assert client.run_on_scheduler(_relayed_calls) == 0
+    client.direct_to_workers = False
+    try:
+        np.testing.assert_array_equal(asyncio.run(service.aembed_now(batch)), many)
+    finally:
+        client.direct_to_workers = None
+    assert client.run_on_scheduler(_relayed_calls) == 2  # one call per worker's part
     service._actors = {w: object() for w in service._actors}  # the direct path breaks
     calls1, _ = service.counters()
     by_tasks = asyncio.run(service.aembed_now(batch))
