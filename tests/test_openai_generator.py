@@ -235,3 +235,47 @@ def test_a_client_that_leaves_closes_the_upstream_request(client, demo_index):
                 server.stop()
     finally:
         drip.server.stop()
+
+
+def test_context_length_is_asked_again_after_the_upstream_was_down():
+    """An upstream down when the first request asks its context length must not fix the
+    prompt budget for good: it is asked again after ``context_retry_s``.  An upstream that
+    answers (here a 404: no ``/models`` route) is not asked again."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from dask_rag.config import ServeConfig
+    from dask_rag.serve import ServerThread
+    from dask_rag.serve.server import free_port
+
+    asked = []
+
+    async def models(request):
+        asked.append(1)
+        return JSONResponse({"object": "list", "data": [
+            {"id": "other", "max_model_len": 512}, {"id": "m", "max_model_len": 2048}]})
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+
+    async def run() -> None:
+        up = OpenAIUpstream(url, "m", context_retry_s=0.5)
+        no_route = OpenAIUpstream(f"http://127.0.0.1:{port}/nothing", "m", context_retry_s=0.0)
+        assert await up.context_length() is None  # nothing listens yet
+        server = ServerThread(Starlette(routes=[Route("/v1/models", models)]),
+                              ServeConfig(port=port)).start()
+        try:
+            assert await up.context_length() is None  # within context_retry_s: not asked
+            assert asked == []
+            await asyncio.sleep(0.6)
+            assert await up.context_length() == 2048  # the model's own entry
+            assert await up.context_length() == 2048 and asked == [1]  # kept
+            assert await no_route.context_length() is None  # 404: an answer, kept
+            assert no_route._context is None
+        finally:
+            await up.close_loop()
+            await no_route.close_loop()
+            server.stop()
+
+    asyncio.run(run())

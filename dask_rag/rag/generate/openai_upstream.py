@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -54,7 +55,8 @@ class OpenAIUpstream:
     """An OpenAI-compatible chat-completions server (see the module docstring)."""
 
     def __init__(self, base_url: str, model: str | None = None, *,
-                 timeout_s: float | None = None, max_concurrency: int = 64) -> None:
+                 timeout_s: float | None = None, max_concurrency: int = 64,
+                 context_retry_s: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model or "default"
         self.timeout_s = timeout_s if timeout_s is not None else float(
@@ -67,7 +69,11 @@ class OpenAIUpstream:
             asyncio.AbstractEventLoop, tuple[asyncio.Semaphore, Any]] = \
             weakref.WeakKeyDictionary()
         self._max_concurrency = max_concurrency
-        self._context: int | bool | None = False  # False: not asked yet
+        self._context: int | bool | None = False  # False: not asked yet (or not answered)
+        #: an upstream that could not be asked its context length is asked again this long
+        #: after (an upstream down at the first request must not fix the budget for good)
+        self.context_retry_s = context_retry_s
+        self._context_retry_at = 0.0
 
     def __repr__(self) -> str:  # never the key
         return f"OpenAIUpstream({self.base_url!r}, model={self.model!r})"
@@ -146,27 +152,41 @@ class OpenAIUpstream:
                               f"{self.timeout_s:g} s")
 
     async def context_length(self) -> int | None:
-        """The model's context length as the upstream's ``/models`` reports it (asked once),
-        or None."""
+        """The model's context length as the upstream's ``/models`` reports it, or None.
+
+        Kept once the upstream has answered (with or without one: a server without the
+        route answers 404); an upstream that could not be asked (unreachable, too slow, a
+        5xx) is asked again after ``context_retry_s``, the caller's budget setting applying
+        meanwhile."""
         if self._context is not False:
             return self._context if isinstance(self._context, int) else None
-        found: int | None = None
-        try:
-            import aiohttp
+        if time.monotonic() < self._context_retry_at:
+            return None
+        import aiohttp
 
+        found: int | None = None
+        body: Any = None
+        try:
             _, session = self._state()
             async with session.get(f"{self.base_url}/models", headers=self._headers(),
                                    timeout=aiohttp.ClientTimeout(total=5.0)) as response:
-                data = (await response.json(content_type=None)).get("data", []) \
-                    if response.status == 200 else []
-            for entry in data:
-                if entry.get("id") == self.model or len(data) == 1:
-                    found = next((int(entry[f]) for f in _CONTEXT_FIELDS
-                                  if isinstance(entry.get(f), int) and entry[f] > 0), None)
-                    if found:
-                        break
-        except Exception:
-            found = None
+                if response.status >= 500:
+                    raise UpstreamUnavailable(f"HTTP {response.status}", 1.0)
+                if response.status == 200:
+                    body = await response.json(content_type=None)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, UpstreamUnavailable):
+            self._context_retry_at = time.monotonic() + self.context_retry_s
+            return None
+        except ValueError:  # not JSON: an answer all the same
+            body = None
+        data = body.get("data") if isinstance(body, dict) else None
+        data = data if isinstance(data, list) else []
+        for entry in data:
+            if isinstance(entry, dict) and (entry.get("id") == self.model or len(data) == 1):
+                found = next((int(entry[f]) for f in _CONTEXT_FIELDS
+                              if isinstance(entry.get(f), int) and entry[f] > 0), None)
+                if found:
+                    break
         self._context = found
         return found
 
