@@ -303,8 +303,8 @@ class Shard:
         nq = xq.shape[0]
         if nq == 0 or self.index.ntotal == 0 or (allowed is not None and allowed.size == 0):
             return empty_result(nq, k, self.spec.metric)
-        if allowed is None and self.deleted:
-            allowed = self._live(self._table_ids())
+        # (tombstones need no allowed list: the selector leaves them out, and building one
+        # of every live id cost each unfiltered search O(shard) — 6 ms per 100k ids)
         n_live = self.ntotal if allowed is None else int(allowed.size)
         return self.strategy.search(self, xq, k, Iq=Iq, Dq=Dq, nprobe=nprobe,
                                     ef_search=ef_search, allowed=allowed, n_live=n_live)
