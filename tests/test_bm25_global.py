@@ -2,7 +2,8 @@
 frequencies and average length, every search carries them (``IndexQuery.bm25``), and every
 write keeps them current.  Checked against a single ``bm25s`` index over all the chunks
 (Lucene variant, the same tokenizer): the same scores to 1e-5 and the same order, for 1 to 4
-shards, after adds, replacements and removals, and after a reload from disk."""
+shards, after adds, replacements and removals (each shard's BM25 index updated in place, not
+rebuilt), and after a reload from disk."""
 
 from __future__ import annotations
 
@@ -69,13 +70,15 @@ def _check(index: DistributedIndex, texts: dict[int, str]) -> tuple[np.ndarray, 
     return I, S
 
 
-@pytest.mark.parametrize("n_shards", [1, 2, 3, 4])
-def test_sharded_bm25_scores_like_one_index(client, tmp_path, n_shards):
+@pytest.mark.parametrize(("n_shards", "factory"),
+                         [(1, "Flat"), (2, "Flat"), (3, "Flat"), (4, "Flat"),
+                          (2, "HNSW16")])  # (HNSW: removals are tombstones)
+def test_sharded_bm25_scores_like_one_index(client, tmp_path, n_shards, factory):
     texts = _texts(120)
     rng = np.random.default_rng(0)
     xb = rng.standard_normal((len(texts), 8)).astype(np.float32)
     ids = np.arange(len(texts), dtype=np.int64) * 3 + 5
-    spec = IndexSpec(factory="Flat", n_shards=n_shards, sharding="hash")
+    spec = IndexSpec(factory=factory, n_shards=n_shards, sharding="hash")
     live = dict(zip(ids.tolist(), texts, strict=True))
     path = tmp_path / "idx"
     with DistributedIndex.build(client, xb, ids, spec, path=path,
@@ -105,3 +108,38 @@ def test_sharded_bm25_scores_like_one_index(client, tmp_path, n_shards):
         reloaded = _bm25(index, QUERIES, K)
         np.testing.assert_array_equal(reloaded[0], after[0])
         np.testing.assert_array_equal(reloaded[1], after[1])
+
+
+def test_a_bm25_index_changed_in_place_scores_like_one_built_afresh():
+    """``SparseIndex.changed`` (what a write does to a shard's BM25 index) gives the same
+    hits and the same score bits as building the index again over the chunks left, through
+    a series of additions, replacements and removals."""
+    from dask_rag.index.sparse import SparseIndex
+
+    pool = _texts(200)
+    rng = np.random.default_rng(3)
+    live = {int(i): pool[i] for i in range(60)}
+    index = SparseIndex.build(np.array(sorted(live), np.int64), [live[i] for i in sorted(live)])
+    for step in range(12):
+        gone = rng.choice(sorted(live), size=int(rng.integers(0, 8)), replace=False)
+        for i in gone.tolist():
+            live.pop(i)
+        new_ids = rng.choice(np.arange(1000), size=int(rng.integers(0, 10)), replace=False)
+        new_ids = np.array([i for i in new_ids.tolist() if i not in live] + list(
+            sorted(live)[:1] if step % 3 == 0 else []), np.int64)  # and now and then a replacement
+        texts = [pool[int(rng.integers(0, len(pool)))] if j % 5 else None
+                 for j in range(len(new_ids))]  # some chunks have no text
+        index = index.changed(np.concatenate([gone, new_ids]).astype(np.int64), new_ids, texts)
+        for i, t in zip(new_ids.tolist(), texts, strict=True):
+            if t:
+                live[i] = t
+            else:
+                live.pop(i, None)
+        fresh = SparseIndex.build(np.array(sorted(live), np.int64),
+                                  [live[i] for i in sorted(live)])
+        got = index.search(QUERIES, K)
+        want = fresh.search(QUERIES, K)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        assert index.stats().n_docs == fresh.stats().n_docs == len(live)
+        assert index.stats().df == fresh.stats().df

@@ -232,6 +232,8 @@ class Shard:
 
         with self._sparse_lock:
             if self._sparse is None:
+                # built and kept under the read lock: a write waits for it and then updates
+                # it (else a write in between was lost for BM25 until the next one)
                 with self._lock.read():
                     ids = self.records.column("id").to_numpy()
                     texts = self.records.column("text").to_pylist()
@@ -239,7 +241,7 @@ class Shard:
                         keep = ~np.isin(ids, self._deleted_ids())
                         ids = ids[keep]
                         texts = [t for t, k in zip(texts, keep, strict=True) if k]
-                self._sparse = SparseIndex.build(ids, texts)
+                    self._sparse = SparseIndex.build(ids, texts)
             return self._sparse
 
     def set_sparse_index(self, sparse: Any) -> None:
@@ -468,10 +470,12 @@ class Shard:
             add_to_index(self.index, xb, ids, lists)
             if self.refine is not None:
                 self.refine.add_with_ids(xb, ids)
-            self.records = pa.concat_tables(
-                [self._drop_records(ids), make_records_table(ids, records)]).sort_by("id")
+            added = make_records_table(ids, records)
+            self.records = pa.concat_tables([self._drop_records(ids), added]).sort_by("id")
             self._prepare()
-            self._sparse = None
+            if self._sparse is not None:  # (else built from the records when first needed)
+                self._sparse = self._sparse.changed(ids, added.column("id").to_numpy(),
+                                                    added.column("text").to_pylist())
         return len(ids)
 
     def _bury(self, ids: npt.NDArray[np.int64]) -> None:
@@ -521,7 +525,8 @@ class Shard:
             if self.refine is not None:
                 self.refine.remove_ids(faiss.IDSelectorBatch(mine))
             self._prepare()
-            self._sparse = None
+            if self._sparse is not None:
+                self._sparse = self._sparse.changed(mine, np.zeros(0, np.int64), [])
             return int(mine.size)
 
     def compact(self) -> None:

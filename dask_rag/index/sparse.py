@@ -153,6 +153,47 @@ class SparseIndex:
         lengths = np.asarray([len(d) for d in docs], dtype=np.float32)
         return cls(np.asarray(ids, np.int64)[keep], lengths, tf, vocab)
 
+    def changed(self, remove: npt.NDArray[np.int64], add_ids: npt.NDArray[np.int64],
+                add_texts: Sequence[str | None]) -> SparseIndex:
+        """A new index: this one without the chunks ``remove`` (ids it may not hold), with
+        ``add_ids``' texts — what :meth:`build` over the shard's chunks after a write gives,
+        up to the order of rows and terms, which no score depends on.
+
+        Why: a write used to drop the shard's BM25 index, and the next search rebuilt it,
+        tokenizing every chunk the shard holds — seconds for a big shard, on every search
+        that followed a write.  Only the added chunks are tokenized here."""
+        import scipy.sparse as sp
+
+        tf, ids, lengths = self.tf, self.ids, self.lengths
+        if len(remove) and len(ids):
+            keep = ~np.isin(ids, remove)
+            if not keep.all():
+                tf, ids, lengths = tf[keep], ids[keep], lengths[keep]
+        vocab = self.vocab
+        new = [i for i, t in enumerate(add_texts) if t]
+        if new:
+            docs = tokenize([add_texts[i] or "" for i in new])
+            vocab = dict(vocab)
+            rows, cols, vals = [], [], []
+            for r, terms in enumerate(docs):
+                for term, n in Counter(terms).items():
+                    rows.append(r)
+                    cols.append(vocab.setdefault(term, len(vocab)))
+                    vals.append(n)
+            grown = np.concatenate([tf.indptr, np.full(len(vocab) - tf.shape[1], tf.indptr[-1],
+                                                       dtype=tf.indptr.dtype)])
+            tf = sp.csc_matrix((tf.data, tf.indices, grown), shape=(tf.shape[0], len(vocab)))
+            added = sp.csc_matrix((np.asarray(vals, np.float32),
+                                   (np.asarray(rows, np.int64), np.asarray(cols, np.int64))),
+                                  shape=(len(docs), len(vocab)), dtype=np.float32)
+            tf = sp.vstack([tf, added], format="csc", dtype=np.float32)
+            ids = np.concatenate([ids, np.asarray(add_ids, np.int64)[new]])
+            lengths = np.concatenate([lengths, np.asarray([len(d) for d in docs], np.float32)])
+        elif tf is self.tf:
+            return self
+        tf.sort_indices()
+        return SparseIndex(ids, lengths, tf, vocab)
+
     def stats(self) -> CorpusStats:
         """This shard's :class:`CorpusStats` (its part of the index's; computed once, the
         object does not change)."""
