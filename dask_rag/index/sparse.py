@@ -135,23 +135,12 @@ class SparseIndex:
 
     @classmethod
     def build(cls, ids: npt.NDArray[np.int64], texts: Sequence[str | None]) -> SparseIndex:
+        """The index of chunks ``ids`` with ``texts`` (chunks without text are left out)."""
         import scipy.sparse as sp
 
-        keep = [i for i, t in enumerate(texts) if t]
-        docs = tokenize([texts[i] or "" for i in keep])
-        vocab: dict[str, int] = {}
-        rows, cols, vals = [], [], []
-        for r, terms in enumerate(docs):
-            for term, n in Counter(terms).items():
-                rows.append(r)
-                cols.append(vocab.setdefault(term, len(vocab)))
-                vals.append(n)
-        tf = sp.csc_matrix((np.asarray(vals, np.float32), (np.asarray(rows, np.int64),
-                                                            np.asarray(cols, np.int64))),
-                           shape=(len(docs), len(vocab)), dtype=np.float32)
-        tf.sort_indices()
-        lengths = np.asarray([len(d) for d in docs], dtype=np.float32)
-        return cls(np.asarray(ids, np.int64)[keep], lengths, tf, vocab)
+        empty = cls(np.zeros(0, np.int64), np.zeros(0, np.float32),
+                    sp.csc_matrix((0, 0), dtype=np.float32), {})
+        return empty.changed(np.zeros(0, np.int64), np.asarray(ids, np.int64), texts)
 
     def changed(self, remove: npt.NDArray[np.int64], add_ids: npt.NDArray[np.int64],
                 add_texts: Sequence[str | None]) -> SparseIndex:
