@@ -160,7 +160,8 @@ class Shard:
         #: the strategy's search structure (torch / ScaNN / faiss-gpu), rebuilt after mutation
         self.view: Any = None
         self._flat: FlatVectors | None = None  # flat shards' vectors by id, rebuilt likewise
-        self._sparse: Any = None  # BM25 over the records' text, rebuilt lazily after mutation
+        #: BM25 over the records' text: built when first needed, then updated by each write
+        self._sparse: Any = None
         self._sparse_lock = threading.Lock()
         #: serialises catching up and applying log entries (searches keep running meanwhile)
         self._seq_lock = threading.RLock()

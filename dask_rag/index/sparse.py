@@ -118,8 +118,8 @@ def text_stats(texts: Iterable[str | None]) -> CorpusStats:
 
 
 class SparseIndex:
-    """BM25 over one shard's chunks (ids in index order): term frequencies (CSC, chunks x
-    terms), each chunk's length in terms, the vocabulary."""
+    """BM25 over one shard's chunks (``ids``, in the order they were added): term
+    frequencies (CSC, chunks x terms), each chunk's length in terms, the vocabulary."""
 
     def __init__(self, ids: npt.NDArray[np.int64], lengths: npt.NDArray[np.float32],
                  tf: Any, vocab: dict[str, int]) -> None:
