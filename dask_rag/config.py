@@ -361,12 +361,13 @@ class EmbedConfig:
 
     ``batch_invariant`` (default): a text's vector is a function of that text only —
     bit-identical whether it is encoded alone or in any batch, at any position, on any worker
-    of one CPU type.  Each text runs through the transformer on its own, unpadded, so no
-    kernel sees a batch-dependent shape (and dynamic int8 takes its activation scales from
-    that text alone).  On CPU this costs nothing (the matrices of one text are already
-    ``tokens x hidden``; measured faster than padded batches).  ``batch_invariant=False``
-    pads length buckets of ``batch_size`` texts instead: faster on GPUs, but vectors then vary
-    in their last bits with the batch.
+    of one CPU type.  Each text runs through the transformer unpadded, alone or (fp32 on ONNX
+    Runtime) with other texts of exactly its token length, whose rows every kernel computes
+    as it would alone (checked at load; dynamic int8 always runs each text alone, taking its
+    activation scales from that text only).  On CPU this costs nothing (the matrices of one
+    text are already ``tokens x hidden``; measured faster than padded batches).
+    ``batch_invariant=False`` pads length buckets of ``batch_size`` texts instead: faster on
+    GPUs, but vectors then vary in their last bits with the batch.
 
     ``canaries``: the index's :class:`EncoderCanaries` (set from its manifest, not by users);
     not part of the encoder's identity (two indexes share one loaded model).

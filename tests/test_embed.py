@@ -76,6 +76,30 @@ def test_default_precision_is_batch_invariant_fp32_onnx(encoder, chunks):
         np.testing.assert_array_equal(default.encode([chunks[i]])[0], vectors[i])
 
 
+def test_texts_of_one_length_share_a_forward_and_keep_their_bits():
+    """The default encoder runs texts of the same token length as one unpadded forward: the
+    vectors of a batch of short queries (many lengths shared) equal each text's vector alone,
+    bit for bit, in input order, in fewer forwards than texts.  int8 never groups: its
+    dynamic quantization scales activations by the whole batch's range."""
+    from dask_rag.corpus.demo import DEMO_QUESTIONS
+
+    default = SentenceEncoder(EmbedConfig())
+    assert default.runner.groups_lengths  # this CPU's kernels passed the load-time check
+    words = ["index", "shard", "query", "vector", "search", "cluster", "worker", "batch",
+             "token", "merge"]
+    rng = np.random.default_rng(3)
+    texts = list(DEMO_QUESTIONS) + [" ".join(rng.choice(words, size=int(rng.integers(2, 7))))
+                                    for _ in range(60)]
+    lengths = default.count_tokens(texts)
+    assert len(set(lengths)) < len(texts) // 3  # many texts share a length
+    alone = np.stack([default.encode([t])[0] for t in texts])
+    calls = default.model_calls
+    together = default.encode(texts)
+    assert default.model_calls - calls == len(set(lengths))  # one forward per length
+    np.testing.assert_array_equal(together, alone)
+    assert not SentenceEncoder(EmbedConfig(precision="int8")).runner.groups_lengths
+
+
 @pytest.mark.slow
 def test_bf16_and_int8_quality(encoder, texts):
     sample = texts[:200]

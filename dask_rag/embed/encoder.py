@@ -6,8 +6,8 @@ back in input order.  On a mixed-length corpus most of the compute of naive batc
 padding tokens (measured here: 3.4x faster on shuffled stdlib docstrings at batch 64).
 
 Precision on CPU: ``precision="auto"`` is fp32 run by ONNX Runtime (``backend="auto"``,
-:mod:`dask_rag.embed.onnx`), each text on its own: its vectors are the same on every x86 CPU
-generation to ~1e-7 per component — the invariant that a query's results never depend on the
+:mod:`dask_rag.embed.onnx`), each text unpadded as if alone: its vectors are the same on every
+x86 CPU generation to ~1e-7 per component — the invariant that a query's results never depend on the
 CPU that computes them.  int8 (ONNX Runtime's per-channel dynamic quantization) runs ~1.5x
 faster at mean cosine ~0.993 to fp32, but its vectors differ between CPU generations by up to
 0.035 per component: dynamic quantization rounds activations to 8 bits, and the last-bit
@@ -390,8 +390,8 @@ class SentenceEncoder:
                bucketing: bool | None = None) -> npt.NDArray[np.float32]:
         """Embeddings ``(n, dim)`` float32 (L2-normalised when the config says so).
 
-        With ``EmbedConfig.batch_invariant`` (the default) every text is encoded on its own,
-        so row ``i`` is bit-identical to ``encode([texts[i]])``; ``batch_size`` and
+        With ``EmbedConfig.batch_invariant`` (the default) every text is encoded unpadded, as
+        if alone, so row ``i`` is bit-identical to ``encode([texts[i]])``; ``batch_size`` and
         ``bucketing`` then do not apply.
         """
         if isinstance(texts, str):
@@ -413,16 +413,18 @@ class SentenceEncoder:
 
     def _encode_each(self, tokens: dict[str, list[list[int]]], n: int
                      ) -> npt.NDArray[np.float32]:
-        """One unpadded forward per text: the batch-invariant path (see EmbedConfig)."""
+        """Each text unpadded, as if alone: the batch-invariant path (see EmbedConfig; the
+        ONNX runner runs texts of one token length together, bit-identically)."""
         import torch
 
         out = np.empty((n, self.dim), dtype=np.float32)
         feats = [{k: np.asarray([v[i]], dtype=np.int64) for k, v in tokens.items()}
                  for i in range(n)]
         with self._lock, torch.inference_mode():
+            forwards = self.runner.forwards
             for i, emb in enumerate(self.runner.each(feats)):
                 out[i] = emb
-            self.model_calls += n
+            self.model_calls += self.runner.forwards - forwards
             self.texts_encoded += n
         return out
 
