@@ -151,6 +151,43 @@ def test_onnx_backend_keeps_the_models_own_modules_and_cache(tmp_path, monkeypat
     assert (rebuilt.encode(sample) * ref.encode(sample)).sum(1).min() >= 0.99
 
 
+def test_onnx_cache_prunes_entries_nobody_can_use(tmp_path, monkeypatch):
+    """Loading a model prunes the ONNX cache: an entry whose model folder is gone and one
+    unused for longer than the age limit are deleted; the entry just loaded, another live
+    model's and an entry of unknown origin that is recent stay."""
+    import os
+    import shutil
+    import time
+    from pathlib import Path
+
+    from dask_rag.embed.onnx import prune_cache
+    from tests.tiny_models import save_tiny_sentence_transformer
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DASK_RAG_CACHE", str(cache))
+    live = str(save_tiny_sentence_transformer(tmp_path / "live"))
+    doomed = str(save_tiny_sentence_transformer(tmp_path / "doomed"))
+    SentenceEncoder(EmbedConfig(model=doomed, precision="fp32", backend="onnx"))
+    shutil.rmtree(doomed)  # a temporary model, deleted: its export is dead weight
+    old = cache / "onnx" / "old-0123"  # from an earlier library version, unused for 40 days
+    recent = cache / "onnx" / "recent-4567"  # no source recorded, but used lately
+    for entry in (old, recent):
+        entry.mkdir()
+        (entry / "model.onnx").write_bytes(b"x")
+    month = time.time() - 40 * 86400
+    os.utime(old, (month, month))
+    enc = SentenceEncoder(EmbedConfig(model=live, precision="fp32", backend="onnx"))
+    left = sorted(p.name for p in (cache / "onnx").iterdir() if p.is_dir())
+    assert left == sorted([enc.runner.transformer.path.parent.name, "recent-4567"])
+    assert enc.encode(["still works"]).shape == (1, enc.dim)
+    # the entry in use is never old: each load refreshes it
+    kept = enc.runner.transformer.path.parent
+    os.utime(kept, (month, month))
+    SentenceEncoder(EmbedConfig(model=live, precision="fp32", backend="onnx"))
+    assert prune_cache(cache / "onnx", keep=cache / "none", max_age_days=1) == []
+    assert kept.exists() and (kept / "source.txt").read_text() == str(Path(live).resolve())
+
+
 def test_backend_choice_errors():
     with pytest.raises(InvalidInput, match="backend"):
         EmbedConfig(backend="tensorrt")

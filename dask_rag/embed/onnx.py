@@ -14,7 +14,10 @@ modules stay the model's own torch modules, so any sentence-transformers model w
 module is a ``Transformer`` works.  The exported (and quantized) graph is cached on disk under
 ``$DASK_RAG_CACHE`` (default ``~/.cache/dask-rag``), keyed by the model's files and the library
 versions, and written atomically: Dask workers that load the same model at once each may export,
-but none ever reads a half-written file; a damaged cache entry is rebuilt.
+but none ever reads a half-written file; a damaged cache entry is rebuilt.  Entries nobody
+can use again are pruned when a model loads: those whose model folder is gone (a deleted or
+temporary model) and those unused for ``$DASK_RAG_CACHE_MAX_AGE_DAYS`` (default 30: left
+behind by library upgrades, which change the key) — ~110 MB each for MiniLM.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import numpy.typing as npt
 
 from dask_rag.errors import ModelLoadError
 
-__all__ = ["OnnxTransformer", "cache_dir", "onnx_available"]
+__all__ = ["OnnxTransformer", "cache_dir", "onnx_available", "prune_cache"]
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -70,6 +73,49 @@ def _writable(folder: Path) -> Path:
         fallback = Path(tempfile.gettempdir()) / f"dask-rag-{os.getuid()}" / "onnx"
         fallback.mkdir(parents=True, exist_ok=True)
         return fallback
+
+
+#: a cache entry's record of the model folder it was exported from (see :func:`prune_cache`)
+_SOURCE = "source.txt"
+
+
+def _mark_used(folder: Path, model_path: str) -> None:
+    """Record where the entry's model lives and that it was just used (the folder's mtime)."""
+    with contextlib.suppress(OSError):
+        source = folder / _SOURCE
+        if not source.exists():
+            tmp = _atomic_target(source)
+            tmp.write_text(str(Path(model_path).resolve()))
+            tmp.replace(source)
+        os.utime(folder)
+
+
+def prune_cache(root: Path, keep: Path, max_age_days: float | None = None) -> list[Path]:
+    """Delete the entries under ``root`` (but ``keep``) that cannot be used again: their model
+    folder is gone, or nobody loaded them for ``max_age_days`` (default
+    ``$DASK_RAG_CACHE_MAX_AGE_DAYS`` or 30).  A load refreshes its entry's age, so an entry
+    in use is never old; one being written by another process has a fresh mtime too.
+    Returns what was deleted."""
+    import time
+
+    if max_age_days is None:
+        max_age_days = float(os.environ.get("DASK_RAG_CACHE_MAX_AGE_DAYS") or 30)
+    cutoff = time.time() - max_age_days * 86400
+    gone: list[Path] = []
+    try:
+        entries = [p for p in root.iterdir() if p.is_dir() and p != keep]
+    except OSError:
+        return gone
+    for entry in entries:
+        try:
+            source = entry / _SOURCE
+            orphan = source.exists() and not Path(source.read_text().strip()).exists()
+            if orphan or entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry, ignore_errors=True)
+                gone.append(entry)
+        except OSError:
+            continue  # another process pruned or is writing it: leave it
+    return gone
 
 
 def _model_key(model_path: str, input_names: Sequence[str]) -> str:
@@ -197,6 +243,8 @@ class OnnxTransformer:
         except Exception as exc:
             raise ModelLoadError(f"could not run {model_path!r} with ONNX Runtime "
                                  f"({self.path}): {type(exc).__name__}: {exc}") from None
+        _mark_used(folder, model_path)
+        prune_cache(folder.parent, keep=folder)
 
     def _session(self, ort: Any, auto_model: Any, fp32: Path, quantize: bool) -> Any:
         if not self.path.exists():
