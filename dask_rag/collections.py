@@ -21,6 +21,7 @@ from typing import Any
 from distributed import Client
 
 from dask_rag.batching import MicroBatcher
+from dask_rag.cluster.futures import close_actor_connections
 from dask_rag.config import BatchConfig, IndexSpec, RagConfig
 from dask_rag.errors import IndexNotFound, InvalidInput
 from dask_rag.index.distributed import DistributedIndex
@@ -156,6 +157,7 @@ class Collections:
             pipes = list(self._pipes.values())
         for pipe in pipes:
             await pipe.aclose()
+        await close_actor_connections(self.client)  # (this loop's: the server's)
 
     def close(self) -> None:
         with self._lock:

@@ -31,6 +31,7 @@ from distributed import Client, Future
 from dask_rag.batching import MicroBatcher
 from dask_rag.cluster.futures import (
     DIRECT_TIMEOUT_S,
+    ActorCall,
     actor_on,
     await_actor_calls,
     await_future,
@@ -429,7 +430,7 @@ class EmbeddingService:
                 if actor is None:
                     actor = self._actors[worker] = actor_on(
                         self.client, EncoderActor, worker, f"{self._actor_key}-{worker}")
-                calls.append(actor.embed(self.config, [texts[j] for j in rows]))
+                calls.append(ActorCall(actor, "embed", (self.config, [texts[j] for j in rows])))
             vectors = await await_actor_calls(self.client, calls, DIRECT_TIMEOUT_S, unload)
         except Exception as exc:
             if not falls_back(exc):  # (else the texts go to tasks)

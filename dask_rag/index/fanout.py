@@ -18,6 +18,7 @@ from distributed import Client, Future
 
 from dask_rag.cluster.futures import (
     DIRECT_TIMEOUT_S,
+    ActorCall,
     actor_on,
     await_actor_calls,
     falls_back,
@@ -139,7 +140,7 @@ class DirectSearch:
             actor = self._actors.get(worker)
             if actor is None:
                 actor = self._actors[worker] = self._new_actor(worker)
-            calls.append(actor.search(keys, vectors, query, vectors.nq, index))
+            calls.append(ActorCall(actor, "search", (keys, vectors, query, vectors.nq, index)))
         return calls
 
     def _new_actor(self, worker: str) -> Any:
